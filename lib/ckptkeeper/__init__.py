@@ -1,0 +1,56 @@
+"""ckptkeeper: checkpoint retention where trainers only write.
+
+The NeMo-RL-compatible manager (`CheckpointManager`, `CheckpointingConfig`, `PathLike`,
+`_load_checkpoint_history`) plus the pieces the daemon is built from: `scan_root`, `plan`,
+`apply_plan`, `purge_trash`, `Policy`, `RootLock`. Imports neither torch, numpy, watchdog,
+apscheduler nor structlog.
+"""
+
+from __future__ import annotations
+
+from .effects import OS_FS, Fs, Removal, RootLock, move_to_trash, remove_tree, write_marker, writer_lock
+from .execute import Outcome, apply_plan, purge_trash
+from .manager import CheckpointingConfig, CheckpointManager, PathLike, _load_checkpoint_history
+from .names import Kind, ParsedName, parse_name
+from .plan import Action, Decision, Plan, plan
+from .policy import Policy, PolicyError, parse_duration
+from .records import Anomaly, Checkpoint, InFlight, Leftover, RootScan, TrashEntry
+from .scan import InfoCache, read_training_info, scan_root
+
+__all__ = [
+    "OS_FS",
+    "Action",
+    "Anomaly",
+    "Checkpoint",
+    "CheckpointManager",
+    "CheckpointingConfig",
+    "Decision",
+    "Fs",
+    "InFlight",
+    "InfoCache",
+    "Kind",
+    "Leftover",
+    "Outcome",
+    "ParsedName",
+    "PathLike",
+    "Plan",
+    "Policy",
+    "PolicyError",
+    "Removal",
+    "RootLock",
+    "RootScan",
+    "TrashEntry",
+    "_load_checkpoint_history",
+    "apply_plan",
+    "move_to_trash",
+    "parse_duration",
+    "parse_name",
+    "plan",
+    "purge_trash",
+    "read_training_info",
+    "remove_tree",
+    "scan_root",
+    "write_marker",
+    "writer_lock",
+]
+__version__ = "0.1.0"

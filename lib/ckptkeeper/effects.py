@@ -1,0 +1,392 @@
+"""Every mutation ckptkeeper makes, behind one narrow interface (`Fs`).
+
+Tests wrap `Fs` to inject faults (``OSError`` at the k-th rename) or crashes (``os._exit``).
+Nothing here follows a symlink: directories are opened with ``O_NOFOLLOW`` relative to their
+parent's descriptor, so a directory swapped for a symlink mid-delete is unlinked, not entered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .scan import CKPTKEEPER_DIR, WRITER_LOCK, trash_dir
+
+__all__ = [
+    "OS_FS",
+    "Fs",
+    "Removal",
+    "RootLock",
+    "fsync_dir",
+    "move_to_trash",
+    "remove_tree",
+    "write_marker",
+    "writer_lock",
+]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Fs:
+    """The system calls that mutate a root. Subclass to inject faults; all paths are absolute or
+    relative to ``dir_fd``."""
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str | Path, dir_fd: int | None = None) -> None:
+        os.unlink(path, dir_fd=dir_fd)
+
+    def rmdir(self, path: str | Path, dir_fd: int | None = None) -> None:
+        os.rmdir(path, dir_fd=dir_fd)
+
+    def mkdir(self, path: Path, mode: int = 0o755) -> None:
+        os.mkdir(path, mode)
+
+    def open(self, path: str | Path, flags: int, mode: int = 0o644, dir_fd: int | None = None) -> int:
+        return os.open(path, flags, mode, dir_fd=dir_fd)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def flock(self, fd: int, operation: int) -> None:
+        fcntl.flock(fd, operation)
+
+
+OS_FS = Fs()
+
+
+def fsync_dir(path: Path, fs: Fs = OS_FS) -> None:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        fs.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories; not worth failing for
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(path: Path, fs: Fs) -> None:
+    try:
+        fs.mkdir(path, 0o755)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path)) from None
+
+
+class RootLock:
+    """``flock`` on ``<root>/.ckptkeeper/lock``; serialises every mutation of a root.
+
+    ``timeout=0`` tries once (for the daemon: skip the pass when busy); ``None`` waits forever.
+    """
+
+    def __init__(self, root: Path, *, timeout: float | None = None, fs: Fs = OS_FS) -> None:
+        self.root = Path(root)
+        self.timeout = timeout
+        self.fs = fs
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        area = self.root / CKPTKEEPER_DIR
+        _ensure_dir(area, self.fs)
+        fd = self.fs.open(area / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        delay = 0.005
+        try:
+            while True:
+                try:
+                    flags = fcntl.LOCK_EX if deadline is None else fcntl.LOCK_EX | fcntl.LOCK_NB
+                    self.fs.flock(fd, flags)
+                    self._fd = fd
+                    return True
+                except BlockingIOError:
+                    if deadline is None or time.monotonic() >= deadline:
+                        os.close(fd)
+                        return False
+                    time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+                    delay = min(delay * 2, 0.1)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> RootLock:
+        if not self.acquire():
+            raise BlockingIOError(errno.EWOULDBLOCK, "root is locked by another actor", str(self.root))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def write_marker(directory: Path, name: str, fs: Fs = OS_FS, **extra: Any) -> Path:
+    """Write the completion marker durably: file content fsynced, then the directory."""
+    payload = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **extra}
+    path = Path(directory) / name
+    fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fs.write(fd, json.dumps(payload).encode())
+        fs.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(Path(directory), fs)
+    return path
+
+
+@contextlib.contextmanager
+def writer_lock(directory: Path, fs: Fs = OS_FS) -> Iterator[None]:
+    """Hold ``flock(LOCK_EX)`` on ``<directory>/.writer.lock`` while writing a save."""
+    fd = fs.open(Path(directory) / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fs.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def move_to_trash(root: Path, path: Path, fs: Fs = OS_FS) -> Path | None:
+    """Rename ``path`` into ``<root>/.ckptkeeper/trash/`` (atomic, same filesystem).
+
+    Returns the trash path, or None when ``path`` is already gone (a lost race is success).
+    """
+    trash = trash_dir(root)
+    _ensure_dir(trash.parent, fs)
+    _ensure_dir(trash, fs)
+    dest = trash / f"{time.time_ns()}-{path.name}"
+    try:
+        fs.rename(path, dest)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise
+        return None
+    return dest
+
+
+@dataclass
+class Removal:
+    """What a `remove_tree` did: counts, bytes, and what it could not remove (with why)."""
+
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    left: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, files: int = 0, dirs: int = 0, size: int = 0) -> None:
+        with self._lock:
+            self.files += files
+            self.dirs += dirs
+            self.bytes += size
+
+    def leave(self, path: str, reason: str) -> None:
+        with self._lock:
+            self.left.append((path, reason))
+
+
+def _retry_busy(op: Callable[[], None], retries: int, name: str) -> None:
+    """Run ``op``; retry EBUSY (NFS ``.nfs*`` silly-rename files) a bounded number of times."""
+    delay = 0.02
+    for attempt in range(retries + 1):
+        try:
+            op()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or attempt == retries:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    raise AssertionError(name)  # pragma: no cover - the loop returns or raises
+
+
+class _Node:
+    __slots__ = ("fd", "name", "parent", "parent_fd", "path", "pending")
+
+    def __init__(self, parent: _Node | None, parent_fd: int, name: str, path: str) -> None:
+        self.parent = parent
+        self.parent_fd = parent_fd
+        self.name = name
+        self.path = path
+        self.fd = -1
+        self.pending = 1
+
+
+def remove_tree(
+    path: Path, *, workers: int = 8, fs: Fs = OS_FS, busy_retries: int = 5
+) -> Removal:
+    """Remove ``path`` and everything below it without following symlinks.
+
+    Directories are processed in parallel (``workers`` threads), which is what makes removal fast
+    on filesystems with per-operation latency (NFS, Lustre, FUSE). Never raises for entries it cannot
+    remove: they are listed in `Removal.left`.
+    """
+    result = Removal()
+    path = Path(path)
+    try:
+        parent_fd = os.open(path.parent, _DIR_FLAGS)
+    except OSError as exc:
+        result.leave(str(path), _errtext(exc))
+        return result
+    state_lock = threading.Lock()
+    done = threading.Event()
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckptkeeper-rm") if workers > 1 else None
+    queue: list[_Node] = []
+
+    def submit(node: _Node) -> None:
+        if pool is None:
+            queue.append(node)
+        else:
+            pool.submit(safe_visit, node)
+
+    def safe_visit(node: _Node) -> None:
+        try:
+            visit(node)
+        except BaseException as exc:  # never let a worker die silently: the caller would hang
+            result.leave(node.path, f"internal error: {exc!r}")
+            if node.parent is None:
+                done.set()
+
+    def finish(node: _Node) -> None:
+        while True:
+            with state_lock:
+                node.pending -= 1
+                if node.pending:
+                    return
+            if node.fd >= 0:
+                os.close(node.fd)
+                node.fd = -1
+            _rmdir(node)
+            if node.parent is None:
+                done.set()
+                return
+            node = node.parent
+
+    def visit(node: _Node) -> None:
+        try:
+            node.fd = os.open(node.name, _DIR_FLAGS, dir_fd=node.parent_fd)
+        except FileNotFoundError:
+            _finish_gone(node)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a symlink or a file
+                _unlink(node.parent_fd, node.name, node.path, 0)
+            else:
+                result.leave(node.path, _errtext(exc))
+            _finish_gone(node)
+            return
+        subdirs: list[str] = []
+        try:
+            with os.scandir(node.fd) as it:
+                entries = list(it)
+        except OSError as exc:
+            result.leave(node.path, _errtext(exc))
+            entries = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+                    continue
+                size = entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                size = 0
+            _unlink(node.fd, entry.name, f"{node.path}/{entry.name}", size)
+        with state_lock:
+            node.pending += len(subdirs)
+        for name in subdirs:
+            submit(_Node(node, node.fd, name, f"{node.path}/{name}"))
+        finish(node)
+
+    def _finish_gone(node: _Node) -> None:
+        # The directory itself is gone (or was not one): report upward without an rmdir.
+        if node.parent is None:
+            done.set()
+        else:
+            finish(node.parent)
+
+    def _rmdir(node: _Node) -> None:
+        for attempt in range(2):
+            try:
+                _retry_busy(lambda: fs.rmdir(node.name, dir_fd=node.parent_fd), busy_retries, "rmdir")
+                result.add(dirs=1)
+                return
+            except FileNotFoundError:
+                return  # someone else removed it: fine
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY or attempt or not _clear_nfs(node):
+                    result.leave(node.path, _errtext(exc))
+                    return
+
+    def _clear_nfs(node: _Node) -> bool:
+        # NFS renames a file that is still open elsewhere to .nfsXXXX; it goes when closed.
+        try:
+            fd = os.open(node.name, _DIR_FLAGS, dir_fd=node.parent_fd)
+        except OSError:
+            return False
+        try:
+            names = [e.name for e in os.scandir(fd)]
+            for name in names:
+                if not name.startswith(".nfs"):
+                    return False
+            for name in names:
+                _unlink(fd, name, f"{node.path}/{name}", 0)
+        finally:
+            os.close(fd)
+        return True
+
+    def _unlink(dir_fd: int, name: str, shown: str, size: int) -> None:
+        try:
+            _retry_busy(lambda: fs.unlink(name, dir_fd=dir_fd), busy_retries, "unlink")
+            result.add(files=1, size=size)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            result.leave(shown, _errtext(exc))
+
+    try:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return result
+        if not stat.S_ISDIR(st.st_mode):
+            _unlink(parent_fd, path.name, str(path), st.st_size)
+            return result
+        submit(_Node(None, parent_fd, path.name, str(path)))
+        if pool is None:
+            while queue:
+                visit(queue.pop())
+        else:
+            done.wait()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        os.close(parent_fd)
+    return result
+
+
+def _errtext(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return f"{name}: {exc.strerror}" if exc.strerror else name

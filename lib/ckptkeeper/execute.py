@@ -1,0 +1,158 @@
+"""The executor: carries out a `plan.Plan` on disk. The caller holds the root lock.
+
+Each decision is re-checked just before it is acted on (the directory may have been pinned,
+replaced, swapped for a symlink or removed since the plan); a decision that no longer holds is
+skipped and reported, never forced. One failing decision never stops the others.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .effects import OS_FS, Fs, Removal, fsync_dir, move_to_trash, remove_tree
+from .names import old_name, step_name
+from .plan import Action, Decision, Plan
+from .scan import PIN_FILE, writer_lock_held
+
+__all__ = ["Outcome", "apply_plan", "purge_trash"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: Decision
+    status: str  # "done" | "skipped" | "failed" | "gone" (a lost race: someone else already did it)
+    detail: str = ""
+    errno_name: str | None = None
+    bytes: int = 0
+    duration_ms: float = 0.0
+    trash_path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+class _Skip(Exception):
+    pass
+
+
+# Order matters: resolve interrupted replaces, then finalize, then collect and delete.
+_ORDER = {Action.RESTORE: 0, Action.FINALIZE: 1, Action.REPLACE: 1, Action.DISCARD: 2,
+          Action.COLLECT: 3, Action.DELETE: 4}
+
+
+def apply_plan(
+    plan: Plan,
+    *,
+    fs: Fs = OS_FS,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Apply every mutating decision of ``plan`` except trash purges (see `purge_trash`)."""
+    outcomes: list[Outcome] = []
+    todo = sorted(
+        (d for d in plan.decisions if d.action in _ORDER),
+        key=lambda d: (_ORDER[d.action], d.step or 0),
+    )
+    for decision in todo:
+        started = time.perf_counter()
+        try:
+            trash_path = _apply_one(plan, decision, fs)
+            outcome = Outcome(decision, "done", trash_path=trash_path)
+        except _Skip as skip:
+            outcome = Outcome(decision, "skipped", str(skip))
+        except FileNotFoundError as exc:
+            outcome = Outcome(decision, "gone", f"already gone: {exc.filename}", "ENOENT")
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, "OSError")
+            outcome = Outcome(decision, "failed", f"{exc.strerror or exc} ({exc.filename})", name)
+        outcome = _timed(outcome, started)
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+    return outcomes
+
+
+def _timed(outcome: Outcome, started: float) -> Outcome:
+    return replace(outcome, duration_ms=(time.perf_counter() - started) * 1000)
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _check_same_dir(path: Path, identity: tuple[int, int]) -> None:
+    st = _lstat(path)
+    if st is None:
+        raise FileNotFoundError(errno.ENOENT, "gone", str(path))
+    if not stat.S_ISDIR(st.st_mode):
+        raise _Skip("changed since the plan: no longer a directory")
+    if identity != (0, 0) and (st.st_dev, st.st_ino) != identity:
+        raise _Skip("changed since the plan: replaced by another directory")
+
+
+def _apply_one(plan: Plan, d: Decision, fs: Fs) -> Path | None:
+    root = plan.root
+    assert d.step is not None
+    target = root / step_name(d.step)
+    if d.action is Action.DELETE:
+        _check_same_dir(d.path, d.identity)
+        if _lstat(d.path / PIN_FILE) is not None:
+            raise _Skip("pinned since the plan (KEEP file)")
+        return move_to_trash(root, d.path, fs)
+    if d.action is Action.DISCARD:
+        _check_same_dir(d.path, d.identity)
+        return move_to_trash(root, d.path, fs)
+    if d.action is Action.COLLECT:
+        _check_same_dir(d.path, d.identity)
+        if _lstat(d.path / plan.policy.complete_marker) is not None:
+            raise _Skip("completion marker appeared since the plan")
+        if writer_lock_held(d.path):
+            raise _Skip("writer lock taken since the plan")
+        return move_to_trash(root, d.path, fs)
+    if d.action is Action.RESTORE:
+        _check_same_dir(d.path, d.identity)
+        if _lstat(target) is not None:
+            raise _Skip(f"{target.name} exists again: the old copy is left for the next pass")
+        fs.rename(d.path, target)
+        fsync_dir(root, fs)
+        return None
+    # FINALIZE / REPLACE of a complete tmp_step_N.
+    _check_same_dir(d.path, d.identity)
+    if _lstat(d.path / plan.policy.complete_marker) is None:
+        raise _Skip("completion marker vanished since the plan")
+    old = root / old_name(d.step)
+    existing = _lstat(target)
+    if existing is not None:
+        if not stat.S_ISDIR(existing.st_mode):
+            raise _Skip(f"{target.name} exists and is not a directory: not replaced")
+        if _lstat(old) is not None:
+            move_to_trash(root, old, fs)  # garbage beside a live step_N
+        fs.rename(target, old)
+    fs.rename(d.path, target)
+    fsync_dir(root, fs)
+    if _lstat(old) is not None:
+        return move_to_trash(root, old, fs)
+    return None
+
+
+def purge_trash(
+    root: Path,
+    entries: list[Path],
+    *,
+    workers: int = 8,
+    fs: Fs = OS_FS,
+) -> list[tuple[Path, Removal]]:
+    """Remove trash entries (no root lock needed: trash is ckptkeeper's own, removal is idempotent)."""
+    results: list[tuple[Path, Removal]] = []
+    for entry in entries:
+        results.append((entry, remove_tree(entry, workers=workers, fs=fs)))
+    return results

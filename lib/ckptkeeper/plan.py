@@ -1,0 +1,175 @@
+"""The pure planner: ``plan(scan, policy, now) -> Plan``. No I/O, time is an input.
+
+It decides, with reasons, what happens to every checkpoint-named entry of one root: finalize
+complete saves, finish or undo interrupted replaces, collect stale saves, keep or delete each
+step, purge trash. ``status`` and ``--dry-run`` print a plan; `execute.apply_plan` carries it out.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .names import step_name
+from .policy import Policy, metric_value, rules_for
+from .records import Checkpoint, RootScan
+
+__all__ = ["Action", "Decision", "Plan", "plan"]
+
+
+class Action(enum.StrEnum):
+    KEEP = "keep"  # a step that stays
+    DELETE = "delete"  # a step moved to trash and removed
+    FINALIZE = "finalize"  # complete tmp_step_N -> step_N (one rename)
+    REPLACE = "replace"  # complete tmp_step_N over an existing step_N (via old_step_N)
+    RESTORE = "restore"  # old_step_N -> step_N (replace interrupted before the new one was complete)
+    DISCARD = "discard"  # old_step_N beside step_N: garbage of a finished replace
+    COLLECT = "collect"  # stale tmp_step_N (no marker, no writer lock, untouched) -> trash
+    WAIT = "wait"  # tmp_step_N still being written
+    PURGE = "purge"  # trash entry past trash_grace -> removed
+    HOLD = "hold"  # trash entry within trash_grace
+    IGNORE = "ignore"  # checkpoint-like name that is not a checkpoint; never touched
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    step: int | None
+    path: Path
+    action: Action
+    reasons: tuple[str, ...]
+    identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) the plan saw; re-checked before acting
+    metric: float | str | None = None  # for display: the metric value or why it is missing
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    root: Path
+    policy: Policy
+    now: float
+    decisions: tuple[Decision, ...]
+
+    def __iter__(self) -> Iterator[Decision]:
+        return iter(self.decisions)
+
+    def by_action(self, *actions: Action) -> tuple[Decision, ...]:
+        return tuple(d for d in self.decisions if d.action in actions)
+
+    @property
+    def kept_steps(self) -> frozenset[int]:
+        return frozenset(d.step for d in self.by_action(Action.KEEP) if d.step is not None)
+
+    @property
+    def deleted_steps(self) -> frozenset[int]:
+        return frozenset(d.step for d in self.by_action(Action.DELETE) if d.step is not None)
+
+    @property
+    def mutates(self) -> bool:
+        quiet = {Action.KEEP, Action.WAIT, Action.HOLD, Action.IGNORE}
+        return any(d.action not in quiet for d in self.decisions)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
+    """Decide every entry of one root. Pure: the same inputs give the same plan."""
+    root = scan.root
+    decisions: list[Decision] = []
+    steps = {c.step: c for c in scan.steps}
+    tmps = {t.step: t for t in scan.in_flight}
+
+    for a in scan.anomalies:
+        decisions.append(Decision(a.step, a.path, Action.IGNORE, (a.reason,)))
+
+    # What the step set will be once saves are finalized and interrupted replaces are resolved.
+    projected: dict[int, Checkpoint] = dict(steps)
+    for old in scan.leftovers:
+        target = root / step_name(old.step)
+        tmp = tmps.get(old.step)
+        if old.step in steps:
+            why = f"old_step_{old.step} beside step_{old.step}: leftover of a replace"
+            decisions.append(Decision(old.step, old.path, Action.DISCARD, (why,), old.identity))
+        elif tmp is not None and tmp.complete:
+            why = "interrupted replace: the new save is complete, finishing it"
+            decisions.append(Decision(old.step, old.path, Action.DISCARD, (why,), old.identity))
+        else:
+            why = "interrupted replace: the new save is not complete, restoring the previous step"
+            decisions.append(Decision(old.step, old.path, Action.RESTORE, (why,), old.identity))
+            projected[old.step] = Checkpoint(
+                old.step, target, old.info, old.info_error, old.pinned, old.identity
+            )
+
+    for tmp in scan.in_flight:
+        if tmp.complete:
+            exists = tmp.step in steps
+            action = Action.REPLACE if exists else Action.FINALIZE
+            why = f"{policy.complete_marker} present" + (f"; replaces step_{tmp.step}" if exists else "")
+            decisions.append(Decision(tmp.step, tmp.path, action, (why,), tmp.identity))
+            projected[tmp.step] = Checkpoint(
+                tmp.step, root / step_name(tmp.step), tmp.info, tmp.info_error, tmp.pinned,
+                tmp.identity,
+            )
+        elif tmp.writer_locked:
+            decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, ("writer lock held",)))
+        elif tmp.newest_mtime is None:
+            decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, ("in flight: no marker yet",)))
+        else:
+            idle = now - tmp.newest_mtime
+            if idle >= policy.stale_after:
+                why = f"stale: no marker, no writer lock, untouched for {_age(idle)}"
+                decisions.append(Decision(tmp.step, tmp.path, Action.COLLECT, (why,), tmp.identity))
+            else:
+                why = f"in flight: last write {_age(idle)} ago"
+                decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, (why,)))
+
+    decisions.extend(_retention(list(projected.values()), policy))
+
+    for entry in scan.trash:
+        age = now - entry.trashed_at
+        if age >= policy.trash_grace:
+            why = "in trash" + (f" for {_age(age)}" if policy.trash_grace else "")
+            decisions.append(Decision(None, entry.path, Action.PURGE, (why,)))
+        else:
+            why = f"in trash for {_age(age)}, grace {_age(policy.trash_grace)}"
+            decisions.append(Decision(None, entry.path, Action.HOLD, (why,)))
+
+    decisions.sort(key=lambda d: (d.step is None, d.step or 0, str(d.path)))
+    return Plan(root, policy, now, tuple(decisions))
+
+
+def _retention(checkpoints: list[Checkpoint], policy: Policy) -> list[Decision]:
+    participants = [c for c in checkpoints if c.info is not None]
+    out: list[Decision] = []
+    for c in checkpoints:
+        if c.info is None:
+            reasons = [c.info_error or "training_info.json unusable", "kept: not ranked without it"]
+            if c.pinned:
+                reasons.insert(0, "pinned (KEEP file)")
+            out.append(Decision(c.step, c.path, Action.KEEP, tuple(reasons), c.identity))
+
+    kept: dict[int, list[str]] = {c.step: [] for c in participants}
+    dropped: dict[int, list[str]] = {c.step: [] for c in participants}
+    for rule in rules_for(policy):
+        verdicts = rule(participants)
+        for step, why in verdicts.kept.items():
+            kept[step].append(why)
+        for step, why in verdicts.dropped.items():
+            dropped[step].append(why)
+
+    for c in participants:
+        metric = metric_value(c.info, policy.metric_name) if policy.metric_name else None
+        if kept[c.step]:
+            out.append(Decision(c.step, c.path, Action.KEEP, tuple(kept[c.step]), c.identity, metric))
+        elif not policy.bounded:
+            why = "no keep_top_k or keep_latest_n: nothing is deleted"
+            out.append(Decision(c.step, c.path, Action.KEEP, (why,), c.identity, metric))
+        else:
+            reasons = tuple(dropped[c.step]) or ("no rule keeps it",)
+            out.append(Decision(c.step, c.path, Action.DELETE, reasons, c.identity, metric))
+    return out
