@@ -8,7 +8,16 @@ apscheduler nor structlog.
 
 from __future__ import annotations
 
-from .effects import OS_FS, Fs, Removal, RootLock, move_to_trash, remove_tree, write_marker, writer_lock
+from .effects import (
+    OS_FS,
+    Fs,
+    Removal,
+    RootLock,
+    move_to_trash,
+    remove_tree,
+    write_marker,
+    writer_lock,
+)
 from .execute import Outcome, apply_plan, purge_trash
 from .manager import CheckpointingConfig, CheckpointManager, PathLike, _load_checkpoint_history
 from .names import Kind, ParsedName, parse_name

@@ -55,7 +55,9 @@ class Fs:
     def mkdir(self, path: Path, mode: int = 0o755) -> None:
         os.mkdir(path, mode)
 
-    def open(self, path: str | Path, flags: int, mode: int = 0o644, dir_fd: int | None = None) -> int:
+    def open(
+        self, path: str | Path, flags: int, mode: int = 0o644, dir_fd: int | None = None
+    ) -> int:
         return os.open(path, flags, mode, dir_fd=dir_fd)
 
     def write(self, fd: int, data: bytes) -> int:
@@ -88,7 +90,9 @@ def _ensure_dir(path: Path, fs: Fs) -> None:
     except FileExistsError:
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path)) from None
+            raise NotADirectoryError(
+                errno.ENOTDIR, "exists and is not a directory", str(path)
+            ) from None
 
 
 class RootLock:
@@ -110,7 +114,9 @@ class RootLock:
     def acquire(self) -> bool:
         area = self.root / CKPTKEEPER_DIR
         _ensure_dir(area, self.fs)
-        fd = self.fs.open(area / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = self.fs.open(
+            area / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         delay = 0.005
         try:
@@ -137,7 +143,9 @@ class RootLock:
 
     def __enter__(self) -> RootLock:
         if not self.acquire():
-            raise BlockingIOError(errno.EWOULDBLOCK, "root is locked by another actor", str(self.root))
+            raise BlockingIOError(
+                errno.EWOULDBLOCK, "root is locked by another actor", str(self.root)
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -161,7 +169,9 @@ def write_marker(directory: Path, name: str, fs: Fs = OS_FS, **extra: Any) -> Pa
 @contextlib.contextmanager
 def writer_lock(directory: Path, fs: Fs = OS_FS) -> Iterator[None]:
     """Hold ``flock(LOCK_EX)`` on ``<directory>/.writer.lock`` while writing a save."""
-    fd = fs.open(Path(directory) / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = fs.open(
+        Path(directory) / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    )
     try:
         fs.flock(fd, fcntl.LOCK_EX)
         yield
@@ -236,13 +246,19 @@ class _Node:
 
 
 def remove_tree(
-    path: Path, *, workers: int = 8, fs: Fs = OS_FS, busy_retries: int = 5
+    path: Path,
+    *,
+    workers: int = 8,
+    fs: Fs = OS_FS,
+    busy_retries: int = 5,
+    cancel: threading.Event | None = None,
 ) -> Removal:
     """Remove ``path`` and everything below it without following symlinks.
 
     Directories are processed in parallel (``workers`` threads), which is what makes removal fast
     on filesystems with per-operation latency (NFS, Lustre, FUSE). Never raises for entries it cannot
-    remove: they are listed in `Removal.left`.
+    remove: they are listed in `Removal.left`. Setting ``cancel`` stops it early (what is left is
+    listed; a later call finishes the job).
     """
     result = Removal()
     path = Path(path)
@@ -253,7 +269,11 @@ def remove_tree(
         return result
     state_lock = threading.Lock()
     done = threading.Event()
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckptkeeper-rm") if workers > 1 else None
+    pool = (
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckptkeeper-rm")
+        if workers > 1
+        else None
+    )
     queue: list[_Node] = []
 
     def submit(node: _Node) -> None:
@@ -286,6 +306,10 @@ def remove_tree(
             node = node.parent
 
     def visit(node: _Node) -> None:
+        if cancel is not None and cancel.is_set():
+            result.leave(node.path, "cancelled")
+            _finish_gone(node)
+            return
         try:
             node.fd = os.open(node.name, _DIR_FLAGS, dir_fd=node.parent_fd)
         except FileNotFoundError:
@@ -330,7 +354,9 @@ def remove_tree(
     def _rmdir(node: _Node) -> None:
         for attempt in range(2):
             try:
-                _retry_busy(lambda: fs.rmdir(node.name, dir_fd=node.parent_fd), busy_retries, "rmdir")
+                _retry_busy(
+                    lambda: fs.rmdir(node.name, dir_fd=node.parent_fd), busy_retries, "rmdir"
+                )
                 result.add(dirs=1)
                 return
             except FileNotFoundError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,8 +44,14 @@ class _Skip(Exception):
 
 
 # Order matters: resolve interrupted replaces, then finalize, then collect and delete.
-_ORDER = {Action.RESTORE: 0, Action.FINALIZE: 1, Action.REPLACE: 1, Action.DISCARD: 2,
-          Action.COLLECT: 3, Action.DELETE: 4}
+_ORDER = {
+    Action.RESTORE: 0,
+    Action.FINALIZE: 1,
+    Action.REPLACE: 1,
+    Action.DISCARD: 2,
+    Action.COLLECT: 3,
+    Action.DELETE: 4,
+}
 
 
 def apply_plan(
@@ -150,9 +157,7 @@ def purge_trash(
     *,
     workers: int = 8,
     fs: Fs = OS_FS,
+    cancel: threading.Event | None = None,
 ) -> list[tuple[Path, Removal]]:
     """Remove trash entries (no root lock needed: trash is ckptkeeper's own, removal is idempotent)."""
-    results: list[tuple[Path, Removal]] = []
-    for entry in entries:
-        results.append((entry, remove_tree(entry, workers=workers, fs=fs)))
-    return results
+    return [(e, remove_tree(e, workers=workers, fs=fs, cancel=cancel)) for e in entries]

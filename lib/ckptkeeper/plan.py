@@ -24,7 +24,9 @@ class Action(enum.StrEnum):
     DELETE = "delete"  # a step moved to trash and removed
     FINALIZE = "finalize"  # complete tmp_step_N -> step_N (one rename)
     REPLACE = "replace"  # complete tmp_step_N over an existing step_N (via old_step_N)
-    RESTORE = "restore"  # old_step_N -> step_N (replace interrupted before the new one was complete)
+    RESTORE = (
+        "restore"  # old_step_N -> step_N (replace interrupted before the new one was complete)
+    )
     DISCARD = "discard"  # old_step_N beside step_N: garbage of a finished replace
     COLLECT = "collect"  # stale tmp_step_N (no marker, no writer lock, untouched) -> trash
     WAIT = "wait"  # tmp_step_N still being written
@@ -109,16 +111,24 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
         if tmp.complete:
             exists = tmp.step in steps
             action = Action.REPLACE if exists else Action.FINALIZE
-            why = f"{policy.complete_marker} present" + (f"; replaces step_{tmp.step}" if exists else "")
+            why = f"{policy.complete_marker} present" + (
+                f"; replaces step_{tmp.step}" if exists else ""
+            )
             decisions.append(Decision(tmp.step, tmp.path, action, (why,), tmp.identity))
             projected[tmp.step] = Checkpoint(
-                tmp.step, root / step_name(tmp.step), tmp.info, tmp.info_error, tmp.pinned,
+                tmp.step,
+                root / step_name(tmp.step),
+                tmp.info,
+                tmp.info_error,
+                tmp.pinned,
                 tmp.identity,
             )
         elif tmp.writer_locked:
             decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, ("writer lock held",)))
         elif tmp.newest_mtime is None:
-            decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, ("in flight: no marker yet",)))
+            decisions.append(
+                Decision(tmp.step, tmp.path, Action.WAIT, ("in flight: no marker yet",))
+            )
         else:
             idle = now - tmp.newest_mtime
             if idle >= policy.stale_after:
@@ -148,10 +158,9 @@ def _retention(checkpoints: list[Checkpoint], policy: Policy) -> list[Decision]:
     out: list[Decision] = []
     for c in checkpoints:
         if c.info is None:
-            reasons = [c.info_error or "training_info.json unusable", "kept: not ranked without it"]
-            if c.pinned:
-                reasons.insert(0, "pinned (KEEP file)")
-            out.append(Decision(c.step, c.path, Action.KEEP, tuple(reasons), c.identity))
+            unusable = (c.info_error or "training_info.json unusable", "kept: not ranked without it")
+            reasons = (("pinned (KEEP file)",) if c.pinned else ()) + unusable
+            out.append(Decision(c.step, c.path, Action.KEEP, reasons, c.identity))
 
     kept: dict[int, list[str]] = {c.step: [] for c in participants}
     dropped: dict[int, list[str]] = {c.step: [] for c in participants}
@@ -165,7 +174,9 @@ def _retention(checkpoints: list[Checkpoint], policy: Policy) -> list[Decision]:
     for c in participants:
         metric = metric_value(c.info, policy.metric_name) if policy.metric_name else None
         if kept[c.step]:
-            out.append(Decision(c.step, c.path, Action.KEEP, tuple(kept[c.step]), c.identity, metric))
+            out.append(
+                Decision(c.step, c.path, Action.KEEP, tuple(kept[c.step]), c.identity, metric)
+            )
         elif not policy.bounded:
             why = "no keep_top_k or keep_latest_n: nothing is deleted"
             out.append(Decision(c.step, c.path, Action.KEEP, (why,), c.identity, metric))

@@ -97,7 +97,9 @@ class Policy:
         if self.metric_name is not None and (
             not isinstance(self.metric_name, str) or not self.metric_name
         ):
-            raise PolicyError("metric_name", f"expected a non-empty string, got {self.metric_name!r}")
+            raise PolicyError(
+                "metric_name", f"expected a non-empty string, got {self.metric_name!r}"
+            )
         marker = self.complete_marker
         if not isinstance(marker, str) or not marker or "/" in marker or marker in {".", ".."}:
             raise PolicyError("complete_marker", f"expected a plain file name, got {marker!r}")
@@ -231,7 +233,9 @@ class KeepTopK:
                 dropped[step] = f"outside top-{self.k}: {why}, ranked last"
         for c in checkpoints:
             if c.step % self.save_period != 0:
-                dropped[c.step] = f"not a top-{self.k} candidate (step % save_period {self.save_period} != 0)"
+                dropped[c.step] = (
+                    f"not a top-{self.k} candidate (step % save_period {self.save_period} != 0)"
+                )
         return Verdicts(kept, dropped)
 
 
@@ -251,7 +255,9 @@ class KeepEveryN:
     n: int
 
     def __call__(self, checkpoints: Sequence[Checkpoint]) -> Verdicts:
-        kept = {c.step: f"milestone (every {self.n} steps)" for c in checkpoints if c.step % self.n == 0}
+        kept = {
+            c.step: f"milestone (every {self.n} steps)" for c in checkpoints if c.step % self.n == 0
+        }
         return Verdicts(kept, {})
 
 

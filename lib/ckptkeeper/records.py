@@ -21,7 +21,9 @@ class Checkpoint:
     step: int
     path: Path
     info: Mapping[str, Any] | None = None
-    info_error: str | None = None  # why training_info.json could not be used (None when info is set)
+    info_error: str | None = (
+        None  # why training_info.json could not be used (None when info is set)
+    )
     pinned: bool = False
     identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) at scan time, re-checked before deletion
     config_yaml: bool = False  # a config.yaml is present (metric name/direction may come from it)
@@ -39,7 +41,9 @@ class InFlight:
     pinned: bool = False
     identity: tuple[int, int] = (0, 0)
     writer_locked: bool | None = None  # None: not probed
-    newest_mtime: float | None = None  # newest mtime seen in the tree (a lower bound); None: not probed
+    newest_mtime: float | None = (
+        None  # newest mtime seen in the tree (a lower bound); None: not probed
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,7 +144,7 @@ def _exists(path: Path) -> bool:
 
 def writer_lock_held(directory: Path) -> bool:
     """True when some process holds ``flock(LOCK_EX)`` on ``<directory>/.writer.lock``."""
-    import fcntl  # noqa: PLC0415 - POSIX-only, imported where used
+    import fcntl
 
     try:
         fd = os.open(directory / WRITER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -213,7 +213,9 @@ def scan_root(
                 is_link = entry.is_symlink()
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError as exc:
-                anomalies.append(Anomaly(Path(entry.path), f"cannot stat: {_errname(exc)}", parsed.step))
+                anomalies.append(
+                    Anomaly(Path(entry.path), f"cannot stat: {_errname(exc)}", parsed.step)
+                )
                 continue
             if is_link:
                 anomalies.append(Anomaly(Path(entry.path), "symlink: not followed", parsed.step))
@@ -230,7 +232,9 @@ def scan_root(
         if len(members) > 1:
             names = " and ".join(sorted(p.name for p, _ in members))
             for _, entry in members:
-                anomalies.append(Anomaly(Path(entry.path), f"ambiguous: {names} name one step", step))
+                anomalies.append(
+                    Anomaly(Path(entry.path), f"ambiguous: {names} name one step", step)
+                )
             ambiguous.add(step)
             continue
         _, entry = members[0]

@@ -1,0 +1,3 @@
+"""ckptkeeperd: the keeper daemon, the one-shot sweep and the command line of ckptkeeper."""
+
+__all__: list[str] = []

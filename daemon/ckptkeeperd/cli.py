@@ -1,0 +1,318 @@
+"""The ``ckptkeeper`` command: ``run``, ``sweep``, ``status``, ``demo``.
+
+Exit codes: 0 success, 1 a pass had errors, 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from ckptkeeper import Policy
+
+from .config import (
+    ConfigError,
+    DaemonConfig,
+    config_from_flags,
+    expand_roots,
+    load_config,
+    merge_flags,
+    resolve_settings,
+)
+from .logs import LEVELS, ProblemLog, configure_logging, get_logger
+from .reconcile import EVENT_FOR, Report, preview, reconcile
+
+__all__ = ["main"]
+
+_MUTATING = set(EVENT_FOR)
+
+
+def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="TOML config file (see systemd/ckptkeeper.toml).",
+        ),
+        click.option(
+            "--keep-top-k", type=click.IntRange(min=0), help="Keep the k best steps by --metric."
+        ),
+        click.option("--metric", "metric_name", help="Key in training_info.json to rank by."),
+        click.option(
+            "--higher-is-better/--lower-is-better",
+            "higher_is_better",
+            default=None,
+            help="Metric direction (default: from config.yaml, else lower).",
+        ),
+        click.option(
+            "--keep-latest-n", type=click.IntRange(min=0), help="Keep the n most recent steps."
+        ),
+        click.option(
+            "--keep-every-n-steps",
+            type=click.IntRange(min=1),
+            help="Keep steps with step % n == 0 forever.",
+        ),
+        click.option(
+            "--save-period",
+            type=click.IntRange(min=1),
+            help="Only steps with step % p == 0 are top-k candidates.",
+        ),
+        click.option(
+            "--keep-latest/--no-keep-latest",
+            "keep_latest",
+            default=None,
+            help="Always keep the highest step (default: on).",
+        ),
+        click.option(
+            "--stale-after", help="Collect unmarked tmp_step_N untouched this long (e.g. 6h)."
+        ),
+        click.option("--trash-grace", help="Keep deleted steps in trash this long before removal."),
+        click.option("--complete-marker", help="Completion marker file name (default .complete)."),
+        click.option("--sweep-interval", help="Full pass of every root this often (e.g. 60s)."),
+        click.option(
+            "--observer", type=click.Choice(["auto", "inotify", "polling"]), help="Event source."
+        ),
+        click.option(
+            "--log-level", type=click.Choice(LEVELS), default=None, help="Log level (default info)."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+_FLAG_KEYS = (
+    "keep_top_k",
+    "metric_name",
+    "higher_is_better",
+    "keep_latest_n",
+    "keep_every_n_steps",
+    "save_period",
+    "keep_latest",
+    "stale_after",
+    "trash_grace",
+    "complete_marker",
+    "sweep_interval",
+    "observer",
+)
+
+
+def _build_config(roots: Sequence[str], opts: dict[str, Any]) -> DaemonConfig:
+    flags = {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None}
+    path: Path | None = opts.get("config_path")
+    try:
+        if path is not None:
+            config = merge_flags(load_config(path), flags, extra_roots=list(roots))
+        else:
+            config = config_from_flags(list(roots), flags)
+    except ConfigError as exc:
+        click.echo(f"ckptkeeper: {exc}", err=True)
+        raise SystemExit(2) from None
+    if not config.roots and not config.discovers:
+        click.echo(
+            "ckptkeeper: no roots: pass ROOT arguments or --config with [[root]] or [[discover]]",
+            err=True,
+        )
+        raise SystemExit(2)
+    return config
+
+
+def _setup_logs(opts: dict[str, Any], config: DaemonConfig | None, to_stderr: bool = False) -> None:
+    level = opts.get("log_level") or (config.daemon.log_level if config is not None else "info")
+    configure_logging(level, stream=sys.stderr if to_stderr else sys.stdout)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckptkeeper")
+def cli() -> None:
+    """ckptkeeper: trainers only write; the keeper finalizes, collects and prunes checkpoints."""
+
+
+def _passes(
+    config: DaemonConfig, action: Callable[[Path, Policy, Any, ProblemLog], Report]
+) -> list[tuple[Report, Policy]]:
+    problems = ProblemLog()
+    out: list[tuple[Report, Policy]] = []
+    for root, overrides in expand_roots(config):
+        resolved = resolve_settings(config, root, overrides)
+        log = get_logger(root=str(root))
+        for problem in resolved.problems:
+            log.warning("config_problem", reason=problem)
+        out.append(
+            (action(root, resolved.settings.policy, log, problems), resolved.settings.policy)
+        )
+    return out
+
+
+@cli.command()
+@click.argument("roots", nargs=-1)
+@_policy_options
+@click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON document of every root's result."
+)
+def sweep(roots: tuple[str, ...], dry_run: bool, as_json: bool, **opts: Any) -> None:
+    """One pass over every root, then exit (cron, systemd timer)."""
+    config = _build_config(roots, opts)
+    _setup_logs(opts, config, to_stderr=as_json)
+
+    def one(root: Path, policy: Policy, log: Any, problems: ProblemLog) -> Report:
+        if dry_run:
+            report = preview(root, policy, log=log, problems=problems)
+            for d in report.plan.decisions if report.plan is not None else ():
+                if d.action in _MUTATING:
+                    log.info(
+                        f"would_{d.action.value}",
+                        step=d.step,
+                        path=str(d.path),
+                        reason="; ".join(d.reasons),
+                    )
+            return report
+        return reconcile(
+            root,
+            policy,
+            log=log,
+            problems=problems,
+            lock_timeout=30.0,
+            delete_workers=config.daemon.delete_workers,
+        )
+
+    results = _passes(config, one)
+    if as_json:
+        from .render import report_to_dict
+
+        click.echo(
+            json.dumps(
+                {"dry_run": dry_run, "roots": [report_to_dict(r, p) for r, p in results]}, indent=2
+            )
+        )
+    raise SystemExit(1 if any(r.errors for r, _ in results) else 0)
+
+
+@cli.command()
+@click.argument("roots", nargs=-1)
+@_policy_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
+    """What is on disk and what the policy decides for each step, with reasons. Changes nothing."""
+    from .render import print_reports, report_to_dict
+
+    config = _build_config(roots, opts)
+    _setup_logs(opts, config, to_stderr=True)
+    results = _passes(
+        config,
+        lambda root, policy, log, problems: preview(root, policy, log=log, problems=problems),
+    )
+    if as_json:
+        click.echo(json.dumps({"roots": [report_to_dict(r, p) for r, p in results]}, indent=2))
+    else:
+        print_reports(results, Console(soft_wrap=False, width=max(Console().width, 120)))
+    raise SystemExit(1 if any(r.status == "error" for r, _ in results) else 0)
+
+
+@cli.command(context_settings={"allow_interspersed_args": True})
+@click.argument("roots", nargs=-1)
+@_policy_options
+@click.option(
+    "--watch-pid",
+    type=click.IntRange(min=1),
+    help="Sidecar: exit after this process exits (after one final pass).",
+)
+@click.pass_context
+def run(ctx: click.Context, /, roots: tuple[str, ...], watch_pid: int | None, **opts: Any) -> None:
+    """The keeper daemon. With --watch-pid or `-- TRAINER CMD...` it is a sidecar.
+
+    \b
+    ckptkeeper run --config /etc/ckptkeeper/ckptkeeper.toml
+    ckptkeeper run /ckpt/run-a --keep-top-k 3 --metric val_reward --higher-is-better
+    ckptkeeper run /ckpt/run-a --keep-top-k 3 -- python train.py --lr 1e-4
+    """
+    from .service import Keeper, run_trainer, wait_for_pid
+
+    trainer_cmd: list[str] = (ctx.obj or {}).get("trainer_cmd", [])
+    config = _build_config(roots, opts)
+    _setup_logs(opts, config)
+    path = opts.get("config_path")
+    reload_fn = (
+        (
+            lambda: merge_flags(
+                load_config(path),
+                {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None},
+                extra_roots=list(roots),
+            )
+        )
+        if path
+        else None
+    )
+    keeper = Keeper(config, reload=reload_fn)
+    trainer = run_trainer(trainer_cmd) if trainer_cmd else None
+    keeper.install_signal_handlers(forward_to=trainer)
+    log = get_logger()
+    try:
+        keeper.start()
+        if trainer is not None:
+            log.info("sidecar", trainer_pid=trainer.pid, cmd=trainer_cmd)
+            keeper.serve(until=lambda: trainer.poll() is not None)
+        elif watch_pid is not None:
+            log.info("sidecar", watch_pid=watch_pid)
+            gone = threading.Event()
+            stop = threading.Event()
+
+            def watch() -> None:
+                wait_for_pid(watch_pid, stop)
+                gone.set()
+                keeper._wake.set()
+
+            threading.Thread(target=watch, name="ckptkeeper-watch-pid", daemon=True).start()
+            keeper.serve(until=gone.is_set)
+            stop.set()
+        else:
+            keeper.serve()
+    finally:
+        sidecar_done = trainer is not None and trainer.poll() is not None
+        keeper.shutdown(
+            final_pass=sidecar_done or (watch_pid is not None and not keeper._stop_requested)
+        )
+    if trainer is not None:
+        code = trainer.wait()
+        raise SystemExit(128 - code if code < 0 else code)
+    raise SystemExit(0)
+
+
+@cli.command()
+@click.option(
+    "--steps",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=3, max=200),
+    help="Checkpoints the simulated trainer writes.",
+)
+def demo(steps: int) -> None:
+    """Self-contained demo: a simulated trainer writes checkpoints while the keeper keeps them."""
+    from .demo import run_demo
+
+    raise SystemExit(run_demo(steps))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    trainer_cmd: list[str] = []
+    if args and args[0] == "run" and "--" in args:
+        cut = args.index("--")
+        args, trainer_cmd = args[:cut], args[cut + 1 :]
+        if not trainer_cmd:
+            click.echo("ckptkeeper: `--` must be followed by the trainer command", err=True)
+            raise SystemExit(2)
+    cli.main(args=args, prog_name="ckptkeeper", obj={"trainer_cmd": trainer_cmd})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""structlog setup: JSON lines when stdout is not a terminal, readable console lines when it is.
+
+Event names and keys are stable (tests assert them): ``finalized``, ``replaced``, ``recovered``,
+``garbage_collected``, ``deleted``, ``purged``, ``skipped``, ``action_failed``, ``would_<action>``,
+``root_problem``, ``pass_done`` ... with ``root``, ``step``, ``path``, ``reason``, ``bytes``,
+``duration_ms``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = ["LEVELS", "ProblemLog", "configure_logging", "get_logger"]
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(
+    level: str = "info", *, json_output: bool | None = None, stream: TextIO | None = None
+) -> None:
+    out = stream if stream is not None else sys.stdout
+    if json_output is None:
+        json_output = not out.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**bind: Any) -> Any:
+    return structlog.get_logger("ckptkeeper").bind(**bind)
+
+
+class ProblemLog:
+    """Logs a recurring problem (a bad checkpoint, an unreadable root) once, not on every pass.
+
+    A problem that goes away and comes back is logged again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[str, set[tuple[str, str]]] = {}
+
+    def report(self, scope: str, current: dict[tuple[str, str], dict[str, Any]], log: Any) -> None:
+        """``current``: problems seen in ``scope`` now, keyed by (path, reason), with log fields."""
+        with self._lock:
+            before = self._active.get(scope, set())
+            self._active[scope] = set(current)
+        for key, fields in current.items():
+            if key not in before:
+                log.warning(fields.pop("event", "checkpoint_problem"), **fields)

@@ -1,0 +1,288 @@
+"""One pass over one root, the same for every trigger (event, schedule, cron sweep, sidecar exit).
+
+lock (skip if busy) -> scan -> plan -> apply (recover, finalize, collect, delete into trash)
+-> unlock -> remove trash past ``trash_grace`` (outside the lock: removal can take minutes and
+trash is ckptkeeper's own). `preview` is the read-only half for ``status`` and ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptkeeper import (
+    OS_FS,
+    Action,
+    Fs,
+    InfoCache,
+    Outcome,
+    Plan,
+    Policy,
+    Removal,
+    RootLock,
+    RootScan,
+    apply_plan,
+    plan,
+    purge_trash,
+    scan_root,
+)
+
+from .logs import ProblemLog, get_logger
+
+__all__ = ["EVENT_FOR", "Report", "preview", "reconcile"]
+
+EVENT_FOR = {
+    Action.FINALIZE: "finalized",
+    Action.REPLACE: "replaced",
+    Action.RESTORE: "recovered",
+    Action.DISCARD: "recovered",
+    Action.COLLECT: "garbage_collected",
+    Action.DELETE: "deleted",
+    Action.PURGE: "purged",
+}
+
+
+@dataclass
+class Report:
+    root: Path
+    status: str = "ok"  # ok | busy (another actor holds the lock) | error (root unusable)
+    plan: Plan | None = None
+    scan: RootScan | None = None
+    outcomes: list[Outcome] = field(default_factory=list)
+    removed: list[tuple[Path, Removal]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    duration_ms: float = 0.0
+
+    @property
+    def errors(self) -> int:
+        failed = sum(1 for o in self.outcomes if not o.ok)
+        leftovers = sum(1 for _, r in self.removed if r.left)
+        return failed + leftovers + (1 if self.status == "error" else 0)
+
+    @property
+    def in_flight(self) -> list[Path]:
+        return [t.path for t in self.scan.in_flight] if self.scan is not None else []
+
+    def count(self, action: Action) -> int:
+        return sum(1 for o in self.outcomes if o.decision.action is action and o.status == "done")
+
+
+def _check_root(root: Path) -> str | None:
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return "root does not exist"
+    except OSError as exc:
+        return f"cannot stat root: {errno.errorcode.get(exc.errno or 0, exc)}"
+    if stat.S_ISLNK(st.st_mode):
+        return "root is a symlink: not followed"
+    if not stat.S_ISDIR(st.st_mode):
+        return "root is not a directory"
+    return None
+
+
+def _scan_and_plan(
+    root: Path, policy: Policy, cache: InfoCache | None, now: float, report: Report
+) -> bool:
+    try:
+        scan = scan_root(
+            root, marker=policy.complete_marker, cache=cache, stale_before=now - policy.stale_after
+        )
+    except OSError as exc:
+        report.status = "error"
+        report.problems.append(f"cannot list root: {errno.errorcode.get(exc.errno or 0, exc)}")
+        return False
+    report.scan = scan
+    report.plan = plan(scan, policy, now)
+    return True
+
+
+def _report_problems(report: Report, log: Any, problems: ProblemLog | None) -> None:
+    current: dict[tuple[str, str], dict[str, Any]] = {}
+    if report.status == "error":
+        for why in report.problems:
+            current[(str(report.root), why)] = {"event": "root_problem", "reason": why}
+    if report.scan is not None:
+        for a in report.scan.anomalies:
+            current[(str(a.path), a.reason)] = {
+                "event": "ignored",
+                "step": a.step,
+                "path": str(a.path),
+                "reason": a.reason,
+            }
+        for c in report.scan.steps:
+            if c.info_error is not None:
+                current[(str(c.path), c.info_error)] = {
+                    "event": "unranked",
+                    "step": c.step,
+                    "path": str(c.path),
+                    "reason": f"{c.info_error}; kept",
+                }
+    if problems is None:
+        for fields in current.values():
+            log.warning(fields.pop("event"), **fields)
+    else:
+        problems.report(str(report.root), current, log)
+
+
+def preview(
+    root: Path,
+    policy: Policy,
+    *,
+    cache: InfoCache | None = None,
+    now: float | None = None,
+    log: Any = None,
+    problems: ProblemLog | None = None,
+) -> Report:
+    """Scan and plan only; never calls the executor (``status``, ``sweep --dry-run``)."""
+    root = Path(root)
+    log = log or get_logger(root=str(root))
+    report = Report(root)
+    started = time.perf_counter()
+    if (why := _check_root(root)) is not None:
+        report.status = "error"
+        report.problems.append(why)
+    else:
+        _scan_and_plan(root, policy, cache, time.time() if now is None else now, report)
+    _report_problems(report, log, problems)
+    report.duration_ms = (time.perf_counter() - started) * 1000
+    return report
+
+
+def reconcile(
+    root: Path,
+    policy: Policy,
+    *,
+    cache: InfoCache | None = None,
+    clock: Callable[[], float] = time.time,
+    lock_timeout: float | None = 0.0,
+    delete_workers: int = 8,
+    fs: Fs = OS_FS,
+    log: Any = None,
+    problems: ProblemLog | None = None,
+    cancel: threading.Event | None = None,
+) -> Report:
+    """One idempotent pass over ``root``. Never raises for a bad root or a bad checkpoint."""
+    root = Path(root)
+    log = log or get_logger(root=str(root))
+    report = Report(root)
+    started = time.perf_counter()
+    try:
+        _reconcile(
+            root, policy, cache, clock, lock_timeout, delete_workers, fs, log, report, cancel
+        )
+    except OSError as exc:  # e.g. the root vanished or turned read-only mid-pass
+        report.status = "error"
+        name = errno.errorcode.get(exc.errno or 0, "OSError")
+        report.problems.append(f"{name}: {exc.strerror or exc} ({exc.filename})")
+    _report_problems(report, log, problems)
+    report.duration_ms = (time.perf_counter() - started) * 1000
+    return report
+
+
+def _reconcile(
+    root: Path,
+    policy: Policy,
+    cache: InfoCache | None,
+    clock: Callable[[], float],
+    lock_timeout: float | None,
+    delete_workers: int,
+    fs: Fs,
+    log: Any,
+    report: Report,
+    cancel: threading.Event | None,
+) -> None:
+    if (why := _check_root(root)) is not None:
+        report.status = "error"
+        report.problems.append(why)
+        return
+    # Trashed steps are logged once removed (with their bytes) when there is no grace period.
+    defer = policy.trash_grace == 0
+    lock = RootLock(root, timeout=lock_timeout, fs=fs)
+    if not lock.acquire():
+        report.status = "busy"
+        log.info("skipped", reason="root locked by another actor")
+        return
+    try:
+        if not _scan_and_plan(root, policy, cache, clock(), report):
+            return
+        assert report.plan is not None
+
+        def on_outcome(o: Outcome) -> None:
+            if not (defer and o.trash_path is not None):
+                _log_outcome(o, log)
+
+        report.outcomes = apply_plan(report.plan, fs=fs, on_outcome=on_outcome)
+    finally:
+        lock.release()
+
+    # Outside the lock: remove what this pass trashed (if no grace) and old trash past its grace.
+    for outcome in report.outcomes:
+        if defer and outcome.trash_path is not None:
+            t0 = time.perf_counter()
+            removal = _remove(root, outcome.trash_path, delete_workers, fs, log, report, cancel)
+            removed_ms = (time.perf_counter() - t0) * 1000
+            _log_outcome(outcome, log, removal.bytes, outcome.duration_ms + removed_ms)
+    for d in report.plan.by_action(Action.PURGE):
+        removal = _remove(root, d.path, delete_workers, fs, log, report, cancel)
+        log.info("purged", path=str(d.path), reason="; ".join(d.reasons), bytes=removal.bytes)
+
+
+def _remove(
+    root: Path,
+    path: Path,
+    workers: int,
+    fs: Fs,
+    log: Any,
+    report: Report,
+    cancel: threading.Event | None,
+) -> Removal:
+    [(_, removal)] = purge_trash(root, [path], workers=workers, fs=fs, cancel=cancel)
+    report.removed.append((path, removal))
+    if removal.left:
+        shown = "; ".join(f"{p}: {why}" for p, why in removal.left[:5])
+        log.warning(
+            "removal_incomplete",
+            path=str(path),
+            left=len(removal.left),
+            reason=shown,
+            bytes=removal.bytes,
+        )
+    return removal
+
+
+def _log_outcome(
+    outcome: Outcome, log: Any, size: int | None = None, duration_ms: float | None = None
+) -> None:
+    d = outcome.decision
+    fields: dict[str, Any] = {
+        "step": d.step,
+        "path": str(d.path),
+        "reason": "; ".join(d.reasons),
+        "bytes": size,
+        "duration_ms": round(outcome.duration_ms if duration_ms is None else duration_ms, 3),
+    }
+    if outcome.status == "done":
+        event = EVENT_FOR.get(d.action, d.action.value)
+        if outcome.trash_path is not None:
+            fields["trash_path"] = str(outcome.trash_path)
+        log.info(event, action=d.action.value, **fields)
+    elif outcome.status == "gone":
+        log.info("skipped", action=d.action.value, **{**fields, "reason": outcome.detail})
+    elif outcome.status == "skipped":
+        log.warning("skipped", action=d.action.value, **{**fields, "reason": outcome.detail})
+    else:
+        log.error(
+            "action_failed",
+            action=d.action.value,
+            errno=outcome.errno_name,
+            error=outcome.detail,
+            **fields,
+        )

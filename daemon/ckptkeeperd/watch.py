@@ -1,0 +1,491 @@
+"""Filesystem watches on checkpoint roots: events are hints that enqueue a debounced reconcile.
+
+What is watched: each root non-recursively, plus each in-flight ``tmp_step_N`` non-recursively
+while it exists (so its completion marker is seen). Never a checkpoint tree: inotify watches,
+watchdog emitter threads and polling cost are O(roots + in-flight saves), not O(files).
+
+Notes on watchdog 7.1 (read from its installed source):
+
+* Every scheduled watch gets its own emitter thread; one dispatcher thread per observer calls the
+  handlers *while holding the observer's lock*. So our handler takes no lock of ours: it only
+  triggers the debouncer and posts watch changes to our worker thread (lock order: ours, then
+  the observer's; the dispatcher never waits for ours, so no deadlock).
+* ``InotifyObserver()`` starts its own ``InotifyFD`` reader thread in the constructor (not in
+  ``start()``), one inotify fd per observer. Scheduling on a running observer adds the inotify
+  watch at once, so ENOENT/ENOSPC raise from ``schedule()``; we start observers before scheduling.
+* A deleted watched dir (inotify IN_DELETE_SELF, then IN_IGNORED): the emitter queues a
+  ``DirDeletedEvent`` for the dir and stops its own thread; ``InotifyFD`` drops the wd on
+  IN_IGNORED. Nothing is logged and the observer keeps running; ``unschedule()`` later just joins
+  the finished thread. A renamed watched dir (IN_MOVE_SELF) emits nothing and the watch follows
+  the inode, which is why roots and tmp dirs are re-checked by (st_dev, st_ino).
+* ``PollingEmitter`` snapshots with ``DirectorySnapshot(path, recursive=watch.is_recursive)``;
+  with ``recursive=False`` ``walk()`` does one ``scandir`` of the dir and one ``os.stat`` per
+  top-level entry, never descends: O(top-level entries) per poll. A vanished dir
+  (FileNotFoundError/NotADirectoryError) yields a ``DirDeletedEvent`` and the emitter stops;
+  other OSErrors (ESTALE, EIO on NFS) are logged once by watchdog and retried next poll. The
+  observer's ``timeout`` is the emitters' polling interval.
+* inotify also reports opens and read-only closes; those are ours or readers' (the daemon reads
+  ``ckptkeeper.toml``, markers, writer locks) and would cause reconcile loops, so they are ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedNoWriteEvent,
+    FileModifiedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver, EventEmitter, ObservedWatch
+from watchdog.observers.polling import PollingObserver
+
+from ckptkeeper.names import Kind, parse_name
+from ckptkeeperd.fstype import filesystem_type, is_network_fs
+
+__all__ = ["OBSERVER_SETTINGS", "Debouncer", "RootWatcher", "resolve_observer", "wants_reconcile"]
+
+OBSERVER_SETTINGS = ("auto", "inotify", "polling")
+OWN_AREA = ".ckptkeeper"
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+_logger = logging.getLogger(__name__)  # stdlib, only for exceptions raised by callbacks
+
+
+class Debouncer:
+    """One background thread; ``trigger(key)`` schedules ``callback(key)`` after ``delay`` s of
+    quiet, but no later than ``max_delay`` s after the first trigger of a burst. Thread-safe."""
+
+    def __init__(
+        self, callback: Callable[[Path], None], delay: float = 0.15, max_delay: float = 1.0
+    ) -> None:
+        if delay < 0 or max_delay < delay:
+            raise ValueError(f"need 0 <= delay <= max_delay, got {delay=} {max_delay=}")
+        self._callback = callback
+        self._delay = delay
+        self._max_delay = max_delay
+        self._cond = threading.Condition()
+        self._pending: dict[Path, tuple[float, float]] = {}  # key -> (first, last) trigger time
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="ckptkeeper-debounce", daemon=True)
+        self._thread.start()
+
+    def trigger(self, key: Path) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if self._stopped:
+                return
+            first, _ = self._pending.get(key, (now, now))
+            self._pending[key] = (first, now)
+            if first == now:  # a new burst may be due before the thread's current wake-up
+                self._cond.notify()
+
+    def stop(self) -> None:
+        """Stop the thread and join it; pending triggers are dropped."""
+        with self._cond:
+            self._stopped = True
+            self._pending.clear()
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _due(self, times: tuple[float, float]) -> float:
+        first, last = times
+        return min(last + self._delay, first + self._max_delay)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopped:
+                        return
+                    now = time.monotonic()
+                    due = [k for k, times in self._pending.items() if self._due(times) <= now]
+                    if due:
+                        break
+                    wake = min(map(self._due, self._pending.values()), default=None)
+                    self._cond.wait(None if wake is None else wake - now)
+                for key in due:
+                    del self._pending[key]
+            for key in due:
+                try:
+                    self._callback(key)
+                except Exception:
+                    _logger.exception("debounced callback failed for %s", key)
+
+
+def _inotify_observer_class() -> Callable[[], BaseObserver] | None:
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except Exception:  # ImportError off Linux; UnsupportedLibcError (an Exception) without inotify
+        return None
+    return InotifyObserver
+
+
+def resolve_observer(root: Path, setting: str) -> str:
+    """``auto``/``inotify``/``polling`` -> ``inotify`` or ``polling`` for ``root``.
+
+    ``auto`` polls roots on network, cluster and FUSE filesystems (inotify does not see what other
+    hosts do there), and also when the filesystem cannot be determined. Reads mountinfo: call it
+    when a root is first seen or the config changes, not on every event.
+    """
+    if setting not in OBSERVER_SETTINGS:
+        raise ValueError(f"observer must be one of {', '.join(OBSERVER_SETTINGS)}, not {setting!r}")
+    if setting == "polling" or _inotify_observer_class() is None:
+        return "polling"
+    if setting == "inotify":
+        return "inotify"
+    try:
+        fstype = filesystem_type(root)
+    except (OSError, LookupError):
+        return "polling"
+    return "polling" if is_network_fs(fstype) else "inotify"
+
+
+def _fs(path: bytes | str) -> str:
+    return os.fsdecode(path)
+
+
+def wants_reconcile(root: Path, watched: Path, event: FileSystemEvent) -> bool:
+    """Whether ``event`` from the watch on ``watched`` (``root`` or one of its tmp dirs) is a hint
+    worth a reconcile of ``root``."""
+    if isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent | DirModifiedEvent):
+        # Opens/reads are not changes. DirModified duplicates the create/delete/move events of
+        # the watched dir, and for its subdirs (polling) it reports writes below: O(files) noise.
+        return False
+    paths = [Path(_fs(event.src_path))]
+    if event.dest_path:
+        paths.append(Path(_fs(event.dest_path)))
+    if watched == root:
+        own = root / OWN_AREA
+        return not all(p == own or own in p.parents for p in paths)
+    # In a tmp dir, data being written is not news; the marker shows up as create/close/move.
+    return not isinstance(event, FileModifiedEvent | FileAttribEvent | DirAttribEvent)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a real directory (not a symlink), else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+@dataclass
+class _Watch:
+    observer: BaseObserver
+    watch: ObservedWatch
+    emitter: EventEmitter | None
+    identity: tuple[int, int]
+    kind: str
+
+    def current(self, identity: tuple[int, int] | None) -> bool:
+        """Still watching the directory that has this identity now? The inode number alone is
+        not enough: ext4 and tmpfs hand a freed one to the next mkdir, so a root deleted and
+        recreated often keeps (st_dev, st_ino); its old watch is dead, and so is its emitter."""
+        alive = self.emitter is not None and self.emitter.is_alive()
+        return alive and identity == self.identity
+
+
+@dataclass
+class _Root:
+    requested: str
+    main: _Watch
+    tmp: dict[Path, _Watch] = field(default_factory=dict)
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs in an observer's dispatcher thread (observer lock held): no locks of ours here."""
+
+    def __init__(self, owner: RootWatcher, root: Path, watched: Path) -> None:
+        self._owner = owner
+        self._root = root
+        self._watched = watched
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        self._owner._on_event(self._root, self._watched, event)
+
+
+class RootWatcher:
+    """Keeps watchdog watches on roots and their in-flight tmp dirs; calls ``on_change(root)``
+    (debounced, from one thread) when something may have changed there."""
+
+    def __init__(
+        self,
+        on_change: Callable[[Path], None],
+        *,
+        debounce: float = 0.15,
+        polling_interval: float = 1.0,
+        on_problem: Callable[[Path, str], None] | None = None,
+    ) -> None:
+        self._on_change = on_change
+        self._on_problem = on_problem
+        self._polling_interval = polling_interval
+        self._debouncer = Debouncer(self._fire, delay=debounce, max_delay=max(1.0, debounce))
+        self._lock = threading.RLock()
+        self._roots: dict[Path, _Root] = {}
+        self._observers: dict[str, BaseObserver] = {}
+        self._reported: dict[Path, str] = {}  # root -> last reported problem (reported once)
+        self._problems: list[tuple[Path, str]] = []  # to deliver once the lock is released
+        self._stopped = False
+        self._jobs: queue.SimpleQueue[tuple[Path, Callable[[], None]] | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._work, name="ckptkeeper-watch", daemon=True)
+        self._worker.start()
+
+    # -- public interface -------------------------------------------------------------------
+
+    def set_roots(self, roots: Mapping[Path, str]) -> None:
+        """Watch exactly these roots (root -> resolved ``inotify``/``polling``); never raises."""
+        with self._lock:
+            if self._stopped:
+                return
+            for root in [r for r in self._roots if r not in roots]:
+                self._drop_root(root)
+            for root in [r for r in self._reported if r not in roots]:
+                del self._reported[root]
+            for root, kind in roots.items():
+                try:
+                    self._sync_root(root, kind)
+                except Exception as exc:  # one bad root must not stop the others
+                    self._drop_root(root)
+                    self._report(root, f"cannot watch: {exc!r}")
+        self._deliver_problems()
+
+    def set_in_flight(self, root: Path, tmp_dirs: Iterable[Path]) -> None:
+        """Watch exactly these ``tmp_step_N`` dirs of ``root``; no-op if ``root`` is not watched."""
+        wanted = {Path(p) for p in tmp_dirs}
+        for p in wanted:
+            if p.parent != root:
+                raise ValueError(f"{p} is not directly inside root {root}")
+        with self._lock:
+            state = self._roots.get(root)
+            if self._stopped or state is None:
+                return
+            for tmp in [t for t in state.tmp if t not in wanted]:
+                self._unschedule(state.tmp.pop(tmp))
+            for tmp in sorted(wanted):
+                self._sync_tmp(root, state, tmp)
+        self._deliver_problems()
+
+    def watch_count(self) -> int:
+        with self._lock:
+            return sum(1 + len(state.tmp) for state in self._roots.values())
+
+    def stop(self) -> None:
+        """Stop observers, worker and debouncer; join all their threads."""
+        with self._lock:
+            already, self._stopped = self._stopped, True
+            observers = list(self._observers.values())
+            self._observers.clear()
+            self._roots.clear()
+        if already:
+            return
+        self._jobs.put(None)
+        self._worker.join()
+        for observer in observers:
+            observer.stop()  # unschedules (joins) every emitter, closes the inotify fd
+        for observer in observers:
+            observer.join()
+        self._debouncer.stop()
+
+    # -- watch bookkeeping (callers hold self._lock) ----------------------------------------
+
+    def _sync_root(self, root: Path, kind: str, *, force: bool = False) -> None:
+        if kind not in ("inotify", "polling"):
+            self._drop_root(root)
+            self._report(root, f"unknown observer kind {kind!r}")
+            return
+        identity = _identity(root)
+        state = self._roots.get(root)
+        if identity is None:
+            self._drop_root(root)
+            self._report(root, _why_not_a_dir(root))
+            return
+        if not force and state and state.main.current(identity) and state.requested == kind:
+            self._reported.pop(root, None)
+            return
+        replaced = state is not None
+        self._drop_root(root)
+        self._reported.pop(root, None)
+        try:
+            main = self._schedule(root, root, kind, identity)
+        except OSError as exc:
+            gone = exc.errno in _GONE  # went between lstat and schedule
+            self._report(root, _why_not_a_dir(root) if gone else f"cannot watch: {exc.strerror}")
+            return
+        self._roots[root] = _Root(kind, main)
+        if replaced:  # events between the old dir going and this watch were lost
+            self._debouncer.trigger(root)
+
+    def _sync_tmp(self, root: Path, state: _Root, tmp: Path, *, force: bool = False) -> None:
+        identity = _identity(tmp)
+        current = state.tmp.get(tmp)
+        if not force and current is not None and current.current(identity):
+            return
+        if current is not None:
+            self._unschedule(state.tmp.pop(tmp))
+        if identity is None:
+            return  # finalized, collected, or never a real directory
+        try:
+            state.tmp[tmp] = self._schedule(root, tmp, state.main.kind, identity)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                self._report(root, f"cannot watch {tmp.name}: {exc.strerror or exc}")
+            return
+        # The marker may have appeared before this watch existed: look once.
+        self._debouncer.trigger(root)
+
+    def _drop_root(self, root: Path) -> None:
+        state = self._roots.pop(root, None)
+        if state is not None:
+            for watch in [state.main, *state.tmp.values()]:
+                self._unschedule(watch)
+
+    def _schedule(self, root: Path, path: Path, kind: str, identity: tuple[int, int]) -> _Watch:
+        if kind == "inotify":
+            try:
+                return self._schedule_on("inotify", root, path, identity)
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    raise
+                self._report(root, f"inotify unusable ({exc.strerror or exc}); polling instead")
+        return self._schedule_on("polling", root, path, identity)
+
+    def _schedule_on(self, kind: str, root: Path, path: Path, identity: tuple[int, int]) -> _Watch:
+        observer = self._observer(kind)
+        watch = observer.schedule(_Handler(self, root, path), os.fspath(path), recursive=False)
+        # Emitters are only added or removed under our lock, so iterating them here is safe.
+        emitter = next((e for e in observer.emitters if e.watch == watch), None)
+        return _Watch(observer, watch, emitter, identity, kind)
+
+    def _observer(self, kind: str) -> BaseObserver:
+        observer = self._observers.get(kind)
+        if observer is None:
+            if kind == "inotify":
+                cls = _inotify_observer_class()
+                if cls is None:
+                    raise OSError(errno.ENOSYS, "inotify is not available on this system")
+                observer = cls()  # may raise OSError (EMFILE: inotify instance limit)
+            else:
+                observer = PollingObserver(timeout=self._polling_interval)
+            observer.name = f"ckptkeeper-{kind}-observer"
+            observer.start()
+            self._observers[kind] = observer
+        return observer
+
+    @staticmethod
+    def _unschedule(watch: _Watch) -> None:
+        with contextlib.suppress(KeyError):  # already gone with its observer
+            watch.observer.unschedule(watch.watch)
+
+    def _report(self, root: Path, reason: str) -> None:
+        if self._reported.get(root) != reason:
+            self._reported[root] = reason
+            self._problems.append((root, reason))
+
+    def _deliver_problems(self) -> None:
+        with self._lock:
+            problems, self._problems = self._problems, []
+        for root, reason in problems:
+            self._call_on_problem(root, reason)
+
+    def _call_on_problem(self, root: Path, reason: str) -> None:
+        if self._on_problem is None:
+            return
+        try:
+            self._on_problem(root, reason)
+        except Exception:
+            _logger.exception("on_problem callback failed for %s", root)
+
+    # -- event path -------------------------------------------------------------------------
+
+    def _on_event(self, root: Path, watched: Path, event: FileSystemEvent) -> None:
+        if not wants_reconcile(root, watched, event):
+            return
+        self._debouncer.trigger(root)
+        src = Path(_fs(event.src_path))
+        if isinstance(event, DirDeletedEvent) and src == watched:
+            # The watched dir itself went: its watch is dead even if the path exists again, maybe
+            # with the same inode number, and even if the emitter thread has not exited yet.
+            if watched == root:
+                self._post(root, lambda: self._job_root(root))
+            else:
+                self._post(root, lambda: self._job_tmp(root, watched, force=True))
+            return
+        if watched != root:
+            return
+        if isinstance(event, DirDeletedEvent | DirMovedEvent) and src.parent == root:
+            self._post(root, lambda: self._job_tmp(root, src, only_if_watched=True))
+        new = Path(_fs(event.dest_path)) if isinstance(event, DirMovedEvent) else src
+        if isinstance(event, DirCreatedEvent | DirMovedEvent) and new.parent == root:
+            parsed = parse_name(new.name)
+            if parsed is not None and parsed.kind is Kind.TMP:
+                self._post(root, lambda: self._job_tmp(root, new))
+
+    def _post(self, root: Path, job: Callable[[], None]) -> None:
+        """Run ``job`` on the worker thread, which may take our lock and the observers'."""
+        self._jobs.put((root, job))
+
+    def _work(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            root, job = item
+            with self._lock:
+                if self._stopped:
+                    continue
+                try:
+                    job()
+                except Exception as exc:  # keep the worker alive; report what went wrong
+                    self._problems.append((root, f"watch update failed: {exc!r}"))
+            self._deliver_problems()
+
+    def _job_root(self, root: Path) -> None:
+        state = self._roots.get(root)
+        if state is not None:
+            self._sync_root(root, state.requested, force=True)
+
+    def _job_tmp(
+        self, root: Path, tmp: Path, *, only_if_watched: bool = False, force: bool = False
+    ) -> None:
+        state = self._roots.get(root)
+        if state is not None and (tmp in state.tmp or not only_if_watched):
+            self._sync_tmp(root, state, tmp, force=force)
+
+    def _fire(self, root: Path) -> None:
+        if self._stopped:
+            return
+        try:
+            self._on_change(root)
+        except Exception as exc:
+            if self._on_problem is None:
+                raise
+            self._call_on_problem(root, f"on_change failed: {exc!r}")
+
+
+def _why_not_a_dir(root: Path) -> str:
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return "missing (not watched until it appears)"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink (never followed; not watched)"
+    return "not a directory (not watched)"

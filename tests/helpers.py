@@ -1,0 +1,182 @@
+"""Shared test helpers: a simulated trainer, condition waits, and the real daemon as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ckptkeeper import write_marker
+
+CKPTKEEPER = str(Path(sys.executable).with_name("ckptkeeper"))
+if not os.path.exists(CKPTKEEPER):  # pragma: no cover - fallback when not run from the venv
+    CKPTKEEPER = shutil.which("ckptkeeper") or "ckptkeeper"
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def write_checkpoint(
+    root: Path,
+    step: int,
+    info: Mapping[str, Any] | None = None,
+    *,
+    files: int = 2,
+    complete: bool = True,
+    final: bool = False,
+    marker: str = ".complete",
+) -> Path:
+    """Write ``tmp_step_N`` like a trainer (files, training_info.json, then the marker).
+
+    ``final=True`` writes ``step_N`` directly (as if an earlier keeper had finalized it).
+    """
+    name = f"step_{step}" if final else f"tmp_step_{step}"
+    path = Path(root) / name
+    (path / "policy").mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (path / "policy" / f"shard_{i}.bin").write_bytes(f"{step}:{i}".encode() * 64)
+    (path / "training_info.json").write_text(
+        json.dumps(dict(info if info is not None else {"step": step}))
+    )
+    if complete and not final:
+        write_marker(path, marker)
+    return path
+
+
+def step_names(root: Path) -> set[str]:
+    return {
+        p.name
+        for p in Path(root).iterdir()
+        if p.name.startswith(("step_", "tmp_step_", "old_step_"))
+    }
+
+
+def steps(root: Path) -> set[int]:
+    return {
+        int(n.split("_")[1]) for n in step_names(root) if n.startswith("step_") and n[5:].isdigit()
+    }
+
+
+class Daemon:
+    """``ckptkeeper run ...`` as a real subprocess; JSON log lines are collected as they arrive."""
+
+    def __init__(
+        self, args: Iterable[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        full_env = dict(os.environ)
+        full_env.pop("NOTIFY_SOCKET", None)
+        full_env.update(env or {})
+        self.args = [CKPTKEEPER, "run", *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            cwd=cwd,
+            text=True,
+            bufsize=1,
+        )
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.stderr: list[str] = []
+        self._cond = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.raw.append(line)
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    pass
+                self._cond.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.stderr.append(line)
+                self._cond.notify_all()
+
+    def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            return [
+                e
+                for e in self.events
+                if e.get("event") == event and all(e.get(k) == v for k, v in match.items())
+            ]
+
+    def wait_for(
+        self, event: str, timeout: float = 15.0, count: int = 1, **match: Any
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [
+                    e
+                    for e in self.events
+                    if e.get("event") == event and all(e.get(k) == v for k, v in match.items())
+                ]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._alive_readers()):
+                    raise AssertionError(
+                        f"no {count}x {event} {match} within {timeout}s; rc={self.proc.poll()}\n"
+                        f"stdout tail: {''.join(self.raw[-15:])}\nstderr tail: {''.join(self.stderr[-15:])}"
+                    )
+                self._cond.wait(min(left, 0.2))
+
+    def _alive_readers(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        self.wait_for("ready", timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            for t in self._threads:
+                t.join(timeout=5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for t in self._threads:
+            t.join(timeout=5)

@@ -1,0 +1,549 @@
+"""RootWatcher / Debouncer / resolve_observer against real temp dirs and real watchdog observers.
+
+Synchronisation is always by waiting on a condition (an Event, or a predicate polled until a
+deadline), never by sleeping a fixed time and hoping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from watchdog.events import (
+    DirCreatedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileOpenedEvent,
+)
+
+from ckptkeeperd import watch as watch_mod
+from ckptkeeperd.fstype import filesystem_type, is_network_fs
+from ckptkeeperd.watch import Debouncer, RootWatcher, resolve_observer, wants_reconcile
+
+KINDS = ["inotify", "polling"]
+TIMEOUT = 10.0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)  # polling interval of the predicate, not a synchronisation guess
+    return predicate()
+
+
+class Recorder:
+    """Collects on_change / on_problem calls; lets a test wait for a given one."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.changes: list[Path] = []
+        self.problems: list[tuple[Path, str]] = []
+
+    def on_change(self, root: Path) -> None:
+        with self.cond:
+            self.changes.append(root)
+            self.cond.notify_all()
+
+    def on_problem(self, root: Path, reason: str) -> None:
+        with self.cond:
+            self.problems.append((root, reason))
+            self.cond.notify_all()
+
+    def clear(self) -> None:
+        with self.cond:
+            self.changes.clear()
+
+    def wait_change(self, root: Path, timeout: float = TIMEOUT) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: root in self.changes, timeout)
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_watcher(rec: Recorder) -> Iterator[Callable[..., RootWatcher]]:
+    made: list[RootWatcher] = []
+
+    def make(**kwargs: float) -> RootWatcher:
+        kwargs.setdefault("debounce", 0.05)
+        kwargs.setdefault("polling_interval", 0.2)
+        w = RootWatcher(rec.on_change, on_problem=rec.on_problem, **kwargs)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+
+
+def inotify_wd_count() -> int:
+    """inotify watches held by this process, from /proc/self/fdinfo ('inotify wd:' lines)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                count += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            continue  # fd closed meanwhile
+    return count
+
+
+def settle_initial_trigger(rec: Recorder, root: Path) -> None:
+    """A new tmp watch triggers its root once; consume that so later changes are the test's."""
+    assert rec.wait_change(root)
+    rec.clear()
+
+
+# -- Debouncer ---------------------------------------------------------------------------------
+
+
+def test_debouncer_coalesces_a_burst_of_triggers_into_one_callback() -> None:
+    calls: list[Path] = []
+    fired = {k: threading.Event() for k in ("a", "b")}
+
+    def callback(key: Path) -> None:
+        calls.append(key)
+        fired[key.name].set()
+
+    deb = Debouncer(callback, delay=0.1, max_delay=5.0)
+    try:
+        for _ in range(50):
+            deb.trigger(Path("a"))
+        assert fired["a"].wait(TIMEOUT)
+        # Barrier: "b" is triggered after every "a" with the same delay, so a second "a" callback,
+        # if any, would be due before "b"'s and would have run first (one thread, in order).
+        deb.trigger(Path("b"))
+        assert fired["b"].wait(TIMEOUT)
+    finally:
+        deb.stop()
+    assert calls == [Path("a"), Path("b")]
+
+
+def test_debouncer_fires_by_max_delay_under_a_continuous_stream() -> None:
+    fired_at: list[float] = []
+    fired = threading.Event()
+
+    def callback(key: Path) -> None:
+        fired_at.append(time.monotonic())
+        fired.set()
+
+    deb = Debouncer(callback, delay=0.2, max_delay=0.5)
+    try:
+        start = time.monotonic()
+        # A stream with 20 ms gaps never gives the 200 ms of quiet the delay asks for.
+        while not fired.is_set() and time.monotonic() - start < TIMEOUT:
+            deb.trigger(Path("r"))
+            fired.wait(0.02)
+    finally:
+        deb.stop()
+    assert fired_at, "no callback under a continuous stream"
+    assert 0.45 <= fired_at[0] - start < 1.0
+
+
+def test_debouncer_stop_drops_pending_triggers_and_joins_its_thread() -> None:
+    calls: list[Path] = []
+    before = set(threading.enumerate())
+    deb = Debouncer(calls.append, delay=5.0, max_delay=5.0)
+    deb.trigger(Path("r"))
+    deb.stop()
+    deb.trigger(Path("r"))  # after stop: ignored, no error
+    assert calls == []
+    assert set(threading.enumerate()) <= before
+
+
+# -- events that matter ------------------------------------------------------------------------
+
+
+def test_only_change_events_outside_the_own_area_are_reconcile_hints(tmp_path: Path) -> None:
+    root = tmp_path
+    tmp = root / "tmp_step_3"
+    own = root / ".ckptkeeper"
+    assert wants_reconcile(root, root, DirCreatedEvent(str(root / "step_3")))
+    assert wants_reconcile(root, root, DirMovedEvent(str(tmp), str(root / "step_3")))
+    assert wants_reconcile(root, root, FileModifiedEvent(str(root / "ckptkeeper.toml")))
+    assert not wants_reconcile(root, root, DirCreatedEvent(str(own)))
+    assert not wants_reconcile(root, root, DirCreatedEvent(str(own / "trash")))
+    assert not wants_reconcile(root, root, FileOpenedEvent(str(root / "ckptkeeper.toml")))
+    assert not wants_reconcile(root, root, FileClosedNoWriteEvent(str(root / "ckptkeeper.toml")))
+    assert not wants_reconcile(root, root, DirModifiedEvent(str(root / "step_1")))
+    assert wants_reconcile(root, tmp, FileCreatedEvent(str(tmp / ".complete")))
+    assert wants_reconcile(root, tmp, FileClosedEvent(str(tmp / ".complete")))
+    assert not wants_reconcile(root, tmp, FileModifiedEvent(str(tmp / "weights.pt")))
+
+
+def test_own_area_activity_and_reads_do_not_trigger_a_reconcile(
+    tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    quiet, barrier = tmp_path / "quiet", tmp_path / "barrier"
+    quiet.mkdir()
+    barrier.mkdir()
+    (quiet / "ckptkeeper.toml").write_text("keep_top_k = 1\n")
+    w = make_watcher()
+    w.set_roots({quiet: "inotify", barrier: "inotify"})
+    (quiet / ".ckptkeeper" / "trash").mkdir(parents=True)
+    (quiet / ".ckptkeeper" / "lock").touch()
+    (quiet / "ckptkeeper.toml").read_text()
+    # inotify delivers in order through one fd: quiet's events were read before barrier's, and
+    # the same debounce delay would have fired them first.
+    (barrier / "step_1").mkdir()
+    assert rec.wait_change(barrier)
+    assert quiet not in rec.changes
+
+
+# -- markers and in-flight saves ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_marker_created_in_an_in_flight_tmp_step_triggers_its_root(
+    kind: str, tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    tmp = root / "tmp_step_3"
+    tmp.mkdir(parents=True)
+    w = make_watcher()
+    w.set_roots({root: kind})
+    w.set_in_flight(root, [tmp])
+    assert w.watch_count() == 2
+    settle_initial_trigger(rec, root)
+    (tmp / ".complete").write_text('{"pid": 1}')
+    assert rec.wait_change(root)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tmp_step_created_after_start_is_watched_without_waiting_for_the_daemon(
+    kind: str, tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    w = make_watcher()
+    w.set_roots({root: kind})
+    (root / "tmp_step_3").mkdir()
+    (root / "not_a_step").mkdir()
+    assert wait_for(lambda: w.watch_count() == 2)
+    settle_initial_trigger(rec, root)
+    (root / "tmp_step_3" / ".complete").write_text("{}")
+    assert rec.wait_change(root)
+
+
+def test_in_flight_set_is_exact_and_finalized_tmp_dirs_are_dropped(
+    tmp_path: Path, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    tmps = [root / f"tmp_step_{n}" for n in (1, 2, 3)]
+    for t in tmps:
+        t.mkdir(parents=True)
+    (root / "tmp_step_9").symlink_to(tmps[0])
+    w = make_watcher()
+    w.set_roots({root: "inotify"})
+    w.set_in_flight(root, [*tmps, root / "tmp_step_9", root / "tmp_step_7"])
+    assert w.watch_count() == 4  # the symlink and the missing dir are not watched
+    w.set_in_flight(root, tmps[:1])
+    assert w.watch_count() == 2
+    tmps[0].rename(root / "step_1")  # finalize: the root watch sees the move and drops the watch
+    assert wait_for(lambda: w.watch_count() == 1)
+    with pytest.raises(ValueError, match="not directly inside"):
+        w.set_in_flight(root, [tmp_path / "elsewhere" / "tmp_step_1"])
+    w.set_in_flight(tmp_path / "unknown-root", [])  # not a watched root: nothing to do
+
+
+# -- cost: O(roots + in-flight saves) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_written_deep_inside_a_step_add_no_watches(
+    kind: str, tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    (root / "tmp_step_2").mkdir(parents=True)
+    w = make_watcher()
+    w.set_roots({root: kind})
+    w.set_in_flight(root, [root / "tmp_step_2"])
+    settle_initial_trigger(rec, root)
+    deep = root / "step_1" / "a" / "b"
+    deep.mkdir(parents=True)
+    (deep / "c.bin").write_bytes(b"x" * 1024)
+    (root / "tmp_step_2" / "x" / "y").mkdir(parents=True)
+    assert rec.wait_change(root)  # step_1's creation was seen...
+    assert w.watch_count() == 2  # ...and nothing below it (or below tmp_step_2) got a watch
+
+
+def test_watch_count_is_roots_plus_in_flight_tmp_dirs(
+    tmp_path: Path, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    roots = [tmp_path / f"run{i}" for i in range(3)]
+    for r in roots:
+        (r / "tmp_step_1").mkdir(parents=True)
+        (r / "tmp_step_2").mkdir()
+    w = make_watcher()
+    w.set_roots({roots[0]: "inotify", roots[1]: "polling", roots[2]: "inotify"})
+    w.set_in_flight(roots[0], [roots[0] / "tmp_step_1", roots[0] / "tmp_step_2"])
+    w.set_in_flight(roots[1], [roots[1] / "tmp_step_2"])
+    assert w.watch_count() == 3 + 3
+    w.set_roots({roots[1]: "polling", roots[2]: "inotify"})  # run0 and its tmp watches go
+    assert w.watch_count() == 2 + 1
+    w.set_in_flight(roots[1], [])
+    assert w.watch_count() == 2
+
+
+def test_inotify_watches_stay_proportional_to_roots_and_in_flight_saves(
+    tmp_path: Path, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    roots = [tmp_path / f"run{i:02d}" for i in range(20)]
+    for r in roots:
+        for step in range(1, 6):
+            leaf = r / f"step_{step}" / "policy" / "weights"
+            leaf.mkdir(parents=True)
+            for n in range(3):
+                (leaf / f"shard{n}.bin").write_bytes(b"w")
+        (r / "tmp_step_6" / "policy").mkdir(parents=True)
+    before = inotify_wd_count()
+    w = make_watcher()
+    w.set_roots(dict.fromkeys(roots, "inotify"))
+    for r in roots:
+        w.set_in_flight(r, [r / "tmp_step_6"])
+    assert w.watch_count() == 20 + 20
+    assert inotify_wd_count() - before == 20 + 20  # 20 roots x 5 steps x 3 levels would be 300+
+    for r in roots:  # more nested writes: still no new watch
+        (r / "step_5" / "policy" / "weights" / "extra.bin").write_bytes(b"w")
+    assert inotify_wd_count() - before == 40
+    w.stop()
+    assert inotify_wd_count() == before
+
+
+# -- roots that vanish, come back, are replaced or appear late ---------------------------------
+
+
+def tmp_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("tmp_step_*") if p.is_dir() and not p.is_symlink())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_root_deleted_then_recreated_is_watched_again_after_set_roots(
+    kind: str, tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    (root / "step_1").mkdir(parents=True)
+    w = make_watcher()
+    w.set_roots({root: kind})
+    shutil.rmtree(root)
+    assert wait_for(lambda: w.watch_count() == 0)
+    root.mkdir()  # on ext4/tmpfs this usually gets the old inode number back
+    w.set_roots({root: kind})
+    assert w.watch_count() == 1
+    # Only events from the new directory can make the watcher add this tmp watch by itself.
+    (root / "tmp_step_2").mkdir()
+    assert wait_for(lambda: w.watch_count() == 2)
+    assert [reason for _, reason in rec.problems] == ["missing (not watched until it appears)"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_root_replaced_in_a_flash_converges_to_a_live_watch(
+    kind: str, tmp_path: Path, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    (root / "step_1").mkdir(parents=True)
+    changes: list[Path] = []
+    changed = threading.Condition()
+
+    w: RootWatcher
+
+    def daemon_pass(r: Path) -> None:  # what the daemon does on a change: reconcile, report tmp
+        w.set_in_flight(r, tmp_dirs(r))
+        with changed:
+            changes.append(r)
+            changed.notify_all()
+
+    w = RootWatcher(daemon_pass, debounce=0.05, polling_interval=0.2)
+    try:
+        w.set_roots({root: kind})
+        shutil.rmtree(root)
+        root.mkdir()
+        w.set_roots({root: kind})  # may still see the old watch alive on a reused inode number
+        (root / "tmp_step_2").mkdir()
+        # Either the new watch saw the tmp dir, or the rewatch triggered a pass that reported it.
+        assert wait_for(lambda: w.watch_count() == 2)
+        with changed:
+            changes.clear()
+        (root / "tmp_step_2" / ".complete").write_text("{}")
+        with changed:
+            assert changed.wait_for(lambda: root in changes, TIMEOUT)
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_root_deleted_is_unwatched_and_reported_once(
+    kind: str, tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    w = make_watcher()
+    w.set_roots({root: kind})
+    root.rmdir()
+    assert rec.wait_change(root)  # the deletion is a hint too
+    assert wait_for(lambda: w.watch_count() == 0)  # dropped without waiting for set_roots
+    w.set_roots({root: kind})
+    w.set_roots({root: kind})
+    assert [p for p in rec.problems if p[0] == root] == [(root, rec.problems[0][1])]
+    assert "missing" in rec.problems[0][1]
+
+
+def test_root_replaced_by_a_symlink_is_reported_once_and_others_keep_working(
+    tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root, other, target = tmp_path / "run", tmp_path / "other", tmp_path / "target"
+    for d in (root, other, target):
+        d.mkdir()
+    w = make_watcher()
+    w.set_roots({root: "inotify", other: "inotify"})
+    root.rename(tmp_path / "run.old")
+    root.symlink_to(target)
+    for _ in range(3):
+        w.set_roots({root: "inotify", other: "inotify"})
+    assert len(rec.problems) == 1
+    assert rec.problems[0][0] == root
+    assert "symlink" in rec.problems[0][1]
+    assert w.watch_count() == 1
+    (other / "tmp_step_1").mkdir()
+    assert wait_for(lambda: w.watch_count() == 2)
+
+
+def test_root_that_appears_after_start_is_watched_on_the_next_set_roots(
+    tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "later"
+    w = make_watcher()
+    w.set_roots({root: "inotify"})
+    w.set_roots({root: "inotify"})
+    assert w.watch_count() == 0
+    assert len(rec.problems) == 1
+    root.mkdir()
+    w.set_roots({root: "inotify"})
+    assert w.watch_count() == 1
+    (root / "tmp_step_1").mkdir()
+    assert wait_for(lambda: w.watch_count() == 2)
+
+
+def test_one_bad_root_never_makes_set_roots_raise(
+    tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    good, afile = tmp_path / "good", tmp_path / "file"
+    good.mkdir()
+    afile.write_text("x")
+    w = make_watcher()
+    w.set_roots({afile: "inotify", tmp_path / "gone": "polling", good: "bogus", tmp_path: "polling"})
+    assert w.watch_count() == 1
+    assert sorted(str(p[0]) for p in rec.problems) == sorted(
+        [str(afile), str(tmp_path / "gone"), str(good)]
+    )
+
+
+def test_inotify_failure_falls_back_to_polling_and_is_reported(
+    tmp_path: Path,
+    rec: Recorder,
+    make_watcher: Callable[..., RootWatcher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch_mod, "_inotify_observer_class", lambda: None)
+    root = tmp_path / "run"
+    root.mkdir()
+    w = make_watcher()
+    w.set_roots({root: "inotify"})
+    w.set_roots({root: "inotify"})
+    assert w.watch_count() == 1
+    assert len(rec.problems) == 1
+    assert "polling instead" in rec.problems[0][1]
+    (root / "tmp_step_4").mkdir()  # events flow through the polling observer
+    assert wait_for(lambda: w.watch_count() == 2)
+
+
+def test_on_change_errors_are_reported_not_fatal(tmp_path: Path) -> None:
+    problems: list[tuple[Path, str]] = []
+    reported = threading.Event()
+
+    def on_problem(root: Path, reason: str) -> None:
+        problems.append((root, reason))
+        reported.set()
+
+    def on_change(root: Path) -> None:
+        raise RuntimeError("boom")
+
+    root = tmp_path / "run"
+    root.mkdir()
+    w = RootWatcher(on_change, debounce=0.02, on_problem=on_problem)
+    try:
+        w.set_roots({root: "inotify"})
+        (root / "step_1").mkdir()
+        assert reported.wait(TIMEOUT)
+    finally:
+        w.stop()
+    assert problems[0][0] == root
+    assert "boom" in problems[0][1]
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+
+def test_stop_joins_every_thread_quickly(tmp_path: Path, rec: Recorder) -> None:
+    before = set(threading.enumerate())
+    roots = [tmp_path / f"run{i}" for i in range(4)]
+    for r in roots:
+        (r / "tmp_step_1").mkdir(parents=True)
+    w = RootWatcher(rec.on_change, polling_interval=5.0, on_problem=rec.on_problem)
+    w.set_roots({r: ("inotify" if i % 2 else "polling") for i, r in enumerate(roots)})
+    for r in roots:
+        w.set_in_flight(r, [r / "tmp_step_1"])
+    (roots[1] / "step_1").mkdir()
+    assert len(set(threading.enumerate()) - before) > 8  # emitters, observers, fd, worker, ...
+    start = time.monotonic()
+    w.stop()
+    assert time.monotonic() - start < 2.0
+    assert set(threading.enumerate()) - before == set()
+    w.stop()  # idempotent
+    w.set_roots({roots[0]: "inotify"})  # after stop: a no-op, starts nothing
+    assert set(threading.enumerate()) - before == set()
+
+
+# -- resolve_observer --------------------------------------------------------------------------
+
+
+def test_auto_picks_inotify_for_a_root_on_local_disk(tmp_path: Path) -> None:
+    if is_network_fs(filesystem_type(tmp_path)):
+        pytest.skip(f"{tmp_path} is on {filesystem_type(tmp_path)}, not a local filesystem")
+    assert resolve_observer(tmp_path, "auto") == "inotify"
+
+
+def test_auto_picks_polling_on_network_or_unknown_filesystems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch_mod, "filesystem_type", lambda path: "nfs4")
+    assert resolve_observer(tmp_path, "auto") == "polling"
+    monkeypatch.setattr(watch_mod, "filesystem_type", lambda path: "fuse.sshfs")
+    assert resolve_observer(tmp_path, "auto") == "polling"
+
+    def unknown(path: object) -> str:
+        raise LookupError("no mount")
+
+    monkeypatch.setattr(watch_mod, "filesystem_type", unknown)
+    assert resolve_observer(tmp_path, "auto") == "polling"
+
+
+def test_explicit_observer_settings_are_kept_and_bad_ones_rejected(tmp_path: Path) -> None:
+    assert resolve_observer(tmp_path, "inotify") == "inotify"
+    assert resolve_observer(tmp_path, "polling") == "polling"
+    with pytest.raises(ValueError, match="observer must be"):
+        resolve_observer(tmp_path, "fsevents")
