@@ -17,17 +17,10 @@ from rich.console import Console
 
 from ckptkeeper import Policy
 
-from .config import (
-    ConfigError,
-    DaemonConfig,
-    config_from_flags,
-    expand_roots,
-    load_config,
-    merge_flags,
-    resolve_settings,
-)
+from .config import ConfigError, DaemonConfig, config_from_flags, load_config, merge_flags
 from .logs import LEVELS, ProblemLog, configure_logging, get_logger
 from .reconcile import EVENT_FOR, Report, preview, reconcile
+from .roots import expand_roots, resolve_settings
 
 __all__ = ["main"]
 

@@ -17,7 +17,8 @@ from rich.console import Console
 
 from ckptkeeper import CheckpointManager, scan_root
 
-from .config import config_from_flags, resolve_settings
+from .config import config_from_flags
+from .roots import resolve_settings
 from .logs import configure_logging
 from .reconcile import preview
 from .render import print_reports

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ckptkeeper import Action, Policy
@@ -111,7 +112,7 @@ def print_reports(reports: Sequence[tuple[Report, Policy]], console: Console) ->
             )
             if report.plan is None:
                 continue
-        table = Table(title=title, title_justify="left", expand=False)
+        table = Table(title=escape(title), title_justify="left", expand=False)
         table.add_column("step", justify="right")
         table.add_column("entry")
         table.add_column("metric", justify="right")

@@ -26,7 +26,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ckptkeeper import InfoCache
 
-from .config import ConfigError, DaemonConfig, Settings, expand_roots, resolve_settings
+from .config import ConfigError, DaemonConfig, Settings
+from .roots import expand_roots, resolve_settings
 from .logs import ProblemLog, get_logger
 from .reconcile import Report, reconcile
 from .sdnotify import Notifier, watchdog_interval

@@ -1,31 +1,24 @@
 """Filesystem watches on checkpoint roots: events are hints that enqueue a debounced reconcile.
 
-What is watched: each root non-recursively, plus each in-flight ``tmp_step_N`` non-recursively
-while it exists (so its completion marker is seen). Never a checkpoint tree: inotify watches,
-watchdog emitter threads and polling cost are O(roots + in-flight saves), not O(files).
+Watched: each root non-recursively, plus each in-flight ``tmp_step_N`` non-recursively while it
+exists (so its marker is seen); never a checkpoint tree. inotify watches, watchdog emitter threads
+(one per watch) and polling cost are O(roots + in-flight saves), not O(files).
 
-Notes on watchdog 7.1 (read from its installed source):
+watchdog 7.1, as read in its installed source:
 
-* Every scheduled watch gets its own emitter thread; one dispatcher thread per observer calls the
-  handlers *while holding the observer's lock*. So our handler takes no lock of ours: it only
-  triggers the debouncer and posts watch changes to our worker thread (lock order: ours, then
-  the observer's; the dispatcher never waits for ours, so no deadlock).
-* ``InotifyObserver()`` starts its own ``InotifyFD`` reader thread in the constructor (not in
-  ``start()``), one inotify fd per observer. Scheduling on a running observer adds the inotify
-  watch at once, so ENOENT/ENOSPC raise from ``schedule()``; we start observers before scheduling.
-* A deleted watched dir (inotify IN_DELETE_SELF, then IN_IGNORED): the emitter queues a
-  ``DirDeletedEvent`` for the dir and stops its own thread; ``InotifyFD`` drops the wd on
-  IN_IGNORED. Nothing is logged and the observer keeps running; ``unschedule()`` later just joins
-  the finished thread. A renamed watched dir (IN_MOVE_SELF) emits nothing and the watch follows
-  the inode, which is why roots and tmp dirs are re-checked by (st_dev, st_ino).
-* ``PollingEmitter`` snapshots with ``DirectorySnapshot(path, recursive=watch.is_recursive)``;
-  with ``recursive=False`` ``walk()`` does one ``scandir`` of the dir and one ``os.stat`` per
-  top-level entry, never descends: O(top-level entries) per poll. A vanished dir
-  (FileNotFoundError/NotADirectoryError) yields a ``DirDeletedEvent`` and the emitter stops;
-  other OSErrors (ESTALE, EIO on NFS) are logged once by watchdog and retried next poll. The
-  observer's ``timeout`` is the emitters' polling interval.
-* inotify also reports opens and read-only closes; those are ours or readers' (the daemon reads
-  ``ckptkeeper.toml``, markers, writer locks) and would cause reconcile loops, so they are ignored.
+* An observer's dispatcher thread calls handlers *holding the observer's lock*, so our handler
+  takes no lock of ours: it triggers the debouncer and posts watch changes to our worker thread
+  (lock order is always ours, then the observer's).
+* ``InotifyObserver()`` starts an ``InotifyFD`` reader thread (one inotify fd) in its constructor.
+  On a running observer ``schedule()`` adds the watch at once, so ENOENT/ENOSPC raise there.
+* A watched dir deleted (IN_DELETE_SELF, IN_IGNORED), or gone at a poll (FileNotFoundError /
+  NotADirectoryError): the emitter queues ``DirDeletedEvent(dir)`` and ends its own thread. No
+  log, the observer lives on, ``unschedule()`` joins the ended thread. Other poll errors (ESTALE,
+  EIO) are logged once by watchdog and retried. A renamed dir (IN_MOVE_SELF) emits nothing and
+  the inotify watch follows the inode: hence the (st_dev, st_ino) and emitter-liveness checks.
+* ``PollingEmitter`` takes ``DirectorySnapshot(path, recursive=watch.is_recursive)``; with
+  ``recursive=False`` that is one ``scandir`` plus one ``stat`` per top-level entry per poll.
+* inotify reports opens and read-only closes too: reads (ours included) would loop reconciles.
 """
 
 from __future__ import annotations
@@ -42,19 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watchdog.events import (
-    DirAttribEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-    FileAttribEvent,
-    FileClosedNoWriteEvent,
-    FileModifiedEvent,
-    FileOpenedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
+from watchdog import events as ev
 from watchdog.observers.api import BaseObserver, EventEmitter, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
@@ -92,10 +73,9 @@ class Debouncer:
         with self._cond:
             if self._stopped:
                 return
-            first, _ = self._pending.get(key, (now, now))
-            self._pending[key] = (first, now)
-            if first == now:  # a new burst may be due before the thread's current wake-up
+            if key not in self._pending:  # a new burst may be due before the thread wakes
                 self._cond.notify()
+            self._pending[key] = (self._pending.get(key, (now, now))[0], now)
 
     def stop(self) -> None:
         """Stop the thread and join it; pending triggers are dropped."""
@@ -159,34 +139,36 @@ def resolve_observer(root: Path, setting: str) -> str:
     return "polling" if is_network_fs(fstype) else "inotify"
 
 
-def _fs(path: bytes | str) -> str:
-    return os.fsdecode(path)
-
-
-def wants_reconcile(root: Path, watched: Path, event: FileSystemEvent) -> bool:
+def wants_reconcile(root: Path, watched: Path, event: ev.FileSystemEvent) -> bool:
     """Whether ``event`` from the watch on ``watched`` (``root`` or one of its tmp dirs) is a hint
     worth a reconcile of ``root``."""
-    if isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent | DirModifiedEvent):
+    if isinstance(event, ev.FileOpenedEvent | ev.FileClosedNoWriteEvent | ev.DirModifiedEvent):
         # Opens/reads are not changes. DirModified duplicates the create/delete/move events of
         # the watched dir, and for its subdirs (polling) it reports writes below: O(files) noise.
         return False
-    paths = [Path(_fs(event.src_path))]
+    paths = [Path(os.fsdecode(event.src_path))]
     if event.dest_path:
-        paths.append(Path(_fs(event.dest_path)))
+        paths.append(Path(os.fsdecode(event.dest_path)))
     if watched == root:
         own = root / OWN_AREA
         return not all(p == own or own in p.parents for p in paths)
     # In a tmp dir, data being written is not news; the marker shows up as create/close/move.
-    return not isinstance(event, FileModifiedEvent | FileAttribEvent | DirAttribEvent)
+    return not isinstance(event, ev.FileModifiedEvent | ev.FileAttribEvent | ev.DirAttribEvent)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of a real directory (not a symlink), else None."""
+def _probe(path: Path) -> tuple[tuple[int, int] | None, str]:
+    """(st_dev, st_ino) of a real directory (never through a symlink), or None and why not."""
     try:
         st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+    except FileNotFoundError:
+        return None, "missing (not watched until it appears)"
+    except OSError as exc:
+        return None, f"cannot stat: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return (st.st_dev, st.st_ino), ""
+    if stat.S_ISLNK(st.st_mode):
+        return None, "is a symlink (never followed; not watched)"
+    return None, "not a directory (not watched)"
 
 
 @dataclass
@@ -212,7 +194,7 @@ class _Root:
     tmp: dict[Path, _Watch] = field(default_factory=dict)
 
 
-class _Handler(FileSystemEventHandler):
+class _Handler(ev.FileSystemEventHandler):
     """Runs in an observer's dispatcher thread (observer lock held): no locks of ours here."""
 
     def __init__(self, owner: RootWatcher, root: Path, watched: Path) -> None:
@@ -220,7 +202,7 @@ class _Handler(FileSystemEventHandler):
         self._root = root
         self._watched = watched
 
-    def dispatch(self, event: FileSystemEvent) -> None:
+    def dispatch(self, event: ev.FileSystemEvent) -> None:
         self._owner._on_event(self._root, self._watched, event)
 
 
@@ -299,7 +281,8 @@ class RootWatcher:
         if already:
             return
         self._jobs.put(None)
-        self._worker.join()
+        if threading.current_thread() is not self._worker:  # e.g. stop() from on_problem
+            self._worker.join()
         for observer in observers:
             observer.stop()  # unschedules (joins) every emitter, closes the inotify fd
         for observer in observers:
@@ -313,11 +296,11 @@ class RootWatcher:
             self._drop_root(root)
             self._report(root, f"unknown observer kind {kind!r}")
             return
-        identity = _identity(root)
+        identity, why_not = _probe(root)
         state = self._roots.get(root)
         if identity is None:
             self._drop_root(root)
-            self._report(root, _why_not_a_dir(root))
+            self._report(root, why_not)
             return
         if not force and state and state.main.current(identity) and state.requested == kind:
             self._reported.pop(root, None)
@@ -329,14 +312,14 @@ class RootWatcher:
             main = self._schedule(root, root, kind, identity)
         except OSError as exc:
             gone = exc.errno in _GONE  # went between lstat and schedule
-            self._report(root, _why_not_a_dir(root) if gone else f"cannot watch: {exc.strerror}")
+            self._report(root, _probe(root)[1] if gone else f"cannot watch: {exc.strerror}")
             return
         self._roots[root] = _Root(kind, main)
         if replaced:  # events between the old dir going and this watch were lost
             self._debouncer.trigger(root)
 
     def _sync_tmp(self, root: Path, state: _Root, tmp: Path, *, force: bool = False) -> None:
-        identity = _identity(tmp)
+        identity, _ = _probe(tmp)
         current = state.tmp.get(tmp)
         if not force and current is not None and current.current(identity):
             return
@@ -401,44 +384,40 @@ class RootWatcher:
             self._reported[root] = reason
             self._problems.append((root, reason))
 
-    def _deliver_problems(self) -> None:
+    def _deliver_problems(self, *extra: tuple[Path, str]) -> None:
         with self._lock:
-            problems, self._problems = self._problems, []
-        for root, reason in problems:
-            self._call_on_problem(root, reason)
-
-    def _call_on_problem(self, root: Path, reason: str) -> None:
-        if self._on_problem is None:
+            problems, self._problems = [*self._problems, *extra], []
+        on_problem = self._on_problem
+        if on_problem is None:
             return
-        try:
-            self._on_problem(root, reason)
-        except Exception:
-            _logger.exception("on_problem callback failed for %s", root)
+        for root, reason in problems:
+            try:
+                on_problem(root, reason)
+            except Exception:
+                _logger.exception("on_problem callback failed for %s", root)
 
     # -- event path -------------------------------------------------------------------------
 
-    def _on_event(self, root: Path, watched: Path, event: FileSystemEvent) -> None:
+    def _on_event(self, root: Path, watched: Path, event: ev.FileSystemEvent) -> None:
         if not wants_reconcile(root, watched, event):
             return
         self._debouncer.trigger(root)
-        src = Path(_fs(event.src_path))
-        if isinstance(event, DirDeletedEvent) and src == watched:
+        src = Path(os.fsdecode(event.src_path))
+        if isinstance(event, ev.DirDeletedEvent) and src == watched:
             # The watched dir itself went: its watch is dead even if the path exists again, maybe
-            # with the same inode number, and even if the emitter thread has not exited yet.
-            if watched == root:
-                self._post(root, lambda: self._job_root(root))
-            else:
-                self._post(root, lambda: self._job_tmp(root, watched, force=True))
+            # with the same inode number, and even if the emitter thread has not ended yet.
+            tmp = None if watched == root else watched
+            self._post(root, lambda: self._job(root, tmp, force=True, only_if_watched=True))
             return
         if watched != root:
             return
-        if isinstance(event, DirDeletedEvent | DirMovedEvent) and src.parent == root:
-            self._post(root, lambda: self._job_tmp(root, src, only_if_watched=True))
-        new = Path(_fs(event.dest_path)) if isinstance(event, DirMovedEvent) else src
-        if isinstance(event, DirCreatedEvent | DirMovedEvent) and new.parent == root:
-            parsed = parse_name(new.name)
-            if parsed is not None and parsed.kind is Kind.TMP:
-                self._post(root, lambda: self._job_tmp(root, new))
+        if isinstance(event, ev.DirDeletedEvent | ev.DirMovedEvent) and src.parent == root:
+            self._post(root, lambda: self._job(root, src, force=False, only_if_watched=True))
+        new = Path(os.fsdecode(event.dest_path)) if isinstance(event, ev.DirMovedEvent) else src
+        parsed = parse_name(new.name)
+        is_tmp = parsed is not None and parsed.kind is Kind.TMP and new.parent == root
+        if isinstance(event, ev.DirCreatedEvent | ev.DirMovedEvent) and is_tmp:
+            self._post(root, lambda: self._job(root, new, force=False, only_if_watched=False))
 
     def _post(self, root: Path, job: Callable[[], None]) -> None:
         """Run ``job`` on the worker thread, which may take our lock and the observers'."""
@@ -456,16 +435,13 @@ class RootWatcher:
                     self._problems.append((root, f"watch update failed: {exc!r}"))
             self._deliver_problems()
 
-    def _job_root(self, root: Path) -> None:
+    def _job(self, root: Path, tmp: Path | None, *, force: bool, only_if_watched: bool) -> None:
         state = self._roots.get(root)
-        if state is not None:
-            self._sync_root(root, state.requested, force=True)
-
-    def _job_tmp(
-        self, root: Path, tmp: Path, *, only_if_watched: bool = False, force: bool = False
-    ) -> None:
-        state = self._roots.get(root)
-        if state is not None and (tmp in state.tmp or not only_if_watched):
+        if state is None:
+            return
+        if tmp is None:
+            self._sync_root(root, state.requested, force=force)
+        elif tmp in state.tmp or not only_if_watched:
             self._sync_tmp(root, state, tmp, force=force)
 
     def _fire(self, root: Path) -> None:
@@ -476,16 +452,4 @@ class RootWatcher:
         except Exception as exc:
             if self._on_problem is None:
                 raise
-            self._call_on_problem(root, f"on_change failed: {exc!r}")
-
-
-def _why_not_a_dir(root: Path) -> str:
-    try:
-        st = os.lstat(root)
-    except FileNotFoundError:
-        return "missing (not watched until it appears)"
-    except OSError as exc:
-        return f"cannot stat: {exc.strerror or exc}"
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symlink (never followed; not watched)"
-    return "not a directory (not watched)"
+            self._deliver_problems((root, f"on_change failed: {exc!r}"))

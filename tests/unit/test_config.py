@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,10 @@ from ckptkeeperd.config import (
     DaemonOptions,
     Settings,
     config_from_flags,
-    expand_roots,
     load_config,
     merge_flags,
-    resolve_settings,
 )
+from ckptkeeperd.roots import expand_roots, resolve_settings
 
 
 def write(path: Path, text: str) -> Path:
@@ -351,8 +351,11 @@ def test_invalid_run_file_is_reported_not_raised(tmp_path: Path, text: str, reas
     config = load_text(tmp_path, "[defaults]\nkeep_top_k = 3\n")
     run_file = write(root / "ckptkeeper.toml", "keep_latest_n = 4\n" + text)
     resolved = resolve_settings(config, root, {"keep_top_k": 5})
-    assert resolved.settings == config.defaults.apply({"keep_top_k": 5})  # whole file ignored
+    # The whole file is ignored and, as its owner meant to change retention, nothing is deleted.
+    expected = config.defaults.apply({"keep_top_k": 5})
+    assert resolved.settings.policy == replace(expected.policy, keep_top_k=None, keep_latest_n=None)
     [problem] = resolved.problems
+    assert "deletions in this root paused" in problem
     assert problem.startswith(f"{run_file}: ")
     assert reason in problem
 
@@ -431,7 +434,8 @@ def test_flags_override_file_defaults_but_not_entries(tmp_path: Path) -> None:
     assert (config.defaults.policy.keep_top_k, config.defaults.policy.metric_name) == (1, "a")
     [(root, overrides)] = expand_roots(config)
     assert resolve_settings(config, root, overrides).settings.policy.keep_top_k == 5
-    assert resolve_settings(config, tmp_path, {}).settings.policy.keep_top_k == 1
+    elsewhere = make_steps(tmp_path / "elsewhere", "step_1")
+    assert resolve_settings(config, elsewhere, {}).settings.policy.keep_top_k == 1
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -527,3 +531,18 @@ def test_merge_flags_adds_command_line_roots(
     assert merged.defaults.policy.keep_top_k == 2
     with pytest.raises(ConfigError, match=r"^command line: ROOT\[0\]: "):
         merge_flags(config, {}, extra_roots=[""])
+
+
+def test_invalid_run_file_pauses_deletions_in_that_root(tmp_path: Path) -> None:
+    run = make_steps(tmp_path / "run", "step_1")
+    write(run / "ckptkeeper.toml", "keep_top_k = 10\nkeep_latst_n = 2\n")  # typo
+    config = config_from_flags([str(run)], {"keep_top_k": 1, "keep_latest_n": 1})
+    resolved = resolve_settings(config, run, {})
+    assert resolved.settings.policy.keep_top_k is None
+    assert resolved.settings.policy.keep_latest_n is None
+    assert not resolved.settings.policy.bounded
+    assert any("keep_latst_n" in p and "paused" in p for p in resolved.problems)
+    # Fixed file: deletions resume with the owner's settings.
+    write(run / "ckptkeeper.toml", "keep_top_k = 10\n")
+    fixed = resolve_settings(config, run, {})
+    assert fixed.settings.policy.keep_top_k == 10 and fixed.problems == []

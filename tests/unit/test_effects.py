@@ -246,30 +246,52 @@ def test_leftover_nfs_silly_rename_files_are_cleared(tmp_path: Path) -> None:
     assert removal.left == []
 
 
-class RaiseInSubdir(Fs):
-    def unlink(self, path: str | Path, dir_fd: int | None = None) -> None:
-        if Path(path).name == "boom.bin":
-            raise RuntimeError("unexpected")
-        super().unlink(path, dir_fd=dir_fd)
+_HANG_CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from ckptkeeper.effects import Fs, remove_tree
+
+    class RaiseInSubdir(Fs):
+        def unlink(self, path, dir_fd=None):
+            if Path(path).name == "boom.bin":
+                raise RuntimeError("unexpected")
+            super().unlink(path, dir_fd=dir_fd)
+
+    print("ready", flush=True)
+    removal = remove_tree(Path(sys.argv[1]), workers=4, fs=RaiseInSubdir())
+    print("done", removal.left, flush=True)
+    """
+)
 
 
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: a non-OSError in a non-root directory visit (workers > 1) never decrements the "
-    "parent's pending count: remove_tree waits on done forever",
+    "parent's pending count: remove_tree waits on `done` forever",
 )
 def test_remove_tree_does_not_hang_when_a_worker_fails_below_the_top(tmp_path: Path) -> None:
     top = tmp_path / "victim"
     (top / "sub").mkdir(parents=True)
     (top / "sub" / "boom.bin").write_text("x")
-    result: list[object] = []
-    thread = threading.Thread(
-        target=lambda: result.append(remove_tree(top, workers=4, fs=RaiseInSubdir())), daemon=True
+    # In a child process: a hung remove_tree must not leave threads behind in this one.
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HANG_CHILD, str(top)], stdout=subprocess.PIPE, text=True
     )
-    thread.start()
-    thread.join(timeout=2)
-    assert not thread.is_alive(), "remove_tree hung"
-    assert result
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        try:
+            child.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pytest.fail("remove_tree hung")
+        out = child.stdout.read()
+        assert out.startswith("done")
+        assert "internal error" in out  # the failure is reported, not swallowed
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
 
 
 # -- RootLock --------------------------------------------------------------------------------------
@@ -350,7 +372,8 @@ def test_root_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
         waiter.release()
         assert child.stdout.readline() == "released\n"
     finally:
-        child.kill() if child.poll() is None else None
+        if child.poll() is None:
+            child.kill()
         child.wait(timeout=30)
 
 

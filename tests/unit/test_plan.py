@@ -859,9 +859,10 @@ def test_property_every_entry_gets_decisions_with_reasons(scan: RootScan, policy
         assert d.reasons, d
         assert all(isinstance(r, str) and r.strip() for r in d.reasons), d
     decided = {d.path for d in p}
-    paths = [e.path for e in (*scan.in_flight, *scan.leftovers, *scan.trash, *scan.anomalies)]
+    paths: list[Path] = [e.path for e in scan.in_flight] + [e.path for e in scan.leftovers]
+    paths += [e.path for e in scan.trash] + [e.path for e in scan.anomalies]
     assert {*paths, *(c.path for c in scan.steps)} <= decided
     # At most one retention decision per step, and one per in-flight/leftover entry.
     assert len(p.by_action(Action.KEEP, Action.DELETE)) == len(step_decisions(p))
-    for entry in [*scan.in_flight, *scan.leftovers]:
-        assert len([d for d in p if d.path == entry.path]) == 1
+    for path in [e.path for e in scan.in_flight] + [e.path for e in scan.leftovers]:
+        assert len([d for d in p if d.path == path]) == 1
