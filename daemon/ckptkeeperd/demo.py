@@ -18,10 +18,10 @@ from rich.console import Console
 from ckptkeeper import CheckpointManager, scan_root
 
 from .config import config_from_flags
-from .roots import resolve_settings
 from .logs import configure_logging
 from .reconcile import preview
 from .render import print_reports
+from .roots import resolve_settings
 from .service import Keeper
 
 __all__ = ["run_demo"]

@@ -27,9 +27,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from ckptkeeper import InfoCache
 
 from .config import ConfigError, DaemonConfig, Settings
-from .roots import expand_roots, resolve_settings
 from .logs import ProblemLog, get_logger
 from .reconcile import Report, reconcile
+from .roots import expand_roots, resolve_settings
 from .sdnotify import Notifier, watchdog_interval
 from .watch import RootWatcher, resolve_observer
 

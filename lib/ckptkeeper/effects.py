@@ -280,15 +280,7 @@ def remove_tree(
         if pool is None:
             queue.append(node)
         else:
-            pool.submit(safe_visit, node)
-
-    def safe_visit(node: _Node) -> None:
-        try:
-            visit(node)
-        except BaseException as exc:  # never let a worker die silently: the caller would hang
-            result.leave(node.path, f"internal error: {exc!r}")
-            if node.parent is None:
-                done.set()
+            pool.submit(visit, node)
 
     def finish(node: _Node) -> None:
         while True:
@@ -306,29 +298,46 @@ def remove_tree(
             node = node.parent
 
     def visit(node: _Node) -> None:
-        if cancel is not None and cancel.is_set():
-            result.leave(node.path, "cancelled")
-            _finish_gone(node)
-            return
-        try:
-            node.fd = os.open(node.name, _DIR_FLAGS, dir_fd=node.parent_fd)
-        except FileNotFoundError:
-            _finish_gone(node)
-            return
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a symlink or a file
-                _unlink(node.parent_fd, node.name, node.path, 0)
-            else:
-                result.leave(node.path, _errtext(exc))
-            _finish_gone(node)
-            return
+        """Open ``node``, unlink its files, queue its subdirectories; always reports completion
+        exactly once (finish or _finish_gone), whatever goes wrong, so the caller never hangs."""
         subdirs: list[str] = []
+        opened = False
+        try:
+            if cancel is not None and cancel.is_set():
+                result.leave(node.path, "cancelled")
+                return
+            try:
+                node.fd = os.open(node.name, _DIR_FLAGS, dir_fd=node.parent_fd)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a symlink or a file
+                    _unlink(node.parent_fd, node.name, node.path, 0)
+                else:
+                    result.leave(node.path, _errtext(exc))
+                return
+            opened = True
+            _clear_files(node, subdirs)
+        except BaseException as exc:  # a bug must not leave the caller waiting forever
+            result.leave(node.path, f"internal error: {exc!r}")
+            subdirs.clear()
+        finally:
+            if not opened:
+                _finish_gone(node)
+            else:
+                with state_lock:
+                    node.pending += len(subdirs)
+                for name in subdirs:
+                    submit(_Node(node, node.fd, name, f"{node.path}/{name}"))
+                finish(node)
+
+    def _clear_files(node: _Node, subdirs: list[str]) -> None:
         try:
             with os.scandir(node.fd) as it:
                 entries = list(it)
         except OSError as exc:
             result.leave(node.path, _errtext(exc))
-            entries = []
+            return
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
@@ -338,11 +347,6 @@ def remove_tree(
             except OSError:
                 size = 0
             _unlink(node.fd, entry.name, f"{node.path}/{entry.name}", size)
-        with state_lock:
-            node.pending += len(subdirs)
-        for name in subdirs:
-            submit(_Node(node, node.fd, name, f"{node.path}/{name}"))
-        finish(node)
 
     def _finish_gone(node: _Node) -> None:
         # The directory itself is gone (or was not one): report upward without an rmdir.

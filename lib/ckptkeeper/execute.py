@@ -74,7 +74,10 @@ def apply_plan(
         except _Skip as skip:
             outcome = Outcome(decision, "skipped", str(skip))
         except FileNotFoundError as exc:
-            outcome = Outcome(decision, "gone", f"already gone: {exc.filename}", "ENOENT")
+            if os.path.lexists(decision.path):  # ENOENT for something else: a real failure
+                outcome = Outcome(decision, "failed", f"{exc.strerror} ({exc.filename})", "ENOENT")
+            else:  # someone else already did it: a lost race is success
+                outcome = Outcome(decision, "gone", f"already gone: {exc.filename}", "ENOENT")
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "OSError")
             outcome = Outcome(decision, "failed", f"{exc.strerror or exc} ({exc.filename})", name)
@@ -137,18 +140,30 @@ def _apply_one(plan: Plan, d: Decision, fs: Fs) -> Path | None:
     if _lstat(d.path / plan.policy.complete_marker) is None:
         raise _Skip("completion marker vanished since the plan")
     old = root / old_name(d.step)
-    existing = _lstat(target)
-    if existing is not None:
+    current = d.replaces if d.action is Action.REPLACE else None
+    existing = _lstat(current) if current is not None else None
+    if _lstat(target) is not None and (current is None or current != target):
+        raise _Skip(f"{target.name} appeared since the plan: not finalized over it")
+    if existing is not None and current is not None:
         if not stat.S_ISDIR(existing.st_mode):
-            raise _Skip(f"{target.name} exists and is not a directory: not replaced")
+            raise _Skip(f"{current.name} is not a directory any more: not replaced")
+        if d.carry_pin or _lstat(current / PIN_FILE) is not None:
+            _pin(d.path, fs)  # the replaced step was pinned: so is its new content
         if _lstat(old) is not None:
             move_to_trash(root, old, fs)  # garbage beside a live step_N
-        fs.rename(target, old)
+        fs.rename(current, old)
+    elif d.carry_pin:
+        _pin(d.path, fs)
     fs.rename(d.path, target)
     fsync_dir(root, fs)
-    if _lstat(old) is not None:
+    if current is not None and _lstat(old) is not None:
         return move_to_trash(root, old, fs)
     return None
+
+
+def _pin(directory: Path, fs: Fs) -> None:
+    fd = fs.open(directory / PIN_FILE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
+    os.close(fd)
 
 
 def purge_trash(

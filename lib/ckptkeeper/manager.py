@@ -81,7 +81,7 @@ def _step_paths(checkpoint_dir: PathLike) -> list[tuple[int, str]]:
     """(step, path) of every entry named exactly ``step_<ASCII digits>``, in glob order."""
     pattern = str(Path(glob.escape(os.fspath(checkpoint_dir))) / "step_*")
     found: list[tuple[int, str]] = []
-    for path in glob.glob(pattern):  # noqa: PTH207 - module.glob.glob is patched by NeMo-RL tests
+    for path in glob.glob(pattern):
         parsed = parse_name(Path(path).name)
         if parsed is not None and parsed.kind is Kind.STEP:
             found.append((parsed.step, path))
@@ -191,7 +191,7 @@ class CheckpointManager:
         if run_config is not None:
             with open(save_dir / "config.yaml", "w") as fh:
                 yaml.safe_dump(compat.run_config_data(run_config), fh)
-        return Path(os.path.abspath(save_dir))  # noqa: PTH100 - no symlink resolution
+        return Path(os.path.abspath(save_dir))
 
     def finalize_checkpoint(self, checkpoint_path: PathLike) -> None:
         """Inline: marker, ``tmp_step_N -> step_N``, then prune. Daemon: only the marker."""

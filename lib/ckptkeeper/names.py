@@ -51,7 +51,11 @@ def parse_name(name: str) -> ParsedName | None:
     match = _NAME_RE.fullmatch(name)
     if match is None:
         return None
-    return ParsedName(_PREFIX_KIND[match["prefix"]], int(match["digits"]), name)
+    try:
+        step = int(match["digits"])
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        return None
+    return ParsedName(_PREFIX_KIND[match["prefix"]], step, name)
 
 
 def _format(kind: Kind, step: int) -> str:

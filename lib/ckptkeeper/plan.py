@@ -43,6 +43,8 @@ class Decision:
     reasons: tuple[str, ...]
     identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) the plan saw; re-checked before acting
     metric: float | str | None = None  # for display: the metric value or why it is missing
+    replaces: Path | None = None  # REPLACE: the existing step directory (whatever its spelling)
+    carry_pin: bool = False  # FINALIZE/REPLACE: the replaced step was pinned; pin the new one
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +93,13 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
 
     # What the step set will be once saves are finalized and interrupted replaces are resolved.
     projected: dict[int, Checkpoint] = dict(steps)
+    olds = {o.step: o for o in scan.leftovers}
     for old in scan.leftovers:
-        target = root / step_name(old.step)
         tmp = tmps.get(old.step)
-        if old.step in steps:
+        if old.step in scan.ambiguous_steps:
+            why = f"step {old.step} is ambiguous (two step_ names): left alone"
+            decisions.append(Decision(old.step, old.path, Action.WAIT, (why,)))
+        elif old.step in steps:
             why = f"old_step_{old.step} beside step_{old.step}: leftover of a replace"
             decisions.append(Decision(old.step, old.path, Action.DISCARD, (why,), old.identity))
         elif tmp is not None and tmp.complete:
@@ -104,23 +109,43 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
             why = "interrupted replace: the new save is not complete, restoring the previous step"
             decisions.append(Decision(old.step, old.path, Action.RESTORE, (why,), old.identity))
             projected[old.step] = Checkpoint(
-                old.step, target, old.info, old.info_error, old.pinned, old.identity
+                old.step,
+                root / step_name(old.step),
+                old.info,
+                old.info_error,
+                old.pinned,
+                old.identity,
             )
 
     for tmp in scan.in_flight:
-        if tmp.complete:
-            exists = tmp.step in steps
-            action = Action.REPLACE if exists else Action.FINALIZE
-            why = f"{policy.complete_marker} present" + (
-                f"; replaces step_{tmp.step}" if exists else ""
+        if tmp.step in scan.ambiguous_steps:
+            why = f"step {tmp.step} is ambiguous (two step_ names): not finalized over"
+            decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, (why,)))
+        elif tmp.complete:
+            existing = steps.get(tmp.step)
+            previous = olds.get(tmp.step) if existing is None else None
+            # A pin on the step being replaced carries over to its new contents.
+            pinned = tmp.pinned or any(p is not None and p.pinned for p in (existing, previous))
+            why = f"{policy.complete_marker} present"
+            if existing is not None:
+                why += f"; replaces {existing.path.name}"
+            decisions.append(
+                Decision(
+                    tmp.step,
+                    tmp.path,
+                    Action.FINALIZE if existing is None else Action.REPLACE,
+                    (why,),
+                    tmp.identity,
+                    replaces=None if existing is None else existing.path,
+                    carry_pin=pinned and not tmp.pinned,
+                )
             )
-            decisions.append(Decision(tmp.step, tmp.path, action, (why,), tmp.identity))
             projected[tmp.step] = Checkpoint(
                 tmp.step,
                 root / step_name(tmp.step),
                 tmp.info,
                 tmp.info_error,
-                tmp.pinned,
+                pinned,
                 tmp.identity,
             )
         elif tmp.writer_locked:
@@ -141,7 +166,7 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
     decisions.extend(_retention(list(projected.values()), policy))
 
     for entry in scan.trash:
-        age = now - entry.trashed_at
+        age = max(now - entry.trashed_at, 0.0)  # a skewed clock on another host: not negative
         if age >= policy.trash_grace:
             why = "in trash" + (f" for {_age(age)}" if policy.trash_grace else "")
             decisions.append(Decision(None, entry.path, Action.PURGE, (why,)))
@@ -158,7 +183,10 @@ def _retention(checkpoints: list[Checkpoint], policy: Policy) -> list[Decision]:
     out: list[Decision] = []
     for c in checkpoints:
         if c.info is None:
-            unusable = (c.info_error or "training_info.json unusable", "kept: not ranked without it")
+            unusable = (
+                c.info_error or "training_info.json unusable",
+                "kept: not ranked without it",
+            )
             reasons = (("pinned (KEEP file)",) if c.pinned else ()) + unusable
             out.append(Decision(c.step, c.path, Action.KEEP, reasons, c.identity))
 

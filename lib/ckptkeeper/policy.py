@@ -101,7 +101,12 @@ class Policy:
                 "metric_name", f"expected a non-empty string, got {self.metric_name!r}"
             )
         marker = self.complete_marker
-        if not isinstance(marker, str) or not marker or "/" in marker or marker in {".", ".."}:
+        if (
+            not isinstance(marker, str)
+            or marker in {"", ".", ".."}
+            or "/" in marker
+            or "\x00" in marker
+        ):
             raise PolicyError("complete_marker", f"expected a plain file name, got {marker!r}")
         for name in ("stale_after", "trash_grace"):
             value = getattr(self, name)
@@ -161,9 +166,13 @@ def metric_value(info: Mapping[str, Any] | None, metric: str) -> float | str:
     value = info[metric]
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"metric not a number ({type(value).__name__})"
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float, e.g. 10**400 in JSON
+        return "metric not finite (too large)"
+    if not math.isfinite(number):
         return f"metric not finite ({value})"
-    return float(value)
+    return number
 
 
 # -- rules -----------------------------------------------------------------------------------

@@ -265,11 +265,6 @@ _HANG_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a non-OSError in a non-root directory visit (workers > 1) never decrements the "
-    "parent's pending count: remove_tree waits on `done` forever",
-)
 def test_remove_tree_does_not_hang_when_a_worker_fails_below_the_top(tmp_path: Path) -> None:
     top = tmp_path / "victim"
     (top / "sub").mkdir(parents=True)

@@ -313,11 +313,6 @@ def test_one_failing_decision_does_not_stop_the_others(tmp_path: Path) -> None:
     assert len(names(tmp_path) - {".ckptkeeper"}) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: apply_plan reports every FileNotFoundError as 'gone' (success), even when "
-    "move_to_trash re-raised it because the directory still exists",
-)
 def test_enoent_while_the_directory_still_exists_is_a_failure(tmp_path: Path) -> None:
     p = _delete_one_setup(tmp_path)
 
@@ -330,11 +325,6 @@ def test_enoent_while_the_directory_still_exists_is_a_failure(tmp_path: Path) ->
     assert out.status == "failed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with step_7 and step_07 (ambiguous) a complete tmp_step_7 is finalized over "
-    "step_7, which goes to the trash; the design says neither is deleted",
-)
 def test_ambiguous_step_survives_a_complete_save_of_the_same_step(tmp_path: Path) -> None:
     write_ckpt(tmp_path / "step_7", 7, "v0", 0.5)
     write_ckpt(tmp_path / "step_07", 7, "v0b", 0.5)
@@ -344,11 +334,6 @@ def test_ambiguous_step_survives_a_complete_save_of_the_same_step(tmp_path: Path
     assert ckpt_version(tmp_path / "step_07", 7) == "v0b"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a complete tmp_step_2 replacing a pinned step_2 loses the pin (the KEEP file "
-    "stays with the old copy) and retention then deletes step 2 in the same pass",
-)
 def test_pinned_step_survives_being_replaced(tmp_path: Path) -> None:
     write_ckpt(tmp_path / "step_1", 1, "v0", 0.1)
     write_ckpt(tmp_path / "step_2", 2, "v0", 0.5, pin=True)
@@ -359,11 +344,6 @@ def test_pinned_step_survives_being_replaced(tmp_path: Path) -> None:
     assert (tmp_path / "step_2" / "KEEP").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: REPLACE of a non-canonical step_07 by tmp_step_7 renames to step_7 and leaves "
-    "step_07 beside it: ckptkeeper itself creates an ambiguous step",
-)
 def test_replacing_a_non_canonical_step_leaves_one_name(tmp_path: Path) -> None:
     write_ckpt(tmp_path / "step_07", 7, "v0", 0.5)
     write_ckpt(tmp_path / "tmp_step_7", 7, "v1", 0.4, marker=True)

@@ -7,15 +7,17 @@ import ctypes
 import errno
 import fcntl
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.fusefs import FS_SUBTYPE, fuse_available, passthrough_mount
 
 from ckptkeeperd.fstype import filesystem_type, find_mount, is_network_fs
-from tests.fusefs import FS_SUBTYPE, fuse_available, passthrough_mount
 
 _UNAVAILABLE = fuse_available()
 pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or "")
@@ -112,6 +114,38 @@ def test_exit_with_a_file_still_open_detaches_the_mount(source: Path, mountpoint
         with contextlib.suppress(OSError):
             held.close()
     assert (source / "held").exists()
+
+
+def test_mount_goes_away_when_the_process_that_made_it_is_killed(
+    source: Path, mountpoint: Path
+) -> None:
+    script = (
+        "import sys\n"
+        "from tests.fusefs import passthrough_mount\n"
+        "with passthrough_mount(sys.argv[1], sys.argv[2]):\n"
+        "    print('mounted', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script, str(source), str(mountpoint)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert owner.stdout is not None
+        assert owner.stdout.readline() == b"mounted\n"
+        assert is_network_fs(filesystem_type(mountpoint))
+        owner.kill()  # no chance to clean up: the server notices its stdin closing
+        owner.wait()
+        assert wait_until(lambda: not is_network_fs(filesystem_type(mountpoint)))
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for stream in (owner.stdin, owner.stdout):
+            if stream is not None:
+                stream.close()
 
 
 def test_unlinks_in_separate_directories_run_in_parallel(source: Path, mountpoint: Path) -> None:
@@ -217,6 +251,47 @@ def test_flock_through_mount_excludes_flock_on_source(source: Path, mounted: Pat
         for fd in (via_mount, via_source, other_via_mount):
             if fd >= 0:
                 os.close(fd)
+
+
+def _blocked_flock_waiters(inode: int) -> int:
+    with open("/proc/locks") as f:
+        return sum(
+            1
+            for line in f
+            if "->" in line and "FLOCK" in line and any(
+                field.endswith(f":{inode}") for field in line.split()
+            )
+        )
+
+
+def test_many_blocked_flocks_do_not_starve_other_operations(source: Path, mounted: Path) -> None:
+    # Each blocking flock parks one server thread; libfuse's default cap of 10 threads would
+    # leave none for a plain listdir.
+    waiters = 16
+    (mounted / "lock").touch()
+    inode = os.stat(source / "lock").st_ino
+    holder = os.open(mounted / "lock", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    fds = [os.open(mounted / "lock", os.O_RDWR) for _ in range(waiters)]
+    threads = [
+        threading.Thread(target=fcntl.flock, args=(fd, fcntl.LOCK_SH), daemon=True) for fd in fds
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: _blocked_flock_waiters(inode) >= waiters)
+        listed: list[list[str]] = []
+        probe = threading.Thread(target=lambda: listed.append(os.listdir(mounted)), daemon=True)
+        probe.start()
+        probe.join(WAIT_TIMEOUT_S)
+        assert listed == [["lock"]]
+    finally:
+        os.close(holder)  # grants every waiter, so nothing stays parked
+        for thread in threads:
+            thread.join(WAIT_TIMEOUT_S)
+        for fd in fds:
+            os.close(fd)
+    assert not any(thread.is_alive() for thread in threads)
 
 
 def test_rename_noreplace_refuses_an_existing_target(source: Path, mounted: Path) -> None:

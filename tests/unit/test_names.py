@@ -128,11 +128,6 @@ def test_any_ascii_digit_string_is_a_step(digits: str) -> None:
     assert parsed.canonical == (str(int(digits)) == digits)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_name raises ValueError (int max str digits) for > 4300 digits "
-    "instead of returning a result or None",
-)
 def test_parser_does_not_raise_for_a_very_long_digit_string() -> None:
     # Not reachable from a directory listing (NAME_MAX is 255 bytes), but parse_name is public
     # and documented to answer None for anything that is not a checkpoint name.

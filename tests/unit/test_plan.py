@@ -389,11 +389,6 @@ def test_plan_is_pure_and_keeps_its_inputs() -> None:
     assert first.mutates
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: policy.metric_value raises OverflowError on a huge integer metric; "
-    "plan() crashes instead of ranking that step last (invariant 7)",
-)
 def test_huge_integer_metric_is_ranked_last_not_a_crash() -> None:
     scan = root_scan([ck(1, 0.5), ck(2, 10**400), ck(3, 0.1)])
     p = plan(scan, Policy(keep_top_k=1, metric_name="m", higher_is_better=True), NOW)
@@ -637,12 +632,6 @@ def test_anomalies_are_ignored_with_their_reason() -> None:
     assert not any(d.step in (3, 4, 7) for d in p.by_action(Action.DELETE, Action.KEEP))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a complete tmp_step_7 is planned FINALIZE while step 7 is ambiguous "
-    "(step_7 + step_07); apply_plan then replaces step_7 (deleting it) although the design "
-    "says neither is deleted",
-)
 def test_ambiguous_step_is_not_finalized_over() -> None:
     anomalies = [
         Anomaly(ROOT / "step_7", "ambiguous: step_07 and step_7 name one step", 7),
@@ -653,11 +642,6 @@ def test_ambiguous_step_is_not_finalized_over() -> None:
     assert not p.by_action(Action.FINALIZE, Action.REPLACE, Action.DELETE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a complete tmp_step_N replacing a pinned step_N drops the pin "
-    "(projected pinned = tmp.pinned only) and retention deletes step N in the same plan",
-)
 def test_replacing_a_pinned_step_keeps_it_pinned() -> None:
     scan = root_scan(
         [ck(1, 0.1), ck(2, 0.2, pinned=True), ck(3, 0.9), ck(4, 0.5)],

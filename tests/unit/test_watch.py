@@ -191,7 +191,7 @@ def test_only_change_events_outside_the_own_area_are_reconcile_hints(tmp_path: P
     assert not wants_reconcile(root, tmp, FileModifiedEvent(str(tmp / "weights.pt")))
 
 
-def test_own_area_activity_and_a_passs_reads_do_not_trigger_a_reconcile(
+def test_own_area_activity_and_reads_by_a_pass_do_not_trigger_a_reconcile(
     tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
 ) -> None:
     quiet, barrier = tmp_path / "quiet", tmp_path / "barrier"
