@@ -1,7 +1,8 @@
-"""Shared test helpers: a simulated trainer, condition waits, and the real daemon as a subprocess."""
+"""Shared test helpers: a simulated trainer, condition waits, the real daemon as a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -111,10 +112,8 @@ class Daemon:
         for line in self.proc.stdout:
             with self._cond:
                 self.raw.append(line)
-                try:
+                with contextlib.suppress(ValueError):  # a non-JSON line (e.g. a warning)
                     self.events.append(json.loads(line))
-                except ValueError:
-                    pass
                 self._cond.notify_all()
 
     def _read_stderr(self) -> None:
@@ -149,7 +148,8 @@ class Daemon:
                 if left <= 0 or (self.proc.poll() is not None and not self._alive_readers()):
                     raise AssertionError(
                         f"no {count}x {event} {match} within {timeout}s; rc={self.proc.poll()}\n"
-                        f"stdout tail: {''.join(self.raw[-15:])}\nstderr tail: {''.join(self.stderr[-15:])}"
+                        f"stdout tail: {''.join(self.raw[-15:])}\n"
+                        f"stderr tail: {''.join(self.stderr[-15:])}"
                     )
                 self._cond.wait(min(left, 0.2))
 

@@ -108,7 +108,8 @@ def print_reports(reports: Sequence[tuple[Report, Policy]], console: Console) ->
         title = f"{report.root}  [{', '.join(bounds) or 'no bound: nothing is deleted'}]"
         if report.status != "ok":
             console.print(
-                f"[bold]{report.root}[/bold]: [red]{report.status}[/red] {'; '.join(report.problems)}"
+                f"[bold]{escape(str(report.root))}[/bold]: [red]{report.status}[/red] "
+                f"{escape('; '.join(report.problems))}"
             )
             if report.plan is None:
                 continue

@@ -169,8 +169,8 @@ class Keeper:
                 replace_existing=True,
                 run_date=datetime.now(UTC) + timedelta(seconds=1.0),
             )
-        except Exception:
-            pass
+        except Exception as exc:  # scheduler stopping: the periodic sweep retries anyway
+            self.log.debug("retry_not_scheduled", root=str(root), error=repr(exc))
 
     def run_once(self, root: Path) -> Report:
         with self._state_lock:

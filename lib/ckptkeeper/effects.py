@@ -255,10 +255,10 @@ def remove_tree(
 ) -> Removal:
     """Remove ``path`` and everything below it without following symlinks.
 
-    Directories are processed in parallel (``workers`` threads), which is what makes removal fast
-    on filesystems with per-operation latency (NFS, Lustre, FUSE). Never raises for entries it cannot
-    remove: they are listed in `Removal.left`. Setting ``cancel`` stops it early (what is left is
-    listed; a later call finishes the job).
+    Directories are processed in parallel (``workers`` threads), which is what makes removal
+    fast on filesystems with per-operation latency (NFS, Lustre, FUSE). Never raises for entries
+    it cannot remove: they are listed in `Removal.left`. Setting ``cancel`` stops it early (what
+    is left is listed; a later call finishes the job).
     """
     result = Removal()
     path = Path(path)

@@ -174,5 +174,5 @@ def purge_trash(
     fs: Fs = OS_FS,
     cancel: threading.Event | None = None,
 ) -> list[tuple[Path, Removal]]:
-    """Remove trash entries (no root lock needed: trash is ckptkeeper's own, removal is idempotent)."""
+    """Remove trash entries. No root lock needed: trash is ckptkeeper's own, removal idempotent."""
     return [(e, remove_tree(e, workers=workers, fs=fs, cancel=cancel)) for e in entries]

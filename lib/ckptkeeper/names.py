@@ -2,7 +2,7 @@
 
 The grammar is strict: ``step_<N>``, ``tmp_step_<N>`` and ``old_step_<N>`` where ``<N>`` is one or
 more ASCII digits and the whole name must match (``re.fullmatch``).  ``step_1-hf``, ``step_x``,
-``step_-1``, ``step_1.bak``, ``step_1e3`` and names with non-ASCII digits (``step_١``) are not
+``step_-1``, ``step_1.bak``, ``step_1e3`` and names with non-ASCII digits (``step_\u0661``) are not
 checkpoints and are never touched.
 """
 

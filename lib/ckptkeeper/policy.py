@@ -180,7 +180,7 @@ def metric_value(info: Mapping[str, Any] | None, metric: str) -> float | str:
 
 @dataclass(frozen=True, slots=True)
 class Verdicts:
-    """What one rule says: steps it keeps and, for bounding rules, steps it lets go, with reasons."""
+    """What one rule says: steps it keeps and (bounding rules) steps it lets go, with reasons."""
 
     kept: Mapping[int, str]
     dropped: Mapping[int, str]

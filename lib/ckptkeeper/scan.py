@@ -162,7 +162,7 @@ def writer_lock_held(directory: Path) -> bool:
 
 
 def newest_mtime(directory: Path, stop_above: float | None = None) -> float:
-    """Newest mtime in a tree (symlinks not followed). Stops early once one exceeds ``stop_above``."""
+    """Newest mtime in a tree (symlinks not followed); stops once one exceeds ``stop_above``."""
     newest = os.lstat(directory).st_mtime
     stack = [str(directory)]
     while stack:

@@ -77,7 +77,8 @@ def test_held_writer_lock_prevents_collection_until_released(
         [
             sys.executable,
             "-c",
-            "import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR|os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX);"
+            "import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR|os.O_CREAT);"
+            "fcntl.flock(fd, fcntl.LOCK_EX);"
             "print('locked', flush=True); sys.stdin.read()",
             str(tmp / ".writer.lock"),
         ],
@@ -237,7 +238,8 @@ def test_sidecar_runs_a_final_pass_and_exits_with_the_trainer_code(
     root.mkdir()
     trainer = (
         "import sys; from tests.helpers import write_checkpoint; from pathlib import Path;"
-        "[write_checkpoint(Path(sys.argv[1]), s, {'r': float(s)}) for s in range(1, 5)]; sys.exit(3)"
+        "[write_checkpoint(Path(sys.argv[1]), s, {'r': float(s)}) for s in range(1, 5)];"
+        "sys.exit(3)"
     )
     d = Daemon(
         [

@@ -265,12 +265,13 @@ def _blocked_flock_waiters(inode: int) -> int:
 
 
 def test_many_blocked_flocks_do_not_starve_other_operations(source: Path, mounted: Path) -> None:
-    # Each blocking flock parks one server thread; libfuse's default cap of 10 threads would
-    # leave none for a plain listdir.
+    # Each blocking flock parks one server thread; with libfuse's default cap of 10 threads
+    # nothing would be left for a plain listdir. The lock is held on the source side, so
+    # releasing it needs no server thread and this test cannot deadlock itself.
     waiters = 16
-    (mounted / "lock").touch()
+    (source / "lock").touch()
     inode = os.stat(source / "lock").st_ino
-    holder = os.open(mounted / "lock", os.O_RDWR)
+    holder = os.open(source / "lock", os.O_RDWR)
     fcntl.flock(holder, fcntl.LOCK_EX)
     fds = [os.open(mounted / "lock", os.O_RDWR) for _ in range(waiters)]
     threads = [
