@@ -77,6 +77,7 @@ class Keeper:
         self._watcher = RootWatcher(self.request, on_problem=self._watch_problem)
         self._idle = threading.Condition(self._state_lock)
         self._last_action = "none yet"
+        self._checkpoints: dict[Path, int] = {}
         self.pass_errors = 0
 
     # -- root set ---------------------------------------------------------------------------
@@ -189,9 +190,13 @@ class Keeper:
         )
         self.pass_errors += report.errors
         done = [o for o in report.outcomes if o.status == "done"]
+        if report.scan is not None:
+            with self._state_lock:
+                self._checkpoints[root] = len(report.scan.steps)
         if done:
             last = done[-1].decision
             self._last_action = f"{last.action.value} {last.path.name} in {root}"
+            self._update_status()
         if report.status == "ok":
             self._watcher.set_in_flight(root, report.in_flight)
         log.debug(
@@ -226,7 +231,10 @@ class Keeper:
     def _update_status(self) -> None:
         with self._state_lock:
             count = len(self.roots)
-        self.notifier.status(f"{count} roots; last action: {self._last_action}")
+            checkpoints = sum(n for r, n in self._checkpoints.items() if r in self.roots)
+        self.notifier.status(
+            f"{count} roots, {checkpoints} checkpoints; last action: {self._last_action}"
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
