@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import os
 import shutil
 import signal
@@ -50,10 +51,10 @@ _UTIME_NOW = (1 << 30) - 1  # tv_nsec markers from utimensat(2), seen as tv_sec=
 _UTIME_OMIT = (1 << 30) - 2
 _AT_FDCWD = -100
 
-SUPPORTED_OPS: frozenset[str] = frozenset(
-    "getattr readdir mkdir rmdir unlink rename link symlink readlink mknod create open read "
-    "write flush release fsync fsyncdir truncate utimens chmod chown statfs flock".split()
-)
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 class Passthrough:
@@ -118,8 +119,7 @@ class Passthrough:
         if not flags:
             os.rename(src, dst)
             return
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        if _libc().renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), src, None, dst)
 
@@ -204,6 +204,11 @@ class Passthrough:
         fcntl.flock(fh, op)  # a blocking LOCK_EX parks one server thread until granted
 
 
+SUPPORTED_OPS: frozenset[str] = frozenset(
+    name for name, value in vars(Passthrough).items() if callable(value) and name[0] != "_"
+)
+
+
 def fuse_available() -> str | None:
     """None if FUSE mounts can be made here, else the reason (for ``pytest.skip``)."""
     if not sys.platform.startswith("linux"):
@@ -238,7 +243,12 @@ def _mount_ids(mountpoint: str) -> set[int]:
             except ValueError:
                 continue
             point = fields[4]
-            for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+            for escaped, char in (
+                ("\\040", " "),
+                ("\\011", "\t"),
+                ("\\012", "\n"),
+                ("\\134", "\\"),
+            ):
                 point = point.replace(escaped, char)
             if point == mountpoint and fields[sep + 1].startswith("fuse"):
                 ids.add(int(fields[0]))
@@ -248,7 +258,8 @@ def _mount_ids(mountpoint: str) -> set[int]:
 def _server_command(
     source: Path, mountpoint: Path, latency_s: float, ops: Iterable[str], options: dict[str, Any]
 ) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), str(source), str(mountpoint)]
+    script = str(Path(__file__).resolve())  # -P: tests/ must not shadow stdlib modules
+    command = [sys.executable, "-P", script, str(source), str(mountpoint)]
     command += ["--latency", repr(latency_s), "--latency-ops", ",".join(ops)]
     command += ["--cache-timeout", repr(options["cache_timeout_s"])]
     if options["hard_remove"]:
@@ -375,7 +386,7 @@ def serve(argv: list[str] | None = None) -> int:
 
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             decoded = (p.decode(self.encoding, self.errors) for p in (old, new))
-            return self.operations.rename(*decoded, flags) or 0  # type: ignore[no-any-return]
+            return self.operations.rename(*decoded, flags) or 0
 
     ops = [op for op in args.latency_ops.split(",") if op]
     operations = Passthrough(args.source, args.latency, ops)
@@ -391,7 +402,8 @@ def serve(argv: list[str] | None = None) -> int:
     for key in ("entry_timeout", "attr_timeout", "negative_timeout"):
         options[key] = args.cache_timeout
     if mfusepy.fuse_version_major == 3:
-        pass  # options["max_threads"] = 64  # blocking flocks each hold a thread; default is 10
+        options["max_threads"] = 64  # blocking flocks each hold a thread; default is 10
+    os.umask(0)  # the kernel has applied the caller's umask to create/mkdir modes already
     threading.Thread(target=_exit_on_stdin_eof, name="stdin-eof", daemon=True).start()
     fuse_class = _Fuse3 if mfusepy.fuse_version_major == 3 else mfusepy.FUSE
     fuse_class(operations, args.mountpoint, **options)

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -56,9 +57,7 @@ def mounted(source: Path, mountpoint: Path) -> Iterator[Path]:
         yield mnt
 
 
-def test_dirs_and_files_created_through_mount_appear_in_source(
-    source: Path, mounted: Path
-) -> None:
+def test_dirs_and_files_created_through_mount_appear_in_source(source: Path, mounted: Path) -> None:
     (mounted / "run1" / "step_100").mkdir(parents=True)
     (mounted / "run1" / "step_100" / "model.bin").write_bytes(b"w" * 70_000)
     assert (source / "run1" / "step_100").is_dir()
@@ -77,9 +76,7 @@ def test_rename_unlink_and_rmdir_through_mount_change_source(source: Path, mount
     assert os.listdir(source) == []
 
 
-def test_changes_made_in_source_are_seen_through_mount_at_once(
-    source: Path, mounted: Path
-) -> None:
+def test_changes_made_in_source_are_seen_through_mount_at_once(source: Path, mounted: Path) -> None:
     (source / "direct").write_text("from source")
     assert (mounted / "direct").read_text() == "from source"
     (source / "direct").unlink()
@@ -182,8 +179,8 @@ def test_unlinks_in_separate_directories_run_in_parallel(source: Path, mountpoin
 
     assert serial >= total * latency  # the latency really is injected into every unlink
     assert all(not any((source / f"d{t}").iterdir()) for t in range(threads))
-    # Fully serialised would be ratio 1.0, perfect overlap 1/threads (0.25); measured ~0.3.
-    assert parallel / serial < 0.6, f"serial {serial:.3f}s, parallel {parallel:.3f}s"
+    # Fully serialised is ratio ~1.0, perfect overlap 1/threads (0.25); measured 0.25-0.45.
+    assert parallel / serial < 0.7, f"serial {serial:.3f}s, parallel {parallel:.3f}s"
 
 
 def test_latency_applies_only_to_listed_operations(source: Path, mountpoint: Path) -> None:
@@ -202,8 +199,9 @@ def test_latency_applies_only_to_listed_operations(source: Path, mountpoint: Pat
 
 
 def test_unknown_latency_op_is_rejected(source: Path, mountpoint: Path) -> None:
-    with pytest.raises(ValueError, match="unlnk"), passthrough_mount(
-        source, mountpoint, op_latency_s=0.01, latency_ops=["unlnk"]
+    with (
+        pytest.raises(ValueError, match="unlnk"),
+        passthrough_mount(source, mountpoint, op_latency_s=0.01, latency_ops=["unlnk"]),
     ):
         pass
 
@@ -258,9 +256,9 @@ def _blocked_flock_waiters(inode: int) -> int:
         return sum(
             1
             for line in f
-            if "->" in line and "FLOCK" in line and any(
-                field.endswith(f":{inode}") for field in line.split()
-            )
+            if "->" in line
+            and "FLOCK" in line
+            and any(field.endswith(f":{inode}") for field in line.split())
         )
 
 
@@ -330,6 +328,19 @@ def test_file_data_and_metadata_operations_pass_through(source: Path, mounted: P
         os.rmdir("sub", dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def test_new_files_and_dirs_get_the_callers_umask_not_the_servers(
+    source: Path, mounted: Path
+) -> None:
+    old_umask = os.umask(0o002)
+    try:
+        os.mkdir(mounted / "group_writable", 0o777)
+        os.close(os.open(mounted / "file", os.O_CREAT | os.O_WRONLY, 0o666))
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(source / "group_writable").st_mode) == 0o775
+    assert stat.S_IMODE(os.stat(source / "file").st_mode) == 0o664
 
 
 def test_unlinking_an_open_file_leaves_a_hidden_file_until_closed(
