@@ -35,6 +35,7 @@ from .watch import RootWatcher, resolve_observer
 
 __all__ = ["Keeper"]
 
+FIRST_PASS_WAIT = 60.0  # systemd's default TimeoutStartSec is 90 s
 STOP_TIMEOUT = 8.0  # SIGTERM -> exit within 10 s (systemd's TimeoutStopSec gives us 15)
 
 
@@ -207,14 +208,17 @@ class Keeper:
         )
         return report
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
+    def wait_idle(self, timeout: float | None = None, *, until_stop: bool = False) -> bool:
+        """Wait until no pass runs; with ``until_stop``, also return early on a stop request."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state_lock:
             while self._running:
+                if until_stop and self._stop_requested:
+                    return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self._idle.wait(left)
+                self._idle.wait(0.2 if left is None else min(left, 0.2))
         return True
 
     def sweep_all(self) -> None:
@@ -254,11 +258,14 @@ class Keeper:
             )
         self._scheduler.start()
         self.sweep_all()
-        self.wait_idle()
+        # READY=1 after the first pass; a first pass still removing terabytes after
+        # FIRST_PASS_WAIT must not make systemd's start timeout kill us: ready anyway, it goes on.
+        complete = self.wait_idle(FIRST_PASS_WAIT, until_stop=True)
         self._update_status()
         self.notifier.ready(f"{len(self.roots)} roots; first pass done")
         self.log.info(
             "ready",
+            first_pass_complete=complete,
             roots=len(self.roots),
             observer_kinds=sorted({s.observer for s in self.roots.values()}),
         )
