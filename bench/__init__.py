@@ -1,1 +1,4 @@
-"""Benchmarks: figures side by side with the alternatives, as ratios and medians (``python -m bench``)."""
+"""Benchmarks: figures side by side with the alternatives, as ratios and medians.
+
+Run with ``python -m bench``.
+"""
