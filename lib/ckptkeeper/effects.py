@@ -31,6 +31,7 @@ __all__ = [
     "RootLock",
     "fsync_dir",
     "move_to_trash",
+    "open_area",
     "remove_tree",
     "write_marker",
     "writer_lock",
@@ -52,8 +53,8 @@ class Fs:
     def rmdir(self, path: str | Path, dir_fd: int | None = None) -> None:
         os.rmdir(path, dir_fd=dir_fd)
 
-    def mkdir(self, path: Path, mode: int = 0o755) -> None:
-        os.mkdir(path, mode)
+    def mkdir(self, path: str | Path, mode: int = 0o755, dir_fd: int | None = None) -> None:
+        os.mkdir(path, mode, dir_fd=dir_fd)
 
     def open(
         self, path: str | Path, flags: int, mode: int = 0o644, dir_fd: int | None = None
@@ -76,23 +77,41 @@ OS_FS = Fs()
 def fsync_dir(path: Path, fs: Fs = OS_FS) -> None:
     fd = os.open(path, _DIR_FLAGS)
     try:
-        fs.fsync(fd)
-    except OSError as exc:  # some filesystems refuse fsync on directories; not worth failing for
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
+        _fsync_fd(fd, fs)
     finally:
         os.close(fd)
 
 
-def _ensure_dir(path: Path, fs: Fs) -> None:
+def open_area(root: Path, *parts: str, create: bool = False, fs: Fs = OS_FS) -> int:
+    """Open ``root/parts...`` as a directory and return its descriptor (the caller closes it).
+
+    Each component is opened relative to its parent's descriptor with ``O_NOFOLLOW``, so a
+    ``.ckptkeeper`` or ``trash`` that is (or is swapped for) a symlink is refused with ENOTDIR
+    instead of leading outside the root. ``create`` makes missing components (``mkdirat``).
+    """
+    fd = os.open(root, _DIR_FLAGS)
     try:
-        fs.mkdir(path, 0o755)
-    except FileExistsError:
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(
-                errno.ENOTDIR, "exists and is not a directory", str(path)
-            ) from None
+        shown = Path(root)
+        for part in parts:
+            shown = shown / part
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    fs.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except NotADirectoryError:
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "not a directory (a symlink is never followed)", str(shown)
+                ) from None
+            except OSError as exc:
+                exc.filename = str(shown)
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class RootLock:
@@ -112,11 +131,16 @@ class RootLock:
         return self._fd is not None
 
     def acquire(self) -> bool:
-        area = self.root / CKPTKEEPER_DIR
-        _ensure_dir(area, self.fs)
-        fd = self.fs.open(
-            area / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
+        area_fd = open_area(self.root, CKPTKEEPER_DIR, create=True, fs=self.fs)
+        try:
+            fd = self.fs.open(
+                "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=area_fd
+            )
+        except OSError as exc:
+            exc.filename = str(self.root / CKPTKEEPER_DIR / "lock")
+            raise
+        finally:
+            os.close(area_fd)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         delay = 0.005
         try:
@@ -153,17 +177,54 @@ class RootLock:
 
 
 def write_marker(directory: Path, name: str, fs: Fs = OS_FS, **extra: Any) -> Path:
-    """Write the completion marker durably: file content fsynced, then the directory."""
+    """Write the completion marker atomically and durably.
+
+    The content goes to a temporary name and is fsynced, then renamed into place, then the
+    directory is fsynced through a descriptor opened first: a keeper that finalizes the save the
+    moment the marker appears (``tmp_step_N`` -> ``step_N``) cannot make this fail, and a failure
+    anywhere leaves no marker behind (a save the caller is told failed is never finalized).
+    """
     payload = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **extra}
-    path = Path(directory) / name
-    fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    directory = Path(directory)
+    path = directory / name
+    temp = f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    dir_fd = os.open(directory, _DIR_FLAGS)
+    renamed = False
     try:
-        fs.write(fd, json.dumps(payload).encode())
-        fs.fsync(fd)
+        fd = fs.open(
+            temp,
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=dir_fd,
+        )
+        try:
+            data = json.dumps(payload).encode()
+            if fs.write(fd, data) != len(data):
+                raise OSError(errno.EIO, "short write of the completion marker", str(path))
+            fs.fsync(fd)
+        finally:
+            os.close(fd)
+        fs.rename(directory / temp, path)
+        renamed = True
+        _fsync_fd(dir_fd, fs)
+    except BaseException:
+        # Whatever failed, the save must not look complete. The directory may have been
+        # finalized already (renamed) by a keeper: the descriptor still reaches it.
+        for leftover in (temp, name) if renamed else (temp,):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover, dir_fd=dir_fd)
+        raise
     finally:
-        os.close(fd)
-    fsync_dir(Path(directory), fs)
+        os.close(dir_fd)
     return path
+
+
+def _fsync_fd(fd: int, fs: Fs) -> None:
+    try:
+        fs.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories; not worth failing for
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
 
 
 @contextlib.contextmanager
@@ -185,8 +246,10 @@ def move_to_trash(root: Path, path: Path, fs: Fs = OS_FS) -> Path | None:
     Returns the trash path, or None when ``path`` is already gone (a lost race is success).
     """
     trash = trash_dir(root)
-    _ensure_dir(trash.parent, fs)
-    _ensure_dir(trash, fs)
+    # Made and checked component by component (no symlink anywhere below the root). The rename
+    # itself goes by path: at worst a swap in between moves the step, it never deletes anything;
+    # every removal goes through descriptors (see `purge_trash`).
+    os.close(open_area(root, CKPTKEEPER_DIR, trash.name, create=True, fs=fs))
     dest = trash / f"{time.time_ns()}-{path.name}"
     try:
         fs.rename(path, dest)
@@ -252,8 +315,12 @@ def remove_tree(
     fs: Fs = OS_FS,
     busy_retries: int = 5,
     cancel: threading.Event | None = None,
+    parent_fd: int | None = None,
 ) -> Removal:
     """Remove ``path`` and everything below it without following symlinks.
+
+    With ``parent_fd`` (an open descriptor of ``path``'s parent, left open) nothing above
+    ``path`` is looked up by name again: a parent swapped for a symlink cannot redirect it.
 
     Directories are processed in parallel (``workers`` threads), which is what makes removal
     fast on filesystems with per-operation latency (NFS, Lustre, FUSE). Never raises for entries
@@ -263,7 +330,9 @@ def remove_tree(
     result = Removal()
     path = Path(path)
     try:
-        parent_fd = os.open(path.parent, _DIR_FLAGS)
+        parent_fd = (
+            os.open(path.parent, _DIR_FLAGS) if parent_fd is None else os.dup(parent_fd)
+        )
     except OSError as exc:
         result.leave(str(path), _errtext(exc))
         return result
@@ -398,8 +467,11 @@ def remove_tree(
 
     try:
         try:
-            st = os.lstat(path)
+            st = os.lstat(path.name, dir_fd=parent_fd)
         except FileNotFoundError:
+            return result
+        except OSError as exc:
+            result.leave(str(path), _errtext(exc))
             return result
         if not stat.S_ISDIR(st.st_mode):
             _unlink(parent_fd, path.name, str(path), st.st_size)

@@ -40,6 +40,7 @@ INFO_FILE = "training_info.json"
 PIN_FILE = "KEEP"
 WRITER_LOCK = ".writer.lock"
 MAX_INFO_BYTES = 16 * 1024 * 1024  # a training_info.json larger than this is not parsed
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _InfoResult = tuple[Mapping[str, Any] | None, str | None]
 
@@ -267,19 +268,7 @@ def scan_root(
                 InFlight(step, path, complete, info, why, pinned, identity, locked, newest)
             )
 
-    trash: list[TrashEntry] = []
-    try:
-        with os.scandir(trash_dir(root)) as it:
-            for entry in it:
-                when = parse_trash_name(entry.name)
-                if when is None:
-                    try:
-                        when = entry.stat(follow_symlinks=False).st_ctime
-                    except OSError:
-                        continue
-                trash.append(TrashEntry(Path(entry.path), when))
-    except OSError:
-        pass  # no trash yet (or unreadable: the purge will report it)
+    trash = _scan_trash(root, anomalies)
 
     if cache is not None:
         cache.retain(root, [p.name for group in groups.values() for p, _ in group])
@@ -292,3 +281,39 @@ def scan_root(
         tuple(anomalies),
         frozenset(ambiguous),
     )
+
+
+def _scan_trash(root: Path, anomalies: list[Anomaly]) -> list[TrashEntry]:
+    """Entries of ``<root>/.ckptkeeper/trash``, reached without following any symlink."""
+    where = trash_dir(root)
+    fd = -1
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+        for part in (CKPTKEEPER_DIR, where.name):
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        trash: list[TrashEntry] = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                when = parse_trash_name(entry.name)
+                if when is None:
+                    try:
+                        when = entry.stat(follow_symlinks=False).st_ctime
+                    except OSError:
+                        continue
+                trash.append(TrashEntry(where / entry.name, when))
+        return trash
+    except FileNotFoundError:
+        return []  # no trash yet
+    except NotADirectoryError:
+        anomalies.append(
+            Anomaly(where, "not a directory or behind a symlink: ckptkeeper's trash is not used")
+        )
+        return []
+    except OSError as exc:
+        anomalies.append(Anomaly(where, f"cannot list trash: {_errname(exc)}"))
+        return []
+    finally:
+        if fd >= 0:
+            os.close(fd)

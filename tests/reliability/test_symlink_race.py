@@ -244,15 +244,6 @@ def test_trash_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
     assert not any(o.status == "done" for o in report.outcomes if o.decision.action is Action.PURGE)
 
 
-BUG_OWN_AREA = (
-    "BUG: ckptkeeper.effects.remove_tree opens the PARENT of the trash entry by path "
-    "(os.open(path.parent, O_NOFOLLOW|O_DIRECTORY) only refuses a symlink as the LAST "
-    "component) and scan_root lists .ckptkeeper/trash by path: when <root>/.ckptkeeper is "
-    "swapped for a symlink after the root lock was taken, the pass's purges (and the removal of "
-    "what it just trashed) delete files outside the root"
-)
-
-
 class SwapOwnArea(Fs):
     """Replaces ``<root>/.ckptkeeper`` by a symlink to ``outside/area`` at a chosen moment: right
     after the root lock is taken (``when="locked"``) or right after the pass renamed a step into
@@ -282,7 +273,6 @@ class SwapOwnArea(Fs):
             self._swap()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_OWN_AREA)
 @pytest.mark.parametrize("when", ["locked", "trashed"])
 def test_own_area_swapped_for_a_symlink_mid_pass(tmp_path: Path, when: str) -> None:
     root = make_root(tmp_path, steps=2)  # exactly one delete: step_1

@@ -415,16 +415,60 @@ def test_write_marker_goes_through_fs_and_syncs(tmp_path: Path) -> None:
     assert calls == ["open", "write", "fsync", "fsync"]  # file, then its directory
 
 
-def test_write_marker_does_not_write_through_a_symlink(tmp_path: Path) -> None:
+def test_write_marker_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious")
     d = tmp_path / "tmp_step_1"
     d.mkdir()
     (d / ".complete").symlink_to(victim)
-    with pytest.raises(OSError) as info:
-        write_marker(d, ".complete")
-    assert info.value.errno == errno.ELOOP
+    write_marker(d, ".complete")
     assert victim.read_text() == "precious"
+    assert (d / ".complete").is_file() and not (d / ".complete").is_symlink()
+    assert sorted(os.listdir(d)) == [".complete"]  # no temporary left
+
+
+def test_write_marker_survives_the_save_being_finalized_the_moment_it_appears(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "tmp_step_1"
+    d.mkdir()
+    finalized = tmp_path / "step_1"
+
+    class FinalizeOnRename(Fs):
+        def rename(self, src: Path, dst: Path) -> None:
+            super().rename(src, dst)
+            os.rename(d, finalized)  # a keeper pass lands right here
+
+    write_marker(d, ".complete", fs=FinalizeOnRename())
+    assert (finalized / ".complete").is_file()
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync", "rename"])
+def test_write_marker_failure_leaves_no_marker_and_no_temporary(
+    tmp_path: Path, failing: str
+) -> None:
+    d = tmp_path / "tmp_step_1"
+    d.mkdir()
+
+    class Failing(Fs):
+        def write(self, fd: int, data: bytes) -> int:
+            if failing == "write":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(fd, data)
+
+        def fsync(self, fd: int) -> None:
+            if failing == "fsync":
+                raise OSError(errno.EIO, "Input/output error")
+            super().fsync(fd)
+
+        def rename(self, src: Path, dst: Path) -> None:
+            if failing == "rename":
+                raise OSError(errno.EROFS, "Read-only file system")
+            super().rename(src, dst)
+
+    with pytest.raises(OSError):
+        write_marker(d, ".complete", fs=Failing())
+    assert os.listdir(d) == []
 
 
 def test_writer_lock_context_is_seen_by_writer_lock_held(tmp_path: Path) -> None:

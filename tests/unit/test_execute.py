@@ -507,9 +507,9 @@ class FaultFs(Fs):
         self._tick("rmdir", path)
         super().rmdir(path, dir_fd=dir_fd)
 
-    def mkdir(self, path: Path, mode: int = 0o755) -> None:
+    def mkdir(self, path: str | Path, mode: int = 0o755, dir_fd: int | None = None) -> None:
         self._tick("mkdir", path)
-        super().mkdir(path, mode)
+        super().mkdir(path, mode, dir_fd=dir_fd)
 
     def open(
         self, path: str | Path, flags: int, mode: int = 0o644, dir_fd: int | None = None
@@ -621,9 +621,9 @@ class CrashFs(Fs):
         self._tick()
         super().rmdir(path, dir_fd=dir_fd)
 
-    def mkdir(self, path: Path, mode: int = 0o755) -> None:
+    def mkdir(self, path: str | Path, mode: int = 0o755, dir_fd: int | None = None) -> None:
         self._tick()
-        super().mkdir(path, mode)
+        super().mkdir(path, mode, dir_fd=dir_fd)
 
 
 def run_in_child(fn: Callable[[], None]) -> int:
