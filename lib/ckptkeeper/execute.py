@@ -7,6 +7,7 @@ skipped and reported, never forced. One failing decision never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -16,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .effects import OS_FS, Fs, Removal, fsync_dir, move_to_trash, remove_tree
+from .effects import OS_FS, Fs, Removal, fsync_dir, move_to_trash, open_area, remove_tree
 from .names import old_name, step_name
 from .plan import Action, Decision, Plan
-from .scan import PIN_FILE, writer_lock_held
+from .scan import CKPTKEEPER_DIR, PIN_FILE, trash_dir, writer_lock_held
 
 __all__ = ["Outcome", "apply_plan", "purge_trash"]
 
@@ -68,13 +69,14 @@ def apply_plan(
     )
     for decision in todo:
         started = time.perf_counter()
+        moved: list[bool] = []  # set once this action has renamed decision.path itself
         try:
-            trash_path = _apply_one(plan, decision, fs)
+            trash_path = _apply_one(plan, decision, fs, moved)
             outcome = Outcome(decision, "done", trash_path=trash_path)
         except _Skip as skip:
             outcome = Outcome(decision, "skipped", str(skip))
         except FileNotFoundError as exc:
-            if os.path.lexists(decision.path):  # ENOENT for something else: a real failure
+            if moved or os.path.lexists(decision.path):  # ENOENT for something else: a failure
                 outcome = Outcome(decision, "failed", f"{exc.strerror} ({exc.filename})", "ENOENT")
             else:  # someone else already did it: a lost race is success
                 outcome = Outcome(decision, "gone", f"already gone: {exc.filename}", "ENOENT")
@@ -109,7 +111,7 @@ def _check_same_dir(path: Path, identity: tuple[int, int]) -> None:
         raise _Skip("changed since the plan: replaced by another directory")
 
 
-def _apply_one(plan: Plan, d: Decision, fs: Fs) -> Path | None:
+def _apply_one(plan: Plan, d: Decision, fs: Fs, moved: list[bool]) -> Path | None:
     root = plan.root
     assert d.step is not None
     target = root / step_name(d.step)
@@ -133,6 +135,7 @@ def _apply_one(plan: Plan, d: Decision, fs: Fs) -> Path | None:
         if _lstat(target) is not None:
             raise _Skip(f"{target.name} exists again: the old copy is left for the next pass")
         fs.rename(d.path, target)
+        moved.append(True)
         fsync_dir(root, fs)
         return None
     # FINALIZE / REPLACE of a complete tmp_step_N.
@@ -152,9 +155,20 @@ def _apply_one(plan: Plan, d: Decision, fs: Fs) -> Path | None:
         if _lstat(old) is not None:
             move_to_trash(root, old, fs)  # garbage beside a live step_N
         fs.rename(current, old)
-    elif d.carry_pin:
-        _pin(d.path, fs)
-    fs.rename(d.path, target)
+        try:
+            fs.rename(d.path, target)
+        except BaseException:
+            # Put the live step back so it never goes missing between passes (best effort: if
+            # this fails too, old_step_N is restored by the next pass, invariant 5).
+            if _lstat(current) is None:
+                with contextlib.suppress(OSError):
+                    fs.rename(old, current)
+            raise
+    else:
+        if d.carry_pin:
+            _pin(d.path, fs)
+        fs.rename(d.path, target)
+    moved.append(True)
     fsync_dir(root, fs)
     if current is not None and _lstat(old) is not None:
         return move_to_trash(root, old, fs)
@@ -174,5 +188,36 @@ def purge_trash(
     fs: Fs = OS_FS,
     cancel: threading.Event | None = None,
 ) -> list[tuple[Path, Removal]]:
-    """Remove trash entries. No root lock needed: trash is ckptkeeper's own, removal idempotent."""
-    return [(e, remove_tree(e, workers=workers, fs=fs, cancel=cancel)) for e in entries]
+    """Remove trash entries. No root lock needed: trash is ckptkeeper's own, removal idempotent.
+
+    The trash directory is reached through descriptors opened without following symlinks, so a
+    ``.ckptkeeper`` or ``trash`` swapped for a symlink makes the removal refuse, never reach
+    outside the root.
+    """
+    trash = trash_dir(root)
+    try:
+        trash_fd = open_area(root, CKPTKEEPER_DIR, trash.name)
+    except FileNotFoundError:
+        return [(e, Removal()) for e in entries]  # no trash: nothing to remove
+    except OSError as exc:
+        return [(e, _refused(trash, exc)) for e in entries]
+    try:
+        out: list[tuple[Path, Removal]] = []
+        for e in entries:
+            if Path(e).parent != trash:
+                refused = Removal()
+                refused.leave(str(e), "not an entry of this root's trash: not removed")
+                out.append((e, refused))
+                continue
+            removal = remove_tree(e, workers=workers, fs=fs, cancel=cancel, parent_fd=trash_fd)
+            out.append((e, removal))
+        return out
+    finally:
+        os.close(trash_fd)
+
+
+def _refused(trash: Path, exc: OSError) -> Removal:
+    refused = Removal()
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    refused.leave(str(trash), f"{name}: {exc.strerror or exc}")
+    return refused

@@ -66,33 +66,6 @@ POLICY = Policy(
 FINAL_STEPS = {2, 3, 4, 6, 8, 9}
 ERROR_EVENTS = ("action_failed", "removal_incomplete", "root_problem")
 
-BUG_REPLACE_NO_ROLLBACK = (
-    "BUG: lib/ckptkeeper/execute.py _apply_one (REPLACE): when rename(tmp_step_N -> step_N) "
-    "fails after rename(step_N -> old_step_N) succeeded, step_N is left missing (only old_step_N "
-    "and tmp_step_N exist) until a later pass; a kept step is not visible between passes (and "
-    "the next pass may be an hour away). Fix: on failure of the second rename, rename old_step_N "
-    "back to step_N (best effort) before re-raising."
-)
-BUG_ENOENT_AFTER_MOVE = (
-    "BUG: lib/ckptkeeper/execute.py apply_plan reports a FileNotFoundError as a lost race "
-    "(status 'gone', info `skipped` 'already gone: ...', no errno, not counted as an error) "
-    "whenever decision.path no longer exists - but in a FINALIZE/REPLACE/RESTORE decision.path "
-    "is gone because *this* action already renamed it, so an ENOENT from the follow-up steps "
-    "(fsync_dir of the root, mkdir of .ckptkeeper/trash or the rename of old_step_N into trash "
-    "while old_step_N still exists) is misreported: the replace is half done, old_step_N is left, "
-    "nothing names ENOENT. Fix: in _apply_one catch FileNotFoundError only around the first "
-    "rename of d.path (lost race iff not lexists(d.path) there); let errors of later steps "
-    "surface as 'failed' with errno (or a done outcome carrying a warning)."
-)
-BUG_MARKER_NOT_ATOMIC = (
-    "BUG: lib/ckptkeeper/effects.py write_marker opens the marker with O_CREAT|O_TRUNC before "
-    "writing it, so when write/fsync (or the directory fsync) fails and write_marker raises to "
-    "the trainer, an empty or unsynced `.complete` is left behind and the keeper finalizes the "
-    "save the trainer was told failed. Fix: write `<marker>.tmp-<pid>`, fsync, fs.rename into "
-    "place, fsync the directory; on any failure unlink the temporary (and the marker if the "
-    "rename already happened) before re-raising."
-)
-
 
 # -- the faulty filesystem ------------------------------------------------------------------------
 
@@ -147,9 +120,9 @@ class FaultyFs(Fs):
         self._hit("rmdir", path)
         super().rmdir(path, dir_fd=dir_fd)
 
-    def mkdir(self, path: Path, mode: int = 0o755) -> None:
+    def mkdir(self, path: str | Path, mode: int = 0o755, dir_fd: int | None = None) -> None:
         self._hit("mkdir", path)
-        super().mkdir(path, mode)
+        super().mkdir(path, mode, dir_fd=dir_fd)
 
     def open(
         self, path: str | Path, flags: int, mode: int = 0o644, dir_fd: int | None = None
@@ -325,27 +298,13 @@ def clean_counts() -> dict[str, int]:
 # -- expectations ---------------------------------------------------------------------------------
 
 
-def _known_bug(op: str, err: int, call: str) -> str | None:
-    """Known keeper bugs, by what the failing call does in a clean pass."""
-    if op == "rename" and call == "root/tmp_step_4 -> root/step_4":  # 2nd rename of the replace
-        return BUG_REPLACE_NO_ROLLBACK
-    if err == errno.ENOENT and (op == "fsync" or "root/old_step_4 ->" in call):
-        return BUG_ENOENT_AFTER_MOVE  # fails after the decision's own path was renamed
-    return None
-
-
 def _cases() -> list[Any]:
     calls = clean_calls()
     params = []
     for op in OPS:
         for err in ERRNOS:
-            for k, call in enumerate(calls[op], start=1):
-                marks = []
-                if bug := _known_bug(op, err, call):
-                    marks.append(pytest.mark.xfail(strict=True, reason=bug))
-                params.append(
-                    pytest.param(op, err, k, 1, marks=marks, id=f"{op}-{errno.errorcode[err]}-{k}")
-                )
+            for k in range(1, len(calls[op]) + 1):
+                params.append(pytest.param(op, err, k, 1, id=f"{op}-{errno.errorcode[err]}-{k}"))
     # The threaded removal path (workers > 1): every unlink/rmdir site once with EIO.
     for op in ("unlink", "rmdir"):
         for k in range(1, len(calls[op]) + 1):
@@ -531,18 +490,11 @@ def _marker_cases() -> list[Any]:
         ("open", 1, "open"),
         ("write", 1, "write"),
         ("fsync", 1, "fsync-file"),
+        ("rename", 1, "rename"),
         ("fsync", 2, "fsync-dir"),
     ]:
         for err in ERRNOS:
-            # open fails before anything exists; every later failure leaves the marker behind.
-            marks = (
-                []
-                if op == "open"
-                else [pytest.mark.xfail(strict=True, reason=BUG_MARKER_NOT_ATOMIC)]
-            )
-            params.append(
-                pytest.param(op, k, err, marks=marks, id=f"{label}-{errno.errorcode[err]}")
-            )
+            params.append(pytest.param(op, k, err, id=f"{label}-{errno.errorcode[err]}"))
     return params
 
 
