@@ -77,4 +77,6 @@ class ProblemLog:
             self._active[scope] = set(current)
         for key, fields in current.items():
             if key not in before:
-                log.warning(fields.pop("event", "checkpoint_problem"), **fields)
+                shown = dict(fields)
+                level = shown.pop("level", "warning")
+                getattr(log, level)(shown.pop("event", "checkpoint_problem"), **shown)

@@ -105,6 +105,10 @@ def _scan_and_plan(
 
 
 def _report_problems(report: Report, log: Any, problems: ProblemLog | None) -> None:
+    """Log what is wrong in the root. With a `ProblemLog` (the daemon) a problem that recurs on
+    every pass is logged once, and again only after it went away and came back."""
+    if report.status == "busy":
+        return  # nothing was looked at: what was wrong before still is, as far as we know
     current: dict[tuple[str, str], dict[str, Any]] = {}
     if report.status == "error":
         for why in report.problems:
@@ -125,11 +129,48 @@ def _report_problems(report: Report, log: Any, problems: ProblemLog | None) -> N
                     "path": str(c.path),
                     "reason": f"{c.info_error}; kept",
                 }
+    if report.plan is not None and report.plan.policy.metric_name:
+        for d in report.plan.by_action(Action.KEEP):
+            if isinstance(d.metric, str) and (str(d.path), d.metric) not in current:
+                current[(str(d.path), d.metric)] = {
+                    "event": "unranked",
+                    "step": d.step,
+                    "path": str(d.path),
+                    "reason": f"{d.metric}: ranked last; kept ({'; '.join(d.reasons)})",
+                }
+    for o in report.outcomes:
+        if not o.ok:
+            d = o.decision
+            current[(str(d.path), o.errno_name or o.detail)] = {
+                "event": "action_failed",
+                "level": "error",
+                "action": d.action.value,
+                "step": d.step,
+                "path": str(d.path),
+                "errno": o.errno_name,
+                "error": o.detail,
+                "reason": "; ".join(d.reasons),
+            }
+    for path, removal in report.removed:
+        if removal.left:
+            current[(str(path), removal.left[0][1])] = {
+                "event": "removal_incomplete",
+                "path": str(path),
+                "left": len(removal.left),
+                "reason": "; ".join(f"{p}: {why}" for p, why in removal.left[:5]),
+                "bytes": removal.bytes,
+            }
     if problems is None:
         for fields in current.values():
-            log.warning(fields.pop("event"), **fields)
+            _emit(log, fields)
     else:
         problems.report(str(report.root), current, log)
+
+
+def _emit(log: Any, fields: dict[str, Any]) -> None:
+    fields = dict(fields)
+    level = fields.pop("level", "warning")
+    getattr(log, level)(fields.pop("event"), **fields)
 
 
 def preview(
@@ -227,12 +268,13 @@ def _reconcile(
     for outcome in report.outcomes:
         if defer and outcome.trash_path is not None:
             t0 = time.perf_counter()
-            removal = _remove(root, outcome.trash_path, delete_workers, fs, log, report, cancel)
+            removal = _remove(root, outcome.trash_path, delete_workers, fs, report, cancel)
             removed_ms = (time.perf_counter() - t0) * 1000
             _log_outcome(outcome, log, removal.bytes, outcome.duration_ms + removed_ms)
     for d in report.plan.by_action(Action.PURGE):
-        removal = _remove(root, d.path, delete_workers, fs, log, report, cancel)
-        log.info("purged", path=str(d.path), reason="; ".join(d.reasons), bytes=removal.bytes)
+        removal = _remove(root, d.path, delete_workers, fs, report, cancel)
+        if not removal.left:  # what is left is reported once as removal_incomplete
+            log.info("purged", path=str(d.path), reason="; ".join(d.reasons), bytes=removal.bytes)
 
 
 def _remove(
@@ -240,21 +282,11 @@ def _remove(
     path: Path,
     workers: int,
     fs: Fs,
-    log: Any,
     report: Report,
     cancel: threading.Event | None,
 ) -> Removal:
     [(_, removal)] = purge_trash(root, [path], workers=workers, fs=fs, cancel=cancel)
     report.removed.append((path, removal))
-    if removal.left:
-        shown = "; ".join(f"{p}: {why}" for p, why in removal.left[:5])
-        log.warning(
-            "removal_incomplete",
-            path=str(path),
-            left=len(removal.left),
-            reason=shown,
-            bytes=removal.bytes,
-        )
     return removal
 
 
@@ -278,11 +310,4 @@ def _log_outcome(
         log.info("skipped", action=d.action.value, **{**fields, "reason": outcome.detail})
     elif outcome.status == "skipped":
         log.warning("skipped", action=d.action.value, **{**fields, "reason": outcome.detail})
-    else:
-        log.error(
-            "action_failed",
-            action=d.action.value,
-            errno=outcome.errno_name,
-            error=outcome.detail,
-            **fields,
-        )
+    # a failed action is reported once per (path, errno) by _report_problems

@@ -98,8 +98,9 @@ class Keeper:
             }
             self.problems.report(f"config:{root}", current, self.log.bind(root=str(root)))
         with self._state_lock:
-            added = set(found) - set(self.roots)
-            removed = set(self.roots) - set(found)
+            previous = self.roots
+            added = set(found) - set(previous)
+            removed = set(previous) - set(found)
             self.roots = found
         for root in sorted(added):
             self.log.info("root_added", root=str(root), observer=found[root].observer)
@@ -109,6 +110,16 @@ class Keeper:
             self._scheduler_remove(f"sweep:{root}")
         self._watcher.set_roots({r: s.observer for r, s in found.items()})
         for root, state in found.items():
+            # (Re)scheduled only when new or when its interval changed: re-adding a job restarts
+            # its interval, and a refresh that runs more often than the sweep would starve it.
+            before = previous.get(root)
+            job = self._scheduler.get_job(f"sweep:{root}")
+            if (
+                job is not None
+                and before is not None
+                and before.settings.sweep_interval == state.settings.sweep_interval
+            ):
+                continue
             self._scheduler.add_job(
                 self.request,
                 "interval",

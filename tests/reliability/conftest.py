@@ -21,16 +21,6 @@ from tests.helpers import CKPTKEEPER, Daemon, wait_until
 
 TRAINER = str(Path(__file__).with_name("trainer_sim.py"))
 
-# Library/daemon bugs this harness found, with the traceback signature by which a run recognises
-# one of them. A test that hits one finishes its other checks, then reports it as xfail (a run
-# that does not hit the race passes). Each has a deterministic xfail(strict=True) reproducer.
-MARKER_RACE = (
-    "BUG: ckptkeeper.effects.write_marker fsyncs the save directory by path after creating the "
-    "marker; a keeper that finalizes the save in between (tmp_step_N -> step_N) makes "
-    "CheckpointManager.finalize_checkpoint raise FileNotFoundError in the trainer "
-    "(see test_concurrency.py::test_finalize_checkpoint_racing_the_keeper_is_not_an_error)"
-)
-KNOWN_BUGS = {MARKER_RACE: ("in write_marker", "fsync_dir", "FileNotFoundError")}
 _SUMMARY: list[str] = []
 
 
@@ -98,14 +88,6 @@ class Keeper(Daemon):
     def events_named(self, *names: str) -> list[dict[str, Any]]:
         with self._cond:
             return [e for e in self.events if e.get("event") in names]
-
-
-def known_bug(text: str) -> str | None:
-    """The reason of the known bug whose signature ``text`` (a traceback) shows, if any."""
-    for reason, needles in KNOWN_BUGS.items():
-        if all(n in text for n in needles):
-            return reason
-    return None
 
 
 def start_trainer(root: Path, *args: str) -> subprocess.Popen[str]:
@@ -211,7 +193,6 @@ class Harness:
         self.procs: list[subprocess.Popen[Any]] = []
 
     seed = staticmethod(seed_from_env)
-    known_bug = staticmethod(known_bug)
     summarize = staticmethod(summarize)
     cli = staticmethod(ckptkeeper)
     run = staticmethod(run_command)

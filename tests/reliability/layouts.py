@@ -37,29 +37,6 @@ __all__ = [
 METRIC = "val"
 NOBODY = 65534
 HUGE_INFO_BYTES = 100 * 1024 * 1024
-BUG_UNRANKED_METRIC = (
-    "BUG: a kept step whose metric is NaN/inf/string/bool/nested is never reported "
-    "(reconcile._report_problems only reports info_error); DESIGN 3.7 says such bad input is "
-    "logged. Fix: in _report_problems, for every KEEP decision with a str `metric` (and a "
-    "policy.metric_name) add an `unranked` problem keyed (path, reason) via ProblemLog."
-)
-BUG_TRASH_SYMLINK = (
-    "BUG: scan_root lists <root>/.ckptkeeper/trash with os.scandir, which follows a symlink, so "
-    "every pass plans PURGEs of entries outside the root; remove_tree refuses them (ENOTDIR) and "
-    "removal_incomplete (+ a false `purged`) is logged on every pass. Fix: in scan_root lstat "
-    "the trash dir and list it only when it is a real directory (report it once otherwise)."
-)
-BUG_FALSE_PURGED = (
-    "BUG: reconcile._reconcile logs `purged` for every PURGE decision even when remove_tree "
-    "could not remove the entry (removal.left non-empty). Fix: log `purged` only when "
-    "removal.left is empty (removal_incomplete already reports the rest)."
-)
-BUG_REPEATS = (
-    "BUG: a failure that recurs on every pass (`action_failed` from apply_plan, "
-    "`removal_incomplete` from reconcile._remove) is logged again on every pass: only scan "
-    "problems go through ProblemLog. Fix: route recurring action failures and removal leftovers "
-    "through ProblemLog keyed (path, errno/reason) so each is logged once until it changes."
-)
 
 
 @dataclass(frozen=True)
@@ -69,7 +46,6 @@ class Expect:
     ``path``: fnmatch pattern relative to the root matched against the event's ``path``;
     ``None``: the event must carry ``root`` == the root instead. ``reason``: substrings that must
     all appear in the event's reason/error/errno text. ``absent``: no such event may be logged.
-    ``bug``: a known keeper bug makes this expectation fail (the test is xfail(strict=True)).
     """
 
     event: str
@@ -78,7 +54,6 @@ class Expect:
     modes: tuple[str, ...] = ("run", "sweep")
     once: bool = True
     absent: bool = False  # the event must NOT be logged
-    bug: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,7 +210,7 @@ def _metric_layout(name: str, bad: Any, why: str) -> Layout:
         build,
         (
             Expect("deleted", "step_2", (why, "ranked last")),
-            Expect("unranked", "step_4", (why,), bug=BUG_UNRANKED_METRIC),
+            Expect("unranked", "step_4", (why,)),
         ),
         remain=("step_1", "step_4"),
         gone=("step_2", "step_3"),
@@ -632,14 +607,12 @@ LAYOUTS: list[Layout] = [
                 ".ckptkeeper/trash/*-step_1",
                 ("EACCES",),
                 modes=("run",),
-                bug=BUG_REPEATS,
             ),
             Expect(
                 "purged",
                 ".ckptkeeper/trash/*-step_1",
                 modes=("run",),
                 absent=True,
-                bug=BUG_FALSE_PURGED,
             ),
         ),
         remain=("step_3",),
@@ -657,14 +630,12 @@ LAYOUTS: list[Layout] = [
                 ".ckptkeeper/trash/*-step_1",
                 ("EACCES",),
                 modes=("run",),
-                bug=BUG_REPEATS,
             ),
             Expect(
                 "purged",
                 ".ckptkeeper/trash/*-step_1",
                 modes=("run",),
                 absent=True,
-                bug=BUG_FALSE_PURGED,
             ),
         ),
         remain=("step_3",),
@@ -756,8 +727,8 @@ LAYOUTS: list[Layout] = [
         (
             # The delete cannot go through a trash that is not a directory: named, with errno.
             Expect("action_failed", "step_1", ("ENOTDIR",), once=False),
-            Expect("action_failed", "step_1", ("ENOTDIR",), modes=("run",), bug=BUG_REPEATS),
-            Expect("removal_incomplete", ".ckptkeeper/trash/*", absent=True, bug=BUG_TRASH_SYMLINK),
+            Expect("action_failed", "step_1", ("ENOTDIR",), modes=("run",)),
+            Expect("removal_incomplete", ".ckptkeeper/trash/*", absent=True),
         ),
         remain=("step_1", "step_2"),
     ),
