@@ -108,7 +108,10 @@ class Keeper:
             self.log.info("root_removed", root=str(root))
             self.cache.drop_root(root)
             self._scheduler_remove(f"sweep:{root}")
-        self._watcher.set_roots({r: s.observer for r, s in found.items()})
+        self._watcher.set_roots(
+            {r: s.observer for r, s in found.items()},
+            markers={r: s.settings.policy.complete_marker for r, s in found.items()},
+        )
         for root, state in found.items():
             # (Re)scheduled only when new or when its interval changed: re-adding a job restarts
             # its interval, and a refresh that runs more often than the sweep would starve it.

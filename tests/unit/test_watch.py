@@ -16,23 +16,32 @@ from pathlib import Path
 
 import pytest
 from watchdog.events import (
+    DirAttribEvent,
     DirCreatedEvent,
+    DirDeletedEvent,
     DirModifiedEvent,
     DirMovedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileClosedNoWriteEvent,
     FileCreatedEvent,
+    FileDeletedEvent,
     FileModifiedEvent,
+    FileMovedEvent,
     FileOpenedEvent,
 )
+from watchdog.utils.dirsnapshot import DirectorySnapshot
 
+from ckptkeeper import write_marker
 from ckptkeeper.scan import writer_lock_held
 from ckptkeeperd import watch as watch_mod
 from ckptkeeperd.fstype import filesystem_type, is_network_fs
-from ckptkeeperd.watch import Debouncer, RootWatcher, resolve_observer, wants_reconcile
+from ckptkeeperd.hints import Debouncer, Hint, event_hint
+from ckptkeeperd.watch import RootWatcher, resolve_observer
 
 KINDS = ["inotify", "polling"]
 TIMEOUT = 10.0
+SLOW = 30.0  # a debounce no test waits for: a callback well before it was not debounced
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
@@ -69,6 +78,10 @@ class Recorder:
     def wait_change(self, root: Path, timeout: float = TIMEOUT) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: root in self.changes, timeout)
+
+    def changes_of(self, root: Path) -> int:
+        with self.cond:
+            return self.changes.count(root)
 
 
 @pytest.fixture
@@ -171,24 +184,97 @@ def test_debouncer_stop_drops_pending_triggers_and_joins_its_thread() -> None:
     assert set(threading.enumerate()) <= before
 
 
+def test_debouncer_trigger_now_fires_at_once_even_inside_a_burst() -> None:
+    fired = threading.Event()
+    calls: list[Path] = []
+
+    def callback(key: Path) -> None:
+        calls.append(key)
+        fired.set()
+
+    deb = Debouncer(callback, delay=SLOW, max_delay=SLOW)
+    try:
+        deb.trigger(Path("r"))  # a debounced burst is pending...
+        deb.trigger(Path("r"), now=True)  # ...the marker makes it due at once
+        deb.trigger(Path("r"))  # and a later event in the burst does not push it back
+        assert fired.wait(TIMEOUT)
+    finally:
+        deb.stop()
+    assert calls == [Path("r")]  # one callback for the whole burst
+
+
 # -- events that matter ------------------------------------------------------------------------
 
 
-def test_only_change_events_outside_the_own_area_are_reconcile_hints(tmp_path: Path) -> None:
+def test_changes_in_a_root_outside_the_own_area_are_debounced_hints(tmp_path: Path) -> None:
     root = tmp_path
     tmp = root / "tmp_step_3"
     own = root / ".ckptkeeper"
-    assert wants_reconcile(root, root, DirCreatedEvent(str(root / "step_3")))
-    assert wants_reconcile(root, root, DirMovedEvent(str(tmp), str(root / "step_3")))
-    assert wants_reconcile(root, root, FileModifiedEvent(str(root / "ckptkeeper.toml")))
-    assert not wants_reconcile(root, root, DirCreatedEvent(str(own)))
-    assert not wants_reconcile(root, root, DirCreatedEvent(str(own / "trash")))
-    assert not wants_reconcile(root, root, FileOpenedEvent(str(root / "ckptkeeper.toml")))
-    assert not wants_reconcile(root, root, FileClosedNoWriteEvent(str(root / "ckptkeeper.toml")))
-    assert not wants_reconcile(root, root, DirModifiedEvent(str(root / "step_1")))
-    assert wants_reconcile(root, tmp, FileCreatedEvent(str(tmp / ".complete")))
-    assert wants_reconcile(root, tmp, FileClosedEvent(str(tmp / ".complete")))
-    assert not wants_reconcile(root, tmp, FileModifiedEvent(str(tmp / "weights.pt")))
+    soon = [
+        DirCreatedEvent(str(root / "step_3")),
+        DirMovedEvent(str(tmp), str(root / "step_3")),
+        DirMovedEvent(str(root / "step_1"), str(own / "trash" / "1-step_1")),  # a delete
+        DirDeletedEvent(str(root / "step_1")),
+        DirDeletedEvent(str(root)),  # the root itself went
+        FileCreatedEvent(str(root / "step_4")),  # not a checkpoint, but reported by a pass
+        FileModifiedEvent(str(root / "ckptkeeper.toml")),  # the run's policy, edited in place
+        FileClosedEvent(str(root / "ckptkeeper.toml")),
+    ]
+    none = [
+        DirCreatedEvent(str(own)),
+        DirCreatedEvent(str(own / "trash")),
+        DirMovedEvent(str(own / "trash" / "a"), str(own / "trash" / "b")),
+        FileOpenedEvent(str(root / "ckptkeeper.toml")),
+        FileClosedNoWriteEvent(str(root / "ckptkeeper.toml")),
+        DirModifiedEvent(str(root / "step_1")),
+        DirAttribEvent(str(root / "step_1")),
+        FileModifiedEvent(str(root / "train.log")),  # a log the trainer appends to
+        FileClosedEvent(str(root / "train.log")),
+    ]
+    assert [event_hint(root, root, e) for e in soon] == [Hint.SOON] * len(soon)
+    assert [event_hint(root, root, e) for e in none] == [Hint.NONE] * len(none)
+
+
+def test_in_a_tmp_dir_only_the_marker_arriving_is_a_hint_and_it_is_immediate(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path
+    tmp = root / "tmp_step_3"
+    now = [
+        FileCreatedEvent(str(tmp / ".complete")),
+        FileMovedEvent(str(tmp / ".complete.tmp-1-2"), str(tmp / ".complete")),  # write_marker
+    ]
+    none = [  # the trainer writing its save, and the marker going away again
+        FileCreatedEvent(str(tmp / "weights.pt")),
+        FileModifiedEvent(str(tmp / "weights.pt")),
+        FileClosedEvent(str(tmp / "weights.pt")),
+        FileAttribEvent(str(tmp / "weights.pt")),
+        FileCreatedEvent(str(tmp / ".complete.tmp-1-2")),
+        FileClosedEvent(str(tmp / ".complete")),  # after its creation, already a hint
+        FileMovedEvent(str(tmp / ".complete"), str(tmp / "complete.bak")),
+        FileDeletedEvent(str(tmp / ".complete")),
+        DirCreatedEvent(str(tmp / ".complete")),
+        DirCreatedEvent(str(tmp / "policy")),
+        DirModifiedEvent(str(tmp)),
+        DirDeletedEvent(str(tmp)),  # the root's watch reports this
+    ]
+    assert [event_hint(root, tmp, e) for e in now] == [Hint.NOW] * len(now)
+    assert [event_hint(root, tmp, e) for e in none] == [Hint.NONE] * len(none)
+    # the root's own marker name counts, no other
+    assert event_hint(root, tmp, FileCreatedEvent(str(tmp / "DONE")), "DONE") is Hint.NOW
+    assert event_hint(root, tmp, FileCreatedEvent(str(tmp / ".complete")), "DONE") is Hint.NONE
+
+
+def test_without_the_marker_name_any_new_file_in_a_tmp_dir_is_a_debounced_hint(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path
+    tmp = root / "tmp_step_3"
+    # set_roots() without markers: the root may use another name; .complete is still immediate
+    assert event_hint(root, tmp, FileCreatedEvent(str(tmp / ".complete")), None) is Hint.NOW
+    assert event_hint(root, tmp, FileCreatedEvent(str(tmp / "DONE")), None) is Hint.SOON
+    assert event_hint(root, tmp, FileMovedEvent(str(tmp / "a"), str(tmp / "b")), None) is Hint.SOON
+    assert event_hint(root, tmp, FileModifiedEvent(str(tmp / "DONE")), None) is Hint.NONE
 
 
 def test_own_area_activity_and_reads_by_a_pass_do_not_trigger_a_reconcile(
@@ -219,20 +305,98 @@ def test_own_area_activity_and_reads_by_a_pass_do_not_trigger_a_reconcile(
 # -- markers and in-flight saves ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("writer", ["create", "write_marker"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_marker_created_in_an_in_flight_tmp_step_triggers_its_root(
-    kind: str, tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+def test_marker_event_enqueues_its_root_without_waiting_for_the_debounce(
+    kind: str,
+    writer: str,
+    tmp_path: Path,
+    rec: Recorder,
+    make_watcher: Callable[..., RootWatcher],
 ) -> None:
     root = tmp_path / "run"
     tmp = root / "tmp_step_3"
     tmp.mkdir(parents=True)
-    w = make_watcher()
-    w.set_roots({root: kind})
+    w = make_watcher(debounce=SLOW)
+    w.set_roots({root: kind}, markers={root: ".complete"})
     w.set_in_flight(root, [tmp])
     assert w.watch_count() == 2
-    settle_initial_trigger(rec, root)
-    (tmp / ".complete").write_text('{"pid": 1}')
+    if writer == "create":
+        (tmp / ".complete").write_text('{"pid": 1}')
+    else:
+        write_marker(tmp, ".complete")  # a temp name renamed into place
+    assert rec.wait_change(root)  # well before SLOW
+    assert rec.changes_of(root) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_marker_already_there_when_the_tmp_watch_starts_enqueues_at_once(
+    kind: str, tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    done, busy = root / "tmp_step_3", root / "tmp_step_4"
+    busy.mkdir(parents=True)
+    done.mkdir()
+    (done / "DONE").touch()
+    (busy / ".complete").touch()  # not this root's marker
+    w = make_watcher(debounce=SLOW)
+    w.set_roots({root: kind}, markers={root: "DONE"})
+    w.set_in_flight(root, [busy])
+    w.set_in_flight(root, [busy, done])
     assert rec.wait_change(root)
+    assert rec.changes_of(root) == 1
+
+
+def test_files_written_in_a_tmp_dir_enqueue_nothing(
+    tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    quiet, barrier = tmp_path / "quiet", tmp_path / "barrier"
+    tmp = quiet / "tmp_step_1"
+    tmp.mkdir(parents=True)
+    barrier.mkdir()
+    w = make_watcher()
+    w.set_roots({quiet: "inotify", barrier: "inotify"}, markers={quiet: ".complete"})
+    w.set_in_flight(quiet, [tmp])
+    settle_initial_trigger(rec, quiet)
+    # A trainer writing its save: files created, written, renamed, chmod-ed, removed, subdirs.
+    for i in range(20):
+        (tmp / f"shard_{i}.tmp").write_bytes(b"w" * 4096)
+        (tmp / f"shard_{i}.tmp").rename(tmp / f"shard_{i}.bin")
+    (tmp / "shard_0.bin").chmod(0o600)
+    (tmp / "shard_1.bin").unlink()
+    (tmp / "policy" / "weights").mkdir(parents=True)
+    (tmp / "policy" / "weights" / "w.pt").write_bytes(b"w")
+    # Barrier: one inotify fd delivers in order, and the same debounce delay would have fired a
+    # quiet-root callback before barrier's.
+    (barrier / "step_1").mkdir()
+    assert rec.wait_change(barrier)
+    assert quiet not in rec.changes
+
+
+def test_a_polled_tmp_dir_is_probed_for_its_marker_only(
+    tmp_path: Path, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    tmp = root / "tmp_step_1"
+    tmp.mkdir(parents=True)
+    for i in range(200):
+        (tmp / f"__{i}_0.distcp").touch()
+    w = make_watcher()
+    w.set_roots({root: "polling"}, markers={root: ".complete"})
+    w.set_in_flight(root, [tmp])
+    # What the tmp dir's polling emitter sees at each poll: two stats, however big the save.
+    listdir = w._listdir  # the polling observer's listdir
+    assert DirectorySnapshot(str(tmp), recursive=False, listdir=listdir).paths == {str(tmp)}
+    (tmp / ".complete").touch()
+    snapshot = DirectorySnapshot(str(tmp), recursive=False, listdir=listdir)
+    assert snapshot.paths == {str(tmp), str(tmp / ".complete")}
+    # The root itself is listed in full.
+    assert len(DirectorySnapshot(str(root), recursive=False, listdir=listdir).paths) == 2
+    w.set_in_flight(root, [])  # unwatched: listed in full again
+    assert len(DirectorySnapshot(str(tmp), recursive=False, listdir=listdir).paths) == 202
+    w.set_roots({root: "polling"})  # marker name not told: it may be any file, list them all
+    w.set_in_flight(root, [tmp])
+    assert len(DirectorySnapshot(str(tmp), recursive=False, listdir=listdir).paths) == 202
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -544,16 +708,35 @@ def test_auto_picks_inotify_for_a_root_on_local_disk(tmp_path: Path) -> None:
 def test_auto_picks_polling_on_network_or_unknown_filesystems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(watch_mod, "filesystem_type", lambda path: "nfs4")
-    assert resolve_observer(tmp_path, "auto") == "polling"
-    monkeypatch.setattr(watch_mod, "filesystem_type", lambda path: "fuse.sshfs")
-    assert resolve_observer(tmp_path, "auto") == "polling"
-
     def unknown(path: object) -> str:
         raise LookupError("no mount")
 
-    monkeypatch.setattr(watch_mod, "filesystem_type", unknown)
-    assert resolve_observer(tmp_path, "auto") == "polling"
+    for fstype in (lambda path: "nfs4", lambda path: "fuse.sshfs", unknown):
+        monkeypatch.setattr(watch_mod, "_FSTYPES", {})  # as if the root had just been mounted
+        monkeypatch.setattr(watch_mod, "filesystem_type", fstype)
+        assert resolve_observer(tmp_path, "auto") == "polling"
+
+
+def test_resolve_observer_reads_mountinfo_once_per_known_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked_up: list[Path] = []
+
+    def counting(path: Path) -> str:
+        looked_up.append(path)
+        return "ext4" if path.name != "nfs" else "nfs4"
+
+    monkeypatch.setattr(watch_mod, "filesystem_type", counting)
+    local, nfs, missing = tmp_path / "local", tmp_path / "nfs", tmp_path / "missing"
+    local.mkdir()
+    nfs.mkdir()
+    for _ in range(5):  # every refresh of the daemon's roots
+        assert resolve_observer(local, "auto") == "inotify"
+        assert resolve_observer(nfs, "auto") == "polling"
+    assert looked_up == [local, nfs]
+    resolve_observer(missing, "auto")
+    resolve_observer(missing, "auto")
+    assert looked_up.count(missing) == 2  # nothing to key on: looked up each time, not cached
 
 
 def test_explicit_observer_settings_are_kept_and_bad_ones_rejected(tmp_path: Path) -> None:
