@@ -1,8 +1,15 @@
 """One pass over one root, the same for every trigger (event, schedule, cron sweep, sidecar exit).
 
-lock (skip if busy) -> scan -> plan -> apply (recover, finalize, collect, delete into trash)
--> unlock -> remove trash past ``trash_grace`` (outside the lock: removal can take minutes and
-trash is ckptkeeper's own). `preview` is the read-only half for ``status`` and ``--dry-run``.
+scan -> plan, without the lock; if that plan does nothing (no action, no trash to purge) the pass
+ends there. Otherwise: lock (skip if busy) -> scan -> plan again -> apply (recover, finalize,
+collect, delete into trash) -> unlock -> remove trash past ``trash_grace`` (outside the lock:
+removal can take minutes and trash is ckptkeeper's own). Nothing is ever acted on from the
+unlocked scan: it only decides whether the lock is worth taking, and it may reuse what the last
+scan found in unchanged step directories (``scan_root(memo=True)``); the scan under the lock
+reads every step in full. `preview` is the read-only half for ``status`` and ``--dry-run``.
+
+A pass with nothing to do costs no lock, and with a cache a plan identical to the last one (same
+policy, the very same step records, nothing in flight, no leftovers, no trash) is reused.
 """
 
 from __future__ import annotations
@@ -88,19 +95,64 @@ def _check_root(root: Path) -> str | None:
     return None
 
 
+def _plan_memoized(scan: RootScan, policy: Policy, now: float, cache: InfoCache) -> Plan:
+    """`plan`, reusing the root's last decisions when the inputs are the same: the same policy
+    over the very same (immutable) step records, the same anomalies, and nothing in flight, no
+    leftovers, no trash (the only inputs whose decisions depend on ``now``). `plan` is pure, so
+    the decisions are those it would make."""
+    slot = cache.attached(scan.root)
+    last: tuple[RootScan, Plan] | None = slot.get("plan")
+    if last is not None and _same_inputs(last[0], last[1].policy, scan, policy):
+        return Plan(scan.root, policy, now, last[1].decisions)
+    fresh = plan(scan, policy, now)
+    slot["plan"] = (scan, fresh) if _timeless(scan) else None
+    return fresh
+
+
+def _timeless(scan: RootScan) -> bool:
+    return not (scan.in_flight or scan.leftovers or scan.trash)
+
+
+def _same_inputs(before: RootScan, was: Policy, scan: RootScan, policy: Policy) -> bool:
+    if not _timeless(scan) or was != policy or before.root != scan.root:
+        return False
+    if before.anomalies != scan.anomalies or before.ambiguous_steps != scan.ambiguous_steps:
+        return False
+    old, new = before.steps, scan.steps
+    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+
+
 def _scan_and_plan(
-    root: Path, policy: Policy, cache: InfoCache | None, now: float, report: Report
+    root: Path,
+    policy: Policy,
+    cache: InfoCache | None,
+    now: float,
+    report: Report,
+    *,
+    memo: bool = False,
 ) -> bool:
+    """Scan and plan into ``report``; False (and status "error") when the root cannot be listed.
+
+    ``memo``: the scan may reuse the cache's memo of unchanged step directories and the plan the
+    root's last decisions; only for a plan that decides whether to act, never for one that is
+    acted on."""
     try:
         scan = scan_root(
-            root, marker=policy.complete_marker, cache=cache, stale_before=now - policy.stale_after
+            root,
+            marker=policy.complete_marker,
+            cache=cache,
+            stale_before=now - policy.stale_after,
+            memo=memo,
         )
     except OSError as exc:
         report.status = "error"
         report.problems.append(f"cannot list root: {errno.errorcode.get(exc.errno or 0, exc)}")
         return False
     report.scan = scan
-    report.plan = plan(scan, policy, now)
+    if memo and cache is not None:
+        report.plan = _plan_memoized(scan, policy, now, cache)
+    else:
+        report.plan = plan(scan, policy, now)
     return True
 
 
@@ -244,6 +296,13 @@ def _reconcile(
         report.status = "error"
         report.problems.append(why)
         return
+    # Without the lock: is there anything to do at all? (Most passes: no.)
+    if not _scan_and_plan(root, policy, cache, clock(), report, memo=True):
+        return
+    assert report.plan is not None
+    if not report.plan.mutates:  # no action and no trash to purge: the lock is not needed
+        return
+    report.scan = report.plan = None  # decided on: nothing is acted on from an unlocked scan
     # Trashed steps are logged once removed (with their bytes) when there is no grace period.
     defer = policy.trash_grace == 0
     lock = RootLock(root, timeout=lock_timeout, fs=fs)

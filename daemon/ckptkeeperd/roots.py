@@ -16,6 +16,12 @@ Settings of one root (`resolve_settings`), highest precedence first:
 While ``<root>/ckptkeeper.toml`` is invalid, deletions in that root are paused (its bounds are
 dropped, so the planner keeps every step) and the problem is reported: the run's owner wrote that
 file to change retention, and guessing what they meant could delete what they wanted kept.
+
+The result is memoized per root. It is reused while the inputs are the same: the same defaults
+and entry overrides, ``ckptkeeper.toml`` with the same ``lstat`` (device, inode, mode, size, mtime,
+ctime; or still absent) and, when the config.yaml fallback is used, the root directory and that
+config.yaml likewise unchanged. A file or directory changed less than `MEMO_TRUST_S` before it
+was read is not memoized (a change within one timestamp tick would leave its times equal).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import glob as globlib
 import os
 import re
 import stat
+import threading
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import replace
@@ -35,7 +43,7 @@ import yaml
 
 from ckptkeeper.names import Kind, parse_name
 from ckptkeeper.policy import PolicyError
-from ckptkeeper.scan import CKPTKEEPER_DIR
+from ckptkeeper.scan import CKPTKEEPER_DIR, MEMO_TRUST_S
 
 from .config import (
     DAEMON_KEYS,
@@ -49,7 +57,64 @@ from .config import (
     Settings,
 )
 
-__all__ = ["expand_roots", "resolve_settings"]
+__all__ = ["expand_roots", "forget_settings", "resolve_settings"]
+
+
+_StatKey = tuple[int, ...]  # () when absent
+#: (the root directory's key, its newest step_N name or None, that step's config.yaml key)
+_YamlInputs = tuple[_StatKey, str | None, _StatKey]
+
+
+class _Memo:
+    __slots__ = ("defaults", "entry", "resolved", "run_key", "yaml")
+
+    def __init__(
+        self,
+        defaults: Mapping[str, Any],
+        entry: Mapping[str, Any],
+        run_key: _StatKey,
+        yaml: _YamlInputs | None,
+        resolved: Resolved,
+    ) -> None:
+        self.defaults = defaults
+        self.entry = entry
+        self.run_key = run_key
+        self.yaml = yaml  # None: no config.yaml fallback was needed
+        self.resolved = resolved
+
+
+_MEMO: dict[str, _Memo] = {}
+_MEMO_LOCK = threading.Lock()
+_MEMO_MAX = 65536
+_TRUST_NS = int(MEMO_TRUST_S * 1e9)
+_now_ns = time.time_ns  # the clock the memo's trust is judged by (tests move it)
+
+
+def forget_settings() -> None:
+    """Drop every memoized `resolve_settings` result (as a freshly started daemon has none)."""
+    with _MEMO_LOCK:
+        _MEMO.clear()
+
+
+def _stat_key(path: Path, now_ns: int) -> _StatKey | None:
+    """What a change to ``path`` would change: () when absent; None when it cannot be relied on
+    (changed within MEMO_TRUST_S of ``now_ns``, or not even ``lstat``-able)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ()
+    except OSError:
+        return None
+    if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) < _TRUST_NS:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _yaml_unchanged(root: Path, inputs: _YamlInputs, now_ns: int) -> bool:
+    root_key, newest, cfg_key = inputs
+    if _stat_key(root, now_ns) != root_key:
+        return False
+    return newest is None or _stat_key(root / newest / "config.yaml", now_ns) == cfg_key
 
 
 def resolve_settings(
@@ -57,6 +122,43 @@ def resolve_settings(
 ) -> Resolved:
     """The settings of ``root`` (precedence in the module docstring). Never raises."""
     root = Path(root)
+    now_ns = _now_ns()
+    run_key = _stat_key(root / RUN_FILE, now_ns)  # before the file is read
+    with _MEMO_LOCK:
+        memo = _MEMO.get(str(root))
+    if (
+        memo is not None
+        and run_key is not None
+        and memo.run_key == run_key
+        and memo.defaults == config.default_overrides
+        and memo.entry == entry_overrides
+        and (memo.yaml is None or _yaml_unchanged(root, memo.yaml, now_ns))
+    ):
+        hit = memo.resolved
+        return Resolved(hit.settings, list(hit.problems), dict(hit.origins))
+    resolved, seen = _resolve(config, root, entry_overrides, now_ns)
+    yaml: _YamlInputs | None = None
+    if seen is not None:
+        root_key, newest, cfg_key = seen
+        if root_key is None or cfg_key is None:
+            return resolved  # changed just now: read again next time
+        yaml = (root_key, newest, cfg_key)
+    if run_key is not None:
+        defaults, entry = dict(config.default_overrides), dict(entry_overrides)  # as they were
+        fresh = _Memo(defaults, entry, run_key, yaml, resolved)
+        with _MEMO_LOCK:
+            if len(_MEMO) >= _MEMO_MAX:
+                _MEMO.clear()
+            _MEMO[str(root)] = fresh
+        resolved = Resolved(resolved.settings, list(resolved.problems), dict(resolved.origins))
+    return resolved
+
+
+def _resolve(
+    config: DaemonConfig, root: Path, entry_overrides: Mapping[str, Any], now_ns: int
+) -> tuple[Resolved, tuple[_StatKey | None, str | None, _StatKey | None] | None]:
+    """`resolve_settings` without the memo; also the config.yaml fallback's inputs (their keys
+    taken before they were read), None when the fallback was not needed."""
     problems: list[str] = []
     layers: list[tuple[str, Mapping[str, Any]]] = [
         ("defaults", config.default_overrides),
@@ -64,8 +166,13 @@ def resolve_settings(
         (RUN_FILE, _read_run_file(root / RUN_FILE, problems)),
     ]
     configured = {key: value for _, values in layers for key, value in values.items()}
+    yaml: tuple[_StatKey | None, str | None, _StatKey | None] | None = None
     if "metric_name" not in configured or "higher_is_better" not in configured:
-        layers.insert(0, ("config.yaml", _yaml_fallback(root, configured)))
+        root_key = _stat_key(root, now_ns)
+        newest = _newest_step(root)
+        cfg_key = _stat_key(newest / "config.yaml", now_ns) if newest is not None else ()
+        yaml = (root_key, None if newest is None else newest.name, cfg_key)
+        layers.insert(0, ("config.yaml", _yaml_fallback(newest, configured)))
     run_file_ok = not problems
     settings = Settings()
     origins: dict[str, str] = {}
@@ -87,7 +194,7 @@ def resolve_settings(
             f"{p}; deletions in this root paused until it is fixed" if p.startswith(run_file) else p
             for p in problems
         ]
-    return Resolved(settings, problems, origins)
+    return Resolved(settings, problems, origins), yaml
 
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -190,8 +297,7 @@ def _read_checkpointing(path: Path) -> _YamlFacts:
     return facts
 
 
-def _yaml_fallback(root: Path, configured: Mapping[str, Any]) -> dict[str, Any]:
-    step = _newest_step(root)
+def _yaml_fallback(step: Path | None, configured: Mapping[str, Any]) -> dict[str, Any]:
     if step is None:
         return {}
     metric, direction = _read_checkpointing(step / "config.yaml")

@@ -3,6 +3,21 @@
 Symlinks are never followed: a ``step_N`` that is a symlink or a regular file is an anomaly.
 Parsed ``training_info.json`` is cached by (inode, mtime_ns, size) so a repeated scan of an
 unchanged root parses no JSON.
+
+With ``memo=True`` (and a cache) a scan also reuses what the previous scan found inside a
+``step_N`` directory (``KEEP``, ``config.yaml``) when that directory is unchanged, so an unchanged
+step costs two ``lstat`` calls: its directory and its training_info.json. "Unchanged" means the
+same (st_dev, st_ino, st_mtime_ns, st_ctime_ns): creating, removing or renaming an entry in a
+directory updates its mtime and ctime, and ``utime`` cannot set the ctime. A timestamp has a
+granularity (a kernel tick, a second on some filesystems), so a change made within the same tick
+as the last one would leave the times equal: an entry is reused only if the previous scan began
+at least `MEMO_TRUST_S` after the directory's last change, and then any later change gives it a
+later time. training_info.json is still stat'ed on every scan (a rewrite in place changes its own
+times, not the directory's). ``tmp_step_N``, ``old_step_N`` and the trash are always read in full.
+A memoized scan is for deciding whether to act; what is acted on comes from a scan without it, so
+a stale memo can delay an action by a pass, never cause one. (On NFS the directory's times are as
+fresh as the client's attribute cache, which also bounds the per-file ``lstat`` they replace:
+negative lookups of ``KEEP`` are revalidated by the same directory times.)
 """
 
 from __future__ import annotations
@@ -12,18 +27,20 @@ import json
 import os
 import stat
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .names import Kind, ParsedName, parse_name
+from .names import Kind, parse_name
 from .records import Anomaly, Checkpoint, InFlight, Leftover, RootScan, TrashEntry
 
 __all__ = [
     "CKPTKEEPER_DIR",
     "INFO_FILE",
     "MAX_INFO_BYTES",
+    "MEMO_TRUST_S",
     "PIN_FILE",
     "WRITER_LOCK",
     "InfoCache",
@@ -42,7 +59,29 @@ WRITER_LOCK = ".writer.lock"
 MAX_INFO_BYTES = 16 * 1024 * 1024  # a training_info.json larger than this is not parsed
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+#: A step directory's memo entry is trusted only if the scan that made it began at least this long
+#: after the directory last changed (st_ctime/st_mtime): far above any timestamp granularity.
+MEMO_TRUST_S = 2.0
+
 _InfoResult = tuple[Mapping[str, Any] | None, str | None]
+_InfoKey = tuple[int, int, int]  # training_info.json: (st_ino, st_mtime_ns, st_size)
+
+
+class _StepMemo:
+    """What a scan found in one ``step_N`` directory, for the next memoized scan. The directory
+    is unchanged while its (st_dev, st_ino) is ``record.identity`` and its st_mtime_ns and
+    st_ctime_ns are the same."""
+
+    __slots__ = ("ctime_ns", "info_key", "mtime_ns", "record", "trusted")
+
+    def __init__(
+        self, st: os.stat_result, trusted: bool, info_key: _InfoKey | None, record: Checkpoint
+    ) -> None:
+        self.mtime_ns = st.st_mtime_ns
+        self.ctime_ns = st.st_ctime_ns
+        self.trusted = trusted  # the checks below were made >= MEMO_TRUST_S after the last change
+        self.info_key = info_key  # None: training_info.json was not a readable regular file
+        self.record = record
 
 
 def trash_dir(root: Path) -> Path:
@@ -53,12 +92,16 @@ class InfoCache:
     """Thread-safe cache of parsed training_info.json keyed by path and (inode, mtime_ns, size).
 
     Entries are grouped per root; a scan of a root drops that root's entries for vanished steps.
+    It also holds, per root, the step-directory memo of ``scan_root(..., memo=True)``.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._roots: dict[str, dict[str, tuple[tuple[int, int, int], _InfoResult]]] = {}
+        self._roots: dict[str, dict[str, tuple[_InfoKey, _InfoResult]]] = {}
+        self._steps: dict[str, dict[str, _StepMemo]] = {}
+        self._attached: dict[str, dict[str, Any]] = {}
         self.parses = 0  # how many files were actually parsed (for tests and benchmarks)
+        self.memo_hits = 0  # step directories a memoized scan did not look inside (for tests)
 
     def get(self, path: Path, key: tuple[int, int, int]) -> _InfoResult | None:
         with self._lock:
@@ -75,12 +118,29 @@ class InfoCache:
         keep = set(names)
         with self._lock:
             entries = self._roots.get(str(root))
-            if entries is not None:
+            if entries is not None and not keep.issuperset(entries):
                 self._roots[str(root)] = {n: v for n, v in entries.items() if n in keep}
 
     def drop_root(self, root: Path) -> None:
         with self._lock:
             self._roots.pop(str(root), None)
+            self._steps.pop(str(root), None)
+            self._attached.pop(str(root), None)
+
+    def attached(self, root: Path) -> dict[str, Any]:
+        """A per-root dict where a caller keeps what it derived from this root's scans (the
+        daemon: its last plan); forgotten with the root by `drop_root`."""
+        with self._lock:
+            return self._attached.setdefault(str(root), {})
+
+    def _step_memo(self, root: str) -> dict[str, _StepMemo]:
+        with self._lock:
+            return self._steps.get(root, {})
+
+    def _set_step_memo(self, root: str, memo: dict[str, _StepMemo], hits: int) -> None:
+        with self._lock:
+            self._steps[root] = memo  # replaced whole: a concurrent scan of the root reads either
+            self.memo_hits += hits
 
 
 def _reject_constant(name: str) -> float:
@@ -90,22 +150,26 @@ def _reject_constant(name: str) -> float:
 
 def read_training_info(directory: Path, cache: InfoCache | None = None) -> _InfoResult:
     """(info, None) for a usable JSON object, else (None, reason). Never raises for bad input."""
-    path = directory / INFO_FILE
+    return _read_info(directory / INFO_FILE, cache)[0]
+
+
+def _read_info(path: Path, cache: InfoCache | None) -> tuple[_InfoResult, _InfoKey | None]:
+    """`read_training_info` of ``path`` and the file's cache key (None: not a regular file)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return None, "no training_info.json"
+        return (None, "no training_info.json"), None
     except OSError as exc:
-        return None, f"training_info.json unreadable: {_errname(exc)}"
+        return (None, f"training_info.json unreadable: {_errname(exc)}"), None
     if not stat.S_ISREG(st.st_mode):
-        return None, "training_info.json is not a regular file"
+        return (None, "training_info.json is not a regular file"), None
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
     if cache is not None and (hit := cache.get(path, key)) is not None:
-        return hit
+        return hit, key
     result = _parse_info(path, st.st_size)
     if cache is not None:
         cache.put(path, key, result)
-    return result
+    return result, key
 
 
 def _parse_info(path: Path, size: int) -> _InfoResult:
@@ -197,61 +261,155 @@ def scan_root(
     marker: str = ".complete",
     cache: InfoCache | None = None,
     stale_before: float | None = None,
+    memo: bool = False,
 ) -> RootScan:
     """Scan ``root``. ``stale_before`` (epoch seconds): probe unmarked tmp dirs for staleness.
+
+    ``memo`` (needs ``cache``): reuse the previous scan's findings inside unchanged ``step_N``
+    directories (module docstring). Every scan with a cache refreshes the memo.
 
     Raises OSError only when the root itself cannot be listed.
     """
     root = Path(root)
-    groups: dict[tuple[Kind, int], list[tuple[ParsedName, os.DirEntry[str]]]] = defaultdict(list)
+    root_key = str(root)
+    started_ns = _now_ns()
+    previous = cache._step_memo(root_key) if cache is not None else {}
+    trusted_memo = previous if memo else {}
+    # Entries are stat'ed relative to a descriptor of the root (a one-component lookup each),
+    # which also reaches the trash without following a symlink.
+    try:
+        root_fd = os.open(root, _DIR_FLAGS)
+        direct = True
+    except NotADirectoryError:  # a symlink (its trash is refused below) or not a directory
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        direct = False
+    try:
+        steps, in_flight, leftovers, anomalies, ambiguous, memo_out, hits = _scan_entries(
+            root, root_fd, marker, cache, stale_before, previous, trusted_memo, started_ns
+        )
+        trash = _scan_trash(root, anomalies, root_fd if direct else None)
+    finally:
+        os.close(root_fd)
+
+    if cache is not None:
+        cache._set_step_memo(root_key, memo_out, hits)
+    return RootScan(
+        root,
+        tuple(steps),
+        tuple(in_flight),
+        tuple(leftovers),
+        tuple(sorted(trash, key=lambda t: t.path.name)),
+        tuple(anomalies),
+        frozenset(ambiguous),
+    )
+
+
+_Found = tuple[
+    list[Checkpoint],
+    list[InFlight],
+    list[Leftover],
+    list[Anomaly],
+    set[int],
+    dict[str, "_StepMemo"],
+    int,
+]
+
+
+def _scan_entries(
+    root: Path,
+    root_fd: int,
+    marker: str,
+    cache: InfoCache | None,
+    stale_before: float | None,
+    previous: dict[str, _StepMemo],
+    trusted_memo: dict[str, _StepMemo],
+    started_ns: int,
+) -> _Found:
+    # Names keyed by (step, kind order): sorting the keys gives the order of the records.
+    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
     anomalies: list[Anomaly] = []
-    with os.scandir(root) as it:
+    with os.scandir(root) as it:  # by path: scandir(fd) costs 6 more system calls
         for entry in it:
-            parsed = parse_name(entry.name)
-            if parsed is None:
+            name = entry.name
+            known = previous.get(name)
+            if known is not None:  # a step_N directory last time: no need to parse its name
+                step, order = known.record.step, _STEP
+            elif (parsed := parse_name(name)) is not None:
+                step, order = parsed.step, _ORDER[parsed.kind]
+            else:
                 continue
             try:
-                is_link = entry.is_symlink()
-                is_dir = entry.is_dir(follow_symlinks=False)
+                # Not following symlinks, a directory is a real one (d_type; lstat if unknown).
+                if entry.is_dir(follow_symlinks=False):
+                    groups[(step, order)].append(name)
+                    continue
+                odd = "symlink: not followed" if entry.is_symlink() else "not a directory"
             except OSError as exc:
-                anomalies.append(
-                    Anomaly(Path(entry.path), f"cannot stat: {_errname(exc)}", parsed.step)
-                )
-                continue
-            if is_link:
-                anomalies.append(Anomaly(Path(entry.path), "symlink: not followed", parsed.step))
-            elif not is_dir:
-                anomalies.append(Anomaly(Path(entry.path), "not a directory", parsed.step))
-            else:
-                groups[(parsed.kind, parsed.step)].append((parsed, entry))
+                odd = f"cannot stat: {_errname(exc)}"
+            anomalies.append(Anomaly(root / name, odd, step))
 
     steps: list[Checkpoint] = []
     in_flight: list[InFlight] = []
     leftovers: list[Leftover] = []
     ambiguous: set[int] = set()
-    for (kind, step), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0].value)):
-        if len(members) > 1:
-            names = " and ".join(sorted(p.name for p, _ in members))
-            for _, entry in members:
-                anomalies.append(
-                    Anomaly(Path(entry.path), f"ambiguous: {names} name one step", step)
-                )
+    memo_out: dict[str, _StepMemo] = {}
+    hits = 0
+    for (step, order), names in sorted(groups.items()):
+        if len(names) > 1:
+            both = " and ".join(sorted(names))
+            for name in names:
+                anomalies.append(Anomaly(root / name, f"ambiguous: {both} name one step", step))
             ambiguous.add(step)
             continue
-        _, entry = members[0]
-        path = Path(entry.path)
+        name = names[0]
         try:
-            st = entry.stat(follow_symlinks=False)
+            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
         except OSError as exc:
-            anomalies.append(Anomaly(path, f"cannot stat: {_errname(exc)}", step))
+            anomalies.append(Anomaly(root / name, f"cannot stat: {_errname(exc)}", step))
             continue
+        if order == _STEP:
+            known = trusted_memo.get(name)
+            if (
+                known is not None
+                and known.trusted
+                and known.mtime_ns == st.st_mtime_ns
+                and known.ctime_ns == st.st_ctime_ns
+                and known.record.identity == (st.st_dev, st.st_ino)
+            ):
+                # Unchanged since a scan that came MEMO_TRUST_S after its last change: no entry
+                # was created or removed in it since. Only training_info.json may have been
+                # rewritten in place, which changes its own key: look at that alone.
+                try:
+                    ist = os.stat(name + _INFO_BELOW, dir_fd=root_fd, follow_symlinks=False)
+                    same = (ist.st_ino, ist.st_mtime_ns, ist.st_size) == known.info_key
+                except OSError:
+                    same = False
+                if same and stat.S_ISREG(ist.st_mode):
+                    hits += 1
+                    memo_out[name] = known
+                    steps.append(known.record)
+                    continue
+            path = root / name
+            (info, why), info_key = _read_info(path / INFO_FILE, cache)
+            record = Checkpoint(
+                step,
+                path,
+                info,
+                why,
+                _exists(path / PIN_FILE),
+                (st.st_dev, st.st_ino),
+                _exists(path / "config.yaml"),
+            )
+            steps.append(record)
+            if cache is not None:
+                trusted = started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
+                memo_out[name] = _StepMemo(st, trusted, info_key, record)
+            continue
+        path = root / name
         identity = (st.st_dev, st.st_ino)
         info, why = read_training_info(path, cache)
         pinned = _exists(path / PIN_FILE)
-        if kind is Kind.STEP:
-            has_cfg = _exists(path / "config.yaml")
-            steps.append(Checkpoint(step, path, info, why, pinned, identity, has_cfg))
-        elif kind is Kind.OLD:
+        if order == _OLD:
             leftovers.append(Leftover(step, path, identity, info, why, pinned))
         else:
             complete = _exists(path / marker)
@@ -267,32 +425,31 @@ def scan_root(
             in_flight.append(
                 InFlight(step, path, complete, info, why, pinned, identity, locked, newest)
             )
-
-    trash = _scan_trash(root, anomalies)
-
     if cache is not None:
-        cache.retain(root, [p.name for group in groups.values() for p, _ in group])
-    return RootScan(
-        root,
-        tuple(steps),
-        tuple(in_flight),
-        tuple(leftovers),
-        tuple(sorted(trash, key=lambda t: t.path.name)),
-        tuple(anomalies),
-        frozenset(ambiguous),
-    )
+        cache.retain(root, [name for names in groups.values() for name in names])
+    return steps, in_flight, leftovers, anomalies, ambiguous, memo_out, hits
 
 
-def _scan_trash(root: Path, anomalies: list[Anomaly]) -> list[TrashEntry]:
-    """Entries of ``<root>/.ckptkeeper/trash``, reached without following any symlink."""
-    where = trash_dir(root)
-    fd = -1
+# The order of the kinds of one step in a scan's records (alphabetical, as it always was).
+_OLD, _STEP, _TMP = 0, 1, 2
+_ORDER = {Kind.OLD: _OLD, Kind.STEP: _STEP, Kind.TMP: _TMP}
+_MEMO_TRUST_NS = int(MEMO_TRUST_S * 1e9)
+_INFO_BELOW = "/" + INFO_FILE
+_now_ns = time.time_ns  # the clock the memo's trust is judged by (tests move it)
+
+
+def _scan_trash(root: Path, anomalies: list[Anomaly], root_fd: int | None) -> list[TrashEntry]:
+    """Entries of ``<root>/.ckptkeeper/trash``, reached without following any symlink (from
+    ``root_fd``, a descriptor of the root opened with ``O_NOFOLLOW``, when given)."""
+    base = fd = -1
     try:
-        fd = os.open(root, _DIR_FLAGS)
-        for part in (CKPTKEEPER_DIR, where.name):
-            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
+        base = os.open(root, _DIR_FLAGS) if root_fd is None else root_fd
+        area = os.open(CKPTKEEPER_DIR, _DIR_FLAGS, dir_fd=base)
+        try:
+            fd = os.open("trash", _DIR_FLAGS, dir_fd=area)
+        finally:
+            os.close(area)
+        where = trash_dir(root)
         trash: list[TrashEntry] = []
         with os.scandir(fd) as it:
             for entry in it:
@@ -308,12 +465,17 @@ def _scan_trash(root: Path, anomalies: list[Anomaly]) -> list[TrashEntry]:
         return []  # no trash yet
     except NotADirectoryError:
         anomalies.append(
-            Anomaly(where, "not a directory or behind a symlink: ckptkeeper's trash is not used")
+            Anomaly(
+                trash_dir(root),
+                "not a directory or behind a symlink: ckptkeeper's trash is not used",
+            )
         )
         return []
     except OSError as exc:
-        anomalies.append(Anomaly(where, f"cannot list trash: {_errname(exc)}"))
+        anomalies.append(Anomaly(trash_dir(root), f"cannot list trash: {_errname(exc)}"))
         return []
     finally:
         if fd >= 0:
             os.close(fd)
+        if root_fd is None and base >= 0:
+            os.close(base)

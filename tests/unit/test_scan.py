@@ -473,3 +473,228 @@ def test_info_cache_keeps_roots_apart(tmp_path: Path) -> None:
     assert scan_root(b, cache=cache).steps[0].info == {"root": "b"}
     assert scan_root(a, cache=cache).steps[0].info == {"root": "a"}
     assert cache.parses == 2
+
+
+# -- the step-directory memo (scan_root(memo=True)) ------------------------------------------------
+#
+# A memo entry is trusted only if the scan that made it came MEMO_TRUST_S after the directory's
+# last change. Directories made by a test are brand new, so most tests move the scan's clock
+# ahead (`later`) to stand for "the next pass, a while after the checkpoint was written".
+
+
+@pytest.fixture
+def later(monkeypatch: pytest.MonkeyPatch) -> None:
+    ahead = int((scan_mod.MEMO_TRUST_S + 60) * 1e9)
+    monkeypatch.setattr(scan_mod, "_now_ns", lambda: time.time_ns() + ahead)
+
+
+def memo_root(tmp_path: Path, steps: int = 3) -> Path:
+    root = tmp_path / "run"
+    for s in range(1, steps + 1):
+        make_dir(root / f"step_{s}", {"step": s, "val": s / 10})
+    return root
+
+
+def test_an_unchanged_step_is_taken_from_the_memo(tmp_path: Path, later: None) -> None:
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    first = scan_root(root, cache=cache, memo=True)
+    assert cache.memo_hits == 0  # nothing to reuse yet
+    second = scan_root(root, cache=cache, memo=True)
+    assert cache.memo_hits == 3
+    assert second == first
+    assert all(a is b for a, b in zip(first.steps, second.steps, strict=True))
+    assert cache.parses == 3
+
+
+def test_a_scan_without_memo_reads_every_step_in_full(tmp_path: Path, later: None) -> None:
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)
+    again = scan_root(root, cache=cache)
+    assert cache.memo_hits == 0
+    assert again == scan_root(root)  # the same as a scan with no cache at all
+
+
+def test_a_keep_file_added_to_an_unchanged_step_is_seen_by_the_next_scan(
+    tmp_path: Path, later: None
+) -> None:
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)
+    scan_root(root, cache=cache, memo=True)
+    (root / "step_2" / "KEEP").touch()
+    scan = scan_root(root, cache=cache, memo=True)
+    assert {c.step: c.pinned for c in scan.steps} == {1: False, 2: True, 3: False}
+    (root / "step_2" / "KEEP").unlink()
+    scan = scan_root(root, cache=cache, memo=True)
+    assert {c.step: c.pinned for c in scan.steps} == {1: False, 2: False, 3: False}
+
+
+def test_a_config_yaml_added_to_an_unchanged_step_is_seen_by_the_next_scan(
+    tmp_path: Path, later: None
+) -> None:
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)
+    (root / "step_3" / "config.yaml").write_text("checkpointing: {}\n")
+    scan = scan_root(root, cache=cache, memo=True)
+    assert {c.step: c.config_yaml for c in scan.steps} == {1: False, 2: False, 3: True}
+
+
+def test_training_info_rewritten_in_place_is_seen_by_the_next_scan(
+    tmp_path: Path, later: None
+) -> None:
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)
+    step = root / "step_1"
+    before = os.stat(step)
+    info = step / "training_info.json"
+    with open(info, "r+") as f:  # in place: the directory's times do not move
+        f.write(json.dumps({"step": 1, "val": 9.9}))
+    os.utime(info, ns=(before.st_atime_ns, os.stat(info).st_mtime_ns + 1_000_000_000))
+    assert os.stat(step).st_mtime_ns == before.st_mtime_ns
+    scan = scan_root(root, cache=cache, memo=True)
+    assert {c.step: c.info for c in scan.steps}[1] == {"step": 1, "val": 9.9}
+    assert cache.memo_hits == 2  # the two other steps
+
+    info.write_text("{not json")  # and a rewrite that breaks it
+    scan = scan_root(root, cache=cache, memo=True)
+    s1 = scan.steps[0]
+    assert s1.info is None and s1.info_error is not None and "not valid JSON" in s1.info_error
+
+
+def test_training_info_removed_or_replaced_by_a_symlink_is_seen_by_the_next_scan(
+    tmp_path: Path, later: None
+) -> None:
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)
+    (root / "step_1" / "training_info.json").unlink()
+    (root / "step_2" / "training_info.json").unlink()
+    os.symlink(tmp_path / "elsewhere.json", root / "step_2" / "training_info.json")
+    scan = scan_root(root, cache=cache, memo=True)
+    assert [c.info_error for c in scan.steps] == [
+        "no training_info.json",
+        "training_info.json is not a regular file",
+        None,
+    ]
+
+
+def test_a_step_replaced_under_the_same_name_is_read_again(tmp_path: Path, later: None) -> None:
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)
+    (root / "step_2").rename(tmp_path / "parked")  # keeps the old inode alive
+    make_dir(root / "step_2", {"step": 2, "val": 0.77}, "KEEP")
+    scan = scan_root(root, cache=cache, memo=True)
+    s2 = scan.steps[1]
+    assert (s2.info, s2.pinned, s2.identity) == (
+        {"step": 2, "val": 0.77},
+        True,
+        identity(root / "step_2"),
+    )
+
+
+def test_steps_that_appear_and_vanish_are_seen_by_the_next_scan(
+    tmp_path: Path, later: None
+) -> None:
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)
+    (root / "step_1").rename(tmp_path / "gone")
+    make_dir(root / "step_4", {"step": 4})
+    make_dir(root / "step_04", {"step": 4})
+    scan = scan_root(root, cache=cache, memo=True)
+    assert [c.step for c in scan.steps] == [2, 3]
+    assert scan.ambiguous_steps == frozenset({4})
+    assert set(cache._steps[str(root)]) == {"step_2", "step_3"}
+
+
+def test_a_step_changed_just_now_is_not_taken_from_the_memo(tmp_path: Path) -> None:
+    # The real clock: the directories were made within MEMO_TRUST_S, so a change to them could
+    # fall in the same timestamp tick and leave their times equal. Never trusted.
+    root = memo_root(tmp_path)
+    cache = InfoCache()
+    for _ in range(3):
+        scan_root(root, cache=cache, memo=True)
+    assert cache.memo_hits == 0
+
+
+def test_a_change_within_the_same_timestamp_tick_is_not_missed(tmp_path: Path) -> None:
+    # A filesystem with coarse timestamps: KEEP is created within the tick of the directory's
+    # last change, so its times do not move. Simulated by writing the new times into the memo.
+    root = memo_root(tmp_path, steps=1)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)  # made at once after the directory changed
+    (root / "step_1" / "KEEP").touch()
+    entry = cache._steps[str(root)]["step_1"]
+    st = os.stat(root / "step_1")
+    entry.mtime_ns, entry.ctime_ns = st.st_mtime_ns, st.st_ctime_ns
+    assert not entry.trusted
+    assert scan_root(root, cache=cache, memo=True).steps[0].pinned
+
+
+def test_a_memo_entry_is_trusted_once_the_step_is_older_than_the_trust_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = memo_root(tmp_path, steps=1)
+    changed = os.stat(root / "step_1").st_ctime_ns
+    cache = InfoCache()
+    window = int(scan_mod.MEMO_TRUST_S * 1e9)
+    monkeypatch.setattr(scan_mod, "_now_ns", lambda: changed + window - 1)
+    scan_root(root, cache=cache, memo=True)
+    assert not cache._steps[str(root)]["step_1"].trusted
+    monkeypatch.setattr(scan_mod, "_now_ns", lambda: changed + window)
+    scan_root(root, cache=cache, memo=True)
+    assert cache._steps[str(root)]["step_1"].trusted
+    assert cache.memo_hits == 0
+    scan_root(root, cache=cache, memo=True)
+    assert cache.memo_hits == 1
+
+
+def test_in_flight_saves_leftovers_and_trash_are_never_memoized(
+    tmp_path: Path, later: None
+) -> None:
+    root = memo_root(tmp_path, steps=1)
+    make_dir(root / "tmp_step_2", {"step": 2}, "w.pt")
+    make_dir(root / "old_step_1", {"step": 1})
+    trash_dir(root).mkdir(parents=True)
+    cache = InfoCache()
+    scan_root(root, cache=cache, memo=True)
+    scan_root(root, cache=cache, memo=True)
+    assert set(cache._steps[str(root)]) == {"step_1"}
+    (root / "tmp_step_2" / ".complete").touch()
+    (root / "old_step_1" / "KEEP").touch()
+    (trash_dir(root) / "1700000000000000000-step_9").mkdir()
+    scan = scan_root(root, cache=cache, memo=True)
+    assert [(t.step, t.complete) for t in scan.in_flight] == [(2, True)]
+    assert [o.pinned for o in scan.leftovers] == [True]
+    assert [t.path.name for t in scan.trash] == ["1700000000000000000-step_9"]
+
+
+def test_the_memo_is_kept_per_root_and_dropped_with_it(tmp_path: Path, later: None) -> None:
+    a, b = memo_root(tmp_path / "a"), memo_root(tmp_path / "b")
+    (b / "step_1" / "KEEP").touch()
+    cache = InfoCache()
+    for _ in range(2):
+        assert [c.pinned for c in scan_root(a, cache=cache, memo=True).steps] == [False] * 3
+        assert [c.pinned for c in scan_root(b, cache=cache, memo=True).steps] == [True] + [
+            False
+        ] * 2
+    assert cache.memo_hits == 6
+    cache.drop_root(a)
+    assert str(a) not in cache._steps and str(b) in cache._steps
+
+
+def test_a_symlinked_root_is_scanned_through_and_its_trash_refused(tmp_path: Path) -> None:
+    real = memo_root(tmp_path, steps=2)
+    trash_dir(real).mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    scan = scan_root(link, cache=InfoCache(), memo=True)
+    assert [c.path for c in scan.steps] == [link / "step_1", link / "step_2"]
+    assert [a.reason for a in scan.anomalies] == [
+        "not a directory or behind a symlink: ckptkeeper's trash is not used"
+    ]
