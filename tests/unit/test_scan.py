@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptkeeper import info as info_mod
 from ckptkeeper import scan as scan_mod
 from ckptkeeper.effects import writer_lock
 from ckptkeeper.scan import (
@@ -235,7 +236,7 @@ def test_training_info_that_is_not_a_regular_file_is_not_read(tmp_path: Path, ki
 def test_training_info_larger_than_the_limit_is_not_parsed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(scan_mod, "MAX_INFO_BYTES", 64)
+    monkeypatch.setattr(info_mod, "MAX_INFO_BYTES", 64)
     step = make_dir(tmp_path / "step_1")
     (step / "training_info.json").write_text(json.dumps({"step": 1, "pad": "x" * 100}))
     info, why = read_training_info(step)
@@ -248,11 +249,11 @@ def test_training_info_larger_than_the_limit_is_not_parsed(
 def test_training_info_that_grew_after_stat_is_not_parsed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(scan_mod, "MAX_INFO_BYTES", 64)
+    monkeypatch.setattr(info_mod, "MAX_INFO_BYTES", 64)
     step = make_dir(tmp_path / "step_1")
     (step / "training_info.json").write_text(json.dumps({"pad": "x" * 100}))
     # The size seen by lstat was small; the read finds more than the limit.
-    info, why = scan_mod._parse_info(step / "training_info.json", 10)
+    info, why = info_mod._parse_info(step / "training_info.json", 10)
     assert info is None
     assert why is not None and "too large" in why
 

@@ -1,0 +1,154 @@
+"""``training_info.json``: reading it safely, and the per-root cache that makes a repeated scan
+of an unchanged root parse no JSON (keyed by (inode, mtime_ns, size)) and, for memoized scans,
+look inside no unchanged step directory (see `scan.scan_root`). Reads only, never writes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .records import Checkpoint
+
+__all__ = ["INFO_FILE", "MAX_INFO_BYTES", "MEMO_TRUST_S", "InfoCache", "read_training_info"]
+
+INFO_FILE = "training_info.json"
+MAX_INFO_BYTES = 16 * 1024 * 1024  # a training_info.json larger than this is not parsed
+
+#: A step directory's memo entry is trusted only if the scan that made it began at least this long
+#: after the directory last changed (st_ctime/st_mtime): far above any timestamp granularity.
+MEMO_TRUST_S = 2.0
+
+_InfoResult = tuple[Mapping[str, Any] | None, str | None]
+_InfoKey = tuple[int, int, int]  # training_info.json: (st_ino, st_mtime_ns, st_size)
+
+
+class _StepMemo:
+    """What a scan found in one ``step_N`` directory, for the next memoized scan. The directory
+    is unchanged while its (st_dev, st_ino) is ``record.identity`` and its st_mtime_ns and
+    st_ctime_ns are the same."""
+
+    __slots__ = ("ctime_ns", "info_key", "mtime_ns", "record", "trusted")
+
+    def __init__(
+        self, st: os.stat_result, trusted: bool, info_key: _InfoKey | None, record: Checkpoint
+    ) -> None:
+        self.mtime_ns = st.st_mtime_ns
+        self.ctime_ns = st.st_ctime_ns
+        self.trusted = trusted  # the checks below were made >= MEMO_TRUST_S after the last change
+        self.info_key = info_key  # None: training_info.json was not a readable regular file
+        self.record = record
+
+
+class InfoCache:
+    """Thread-safe cache of parsed training_info.json keyed by path and (inode, mtime_ns, size).
+
+    Entries are grouped per root; a scan of a root drops that root's entries for vanished steps.
+    It also holds, per root, the step-directory memo of ``scan_root(..., memo=True)``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._roots: dict[str, dict[str, tuple[_InfoKey, _InfoResult]]] = {}
+        self._steps: dict[str, dict[str, _StepMemo]] = {}
+        self._attached: dict[str, dict[str, Any]] = {}
+        self.parses = 0  # how many files were actually parsed (for tests and benchmarks)
+        self.memo_hits = 0  # step directories a memoized scan did not look inside (for tests)
+
+    def get(self, path: Path, key: tuple[int, int, int]) -> _InfoResult | None:
+        with self._lock:
+            hit = self._roots.get(str(path.parent.parent), {}).get(path.parent.name)
+        return hit[1] if hit is not None and hit[0] == key else None
+
+    def put(self, path: Path, key: tuple[int, int, int], result: _InfoResult) -> None:
+        with self._lock:
+            self.parses += 1
+            self._roots.setdefault(str(path.parent.parent), {})[path.parent.name] = (key, result)
+
+    def retain(self, root: Path, names: Iterable[str]) -> None:
+        """Forget the entries of ``root`` whose directory name is not in ``names``."""
+        keep = set(names)
+        with self._lock:
+            entries = self._roots.get(str(root))
+            if entries is not None and not keep.issuperset(entries):
+                self._roots[str(root)] = {n: v for n, v in entries.items() if n in keep}
+
+    def drop_root(self, root: Path) -> None:
+        with self._lock:
+            self._roots.pop(str(root), None)
+            self._steps.pop(str(root), None)
+            self._attached.pop(str(root), None)
+
+    def attached(self, root: Path) -> dict[str, Any]:
+        """A per-root dict where a caller keeps what it derived from this root's scans (the
+        daemon: its last plan); forgotten with the root by `drop_root`."""
+        with self._lock:
+            return self._attached.setdefault(str(root), {})
+
+    def _step_memo(self, root: str) -> dict[str, _StepMemo]:
+        with self._lock:
+            return self._steps.get(root, {})
+
+    def _set_step_memo(self, root: str, memo: dict[str, _StepMemo], hits: int) -> None:
+        with self._lock:
+            self._steps[root] = memo  # replaced whole: a concurrent scan of the root reads either
+            self.memo_hits += hits
+
+
+def _reject_constant(name: str) -> float:
+    # json accepts NaN/Infinity literals; keep them as floats so the planner can call them unranked.
+    return float(name)
+
+
+def read_training_info(directory: Path, cache: InfoCache | None = None) -> _InfoResult:
+    """(info, None) for a usable JSON object, else (None, reason). Never raises for bad input."""
+    return _read_info(directory / INFO_FILE, cache)[0]
+
+
+def _read_info(path: Path, cache: InfoCache | None) -> tuple[_InfoResult, _InfoKey | None]:
+    """`read_training_info` of ``path`` and the file's cache key (None: not a regular file)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return (None, "no training_info.json"), None
+    except OSError as exc:
+        return (None, f"training_info.json unreadable: {_errname(exc)}"), None
+    if not stat.S_ISREG(st.st_mode):
+        return (None, "training_info.json is not a regular file"), None
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if cache is not None and (hit := cache.get(path, key)) is not None:
+        return hit, key
+    result = _parse_info(path, st.st_size)
+    if cache is not None:
+        cache.put(path, key, result)
+    return result, key
+
+
+def _parse_info(path: Path, size: int) -> _InfoResult:
+    if size > MAX_INFO_BYTES:
+        return None, f"training_info.json too large ({size} bytes > {MAX_INFO_BYTES})"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_INFO_BYTES + 1)
+    except OSError as exc:
+        return None, f"training_info.json unreadable: {_errname(exc)}"
+    if len(raw) > MAX_INFO_BYTES:
+        return None, f"training_info.json too large (> {MAX_INFO_BYTES} bytes)"
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        return None, f"training_info.json is not valid JSON: {str(exc)[:80]}"
+    if not isinstance(data, dict):
+        return None, f"training_info.json is not a JSON object ({type(data).__name__})"
+    return data, None
+
+
+def _errname(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return f"{name} ({exc.strerror})" if exc.strerror else name
