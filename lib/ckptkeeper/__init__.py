@@ -11,10 +11,8 @@ from __future__ import annotations
 from .effects import (
     OS_FS,
     Fs,
-    Removal,
     RootLock,
     move_to_trash,
-    remove_tree,
     write_marker,
     writer_lock,
 )
@@ -24,6 +22,7 @@ from .names import Kind, ParsedName, parse_name
 from .plan import Action, Decision, Plan, plan
 from .policy import Policy, PolicyError, parse_duration
 from .records import Anomaly, Checkpoint, InFlight, Leftover, RootScan, TrashEntry
+from .removal import Removal, remove_tree
 from .scan import InfoCache, read_training_info, scan_root
 
 __all__ = [

@@ -16,11 +16,12 @@ from typing import Any
 
 import yaml
 
-from .effects import RootLock, fsync_dir, move_to_trash, remove_tree
+from .effects import RootLock, fsync_dir, move_to_trash
 from .execute import Outcome, apply_plan
 from .plan import Action, Plan, plan
 from .policy import Policy
 from .records import RootScan
+from .removal import remove_tree
 from .scan import scan_root
 
 __all__ = [

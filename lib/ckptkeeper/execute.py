@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .effects import OS_FS, Fs, Removal, fsync_dir, move_to_trash, open_area, remove_tree
+from .effects import OS_FS, Fs, fsync_dir, move_to_trash, open_area
 from .names import old_name, step_name
 from .plan import Action, Decision, Plan
+from .removal import Removal, remove_tree
 from .scan import CKPTKEEPER_DIR, PIN_FILE, trash_dir, writer_lock_held
 
 __all__ = ["Outcome", "apply_plan", "purge_trash"]

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from ckptkeeper import removal as removal_mod
 from ckptkeeper.effects import (
     Fs,
     RootLock,
     move_to_trash,
-    remove_tree,
     write_marker,
     writer_lock,
 )
+from ckptkeeper.removal import remove_tree
 from ckptkeeper.scan import parse_trash_name, trash_dir, writer_lock_held
 
 
@@ -250,7 +251,8 @@ _HANG_CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from ckptkeeper.effects import Fs, remove_tree
+    from ckptkeeper.effects import Fs
+    from ckptkeeper.removal import remove_tree
 
     class RaiseInSubdir(Fs):
         def unlink(self, path, dir_fd=None):
@@ -287,6 +289,285 @@ def test_remove_tree_does_not_hang_when_a_worker_fails_below_the_top(tmp_path: P
         if child.poll() is None:
             child.kill()
         child.wait(timeout=30)
+
+
+_RMDIR_HANG_CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from ckptkeeper.effects import Fs
+    from ckptkeeper.removal import remove_tree
+
+    class RaiseOnRmdir(Fs):
+        def rmdir(self, path, dir_fd=None):
+            if Path(path).name == "sub":
+                raise RuntimeError("unexpected")
+            super().rmdir(path, dir_fd=dir_fd)
+
+    print("ready", flush=True)
+    removal = remove_tree(Path(sys.argv[1]), workers=int(sys.argv[2]), fs=RaiseOnRmdir())
+    print("done", removal.left, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_remove_tree_does_not_hang_when_an_rmdir_fails_unexpectedly(
+    tmp_path: Path, workers: int
+) -> None:
+    top = tmp_path / "victim"
+    (top / "sub" / "deeper").mkdir(parents=True)
+    (top / "sub" / "deeper" / "f.bin").write_text("x")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _RMDIR_HANG_CHILD, str(top), str(workers)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pytest.fail("remove_tree hung")
+        out = child.stdout.read()
+        assert out.startswith("done")
+        assert "internal error" in out and "/sub'" in out
+        assert not (top / "sub" / "deeper").exists()  # everything below it went
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_without_count_bytes_everything_is_removed_and_counted_but_bytes(
+    tmp_path: Path, workers: int
+) -> None:
+    top = tmp_path / "victim"
+    files, dirs, _ = build_tree(top)
+    (top / "link").symlink_to(tmp_path / "elsewhere")
+
+    removal = remove_tree(top, workers=workers, count_bytes=False)
+
+    assert not os.path.lexists(top)
+    assert (removal.files, removal.dirs, removal.bytes) == (files + 1, dirs, 0)
+    assert removal.left == []
+
+
+def test_without_count_bytes_no_file_is_stat_ed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    top = tmp_path / "victim"
+    build_tree(top, fanout=2, depth=1, files=3)
+    stat_calls: list[str] = []
+    real_scandir = os.scandir
+
+    class CountingEntry:  # os.DirEntry is a C type: count its stat() through a wrapper
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self._entry = entry
+            self.name = entry.name
+
+        def inode(self) -> int:
+            return self._entry.inode()
+
+        def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+            return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+        def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+            stat_calls.append(self.name)
+            return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    class CountingScandir:
+        def __init__(self, fd: int) -> None:
+            self._it = real_scandir(fd)
+
+        def __enter__(self) -> CountingScandir:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._it.close()
+
+        def __iter__(self) -> CountingScandir:
+            return self
+
+        def __next__(self) -> CountingEntry:
+            return CountingEntry(next(self._it))
+
+    monkeypatch.setattr(os, "scandir", CountingScandir)
+
+    removal = remove_tree(top, workers=1, count_bytes=False)
+    assert not os.path.lexists(top) and removal.left == []
+    assert removal.files > 0 and stat_calls == []
+
+    build_tree(top, fanout=2, depth=1, files=3)
+    removal = remove_tree(top, workers=1)
+    assert removal.bytes > 0 and len(stat_calls) == removal.files
+
+
+class CancelAfter(Fs):
+    """Sets ``cancel`` inside the ``after``-th unlink; counts every unlink."""
+
+    def __init__(self, cancel: threading.Event, after: int) -> None:
+        self.cancel, self.after = cancel, after
+        self.unlinks = 0
+        self._lock = threading.Lock()
+
+    def unlink(self, path: str | Path, dir_fd: int | None = None) -> None:
+        with self._lock:
+            self.unlinks += 1
+            if self.unlinks == self.after:
+                self.cancel.set()
+        super().unlink(path, dir_fd=dir_fd)
+
+
+def test_cancel_set_before_the_start_removes_nothing_and_reports_the_top(tmp_path: Path) -> None:
+    top = tmp_path / "victim"
+    build_tree(top, fanout=2, depth=1, files=2)
+    before = tree_listing(top)
+    cancel = threading.Event()
+    cancel.set()
+
+    removal = remove_tree(top, workers=4, cancel=cancel)
+
+    assert tree_listing(top) == before
+    assert removal.left == [(str(top), "cancelled")]
+    assert (removal.files, removal.dirs) == (0, 0)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_cancel_stops_between_two_files_and_a_later_call_finishes(
+    tmp_path: Path, workers: int
+) -> None:
+    top = tmp_path / "victim"
+    files, dirs, size = build_tree(top, fanout=3, depth=2, files=20)
+    cancel = threading.Event()
+    fs = CancelAfter(cancel, after=5)
+
+    first = remove_tree(top, workers=workers, fs=fs, cancel=cancel)
+
+    # Each thread finishes at most the unlink it is in, then stops: no directory is finished.
+    assert fs.unlinks <= 5 + workers
+    assert first.files == fs.unlinks
+    assert top.is_dir()
+    left = dict(first.left)
+    assert left[str(top)] == "cancelled"
+    assert set(left.values()) == {"cancelled"}
+    assert len(left) == len(first.left)  # each directory listed once
+
+    second = remove_tree(top, workers=workers)
+    assert not os.path.lexists(top)
+    assert second.left == []
+    assert (first.files + second.files, first.dirs + second.dirs) == (files, dirs)
+    assert first.bytes + second.bytes == size
+
+
+class SlowFs(Fs):
+    """Each unlink waits ``delay`` seconds (a server round trip); records the threads used."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.threads: set[int] = set()
+
+    def unlink(self, path: str | Path, dir_fd: int | None = None) -> None:
+        self.threads.add(threading.get_ident())
+        time.sleep(self.delay)
+        super().unlink(path, dir_fd=dir_fd)
+
+
+def make_shards(top: Path, dirs: int, files: int) -> None:
+    for d in range(dirs):
+        (top / f"shard_{d:03d}").mkdir(parents=True)
+        for i in range(files):
+            (top / f"shard_{d:03d}" / f"f{i}").write_bytes(b"")
+
+
+def test_slow_unlinks_add_threads_up_to_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(removal_mod, "_cores", lambda: 2)
+    top = tmp_path / "victim"
+    make_shards(top, dirs=48, files=10)
+    fs = SlowFs(0.002)  # 2 ms per unlink: the threads wait, they do not work
+
+    removal = remove_tree(top, workers=8, fs=fs)
+
+    assert not os.path.lexists(top) and removal.left == []
+    assert removal.files == 480
+    assert len(fs.threads) == 8  # grew from 2 (one per core) to the bound
+
+
+def test_quick_unlinks_stay_at_one_thread_per_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(removal_mod, "_cores", lambda: 2)
+    monkeypatch.setattr(removal_mod, "_SLOW_OP_S", 0.05)  # no local unlink is that slow
+    top = tmp_path / "victim"
+    make_shards(top, dirs=100, files=10)
+    fs = SlowFs(0.0)
+
+    removal = remove_tree(top, workers=16, fs=fs)
+
+    assert not os.path.lexists(top) and removal.left == []
+    assert removal.files == 1000
+    assert len(fs.threads) <= 2
+
+
+def test_one_worker_runs_in_the_calling_thread(tmp_path: Path) -> None:
+    top = tmp_path / "victim"
+    make_shards(top, dirs=3, files=2)
+    fs = SlowFs(0.0)
+    remove_tree(top, workers=1, fs=fs)
+    assert fs.threads == {threading.get_ident()}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_wide_tree_holds_few_descriptors_open(tmp_path: Path, workers: int) -> None:
+    top = tmp_path / "victim"
+    for d in range(150):  # wide: 150 directories, each with two of its own
+        for s in range(2):
+            (top / f"d{d:03d}" / f"s{s}").mkdir(parents=True)
+            (top / f"d{d:03d}" / f"s{s}" / "f").write_bytes(b"")
+    baseline = len(os.listdir("/proc/self/fd"))
+
+    class CountFds(Fs):
+        most = 0
+
+        def unlink(self, path: str | Path, dir_fd: int | None = None) -> None:
+            CountFds.most = max(CountFds.most, len(os.listdir("/proc/self/fd")))
+            super().unlink(path, dir_fd=dir_fd)
+
+    removal = remove_tree(top, workers=workers, fs=CountFds())
+
+    assert not os.path.lexists(top) and removal.left == []
+    # Depth-first: about workers x depth directories open (plus scandir's own), not 150.
+    assert CountFds.most - baseline <= 4 * (workers + 1)
+    assert len(os.listdir("/proc/self/fd")) == baseline  # and all closed at the end
+
+
+def test_an_interrupt_is_re_raised_after_every_descriptor_is_closed(tmp_path: Path) -> None:
+    top = tmp_path / "victim"
+    make_shards(top, dirs=5, files=5)
+
+    class InterruptAt(Fs):
+        calls = 0
+
+        def unlink(self, path: str | Path, dir_fd: int | None = None) -> None:
+            InterruptAt.calls += 1
+            if InterruptAt.calls == 7:
+                raise KeyboardInterrupt
+            super().unlink(path, dir_fd=dir_fd)
+
+    baseline = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(KeyboardInterrupt):
+        remove_tree(top, workers=1, fs=InterruptAt())
+    assert InterruptAt.calls == 7  # nothing more was removed after it
+    assert top.is_dir()
+    if baseline is not None:
+        assert set(os.listdir("/proc/self/fd")) == baseline
+    assert remove_tree(top).left == []  # and a later call finishes the job
+    assert not os.path.lexists(top)
 
 
 # -- RootLock --------------------------------------------------------------------------------------
