@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .dirfd import DIR_FLAGS, open_below
 from .scan import CKPTKEEPER_DIR, WRITER_LOCK, trash_dir
 
 __all__ = [
@@ -31,8 +32,6 @@ __all__ = [
     "write_marker",
     "writer_lock",
 ]
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Fs:
@@ -70,7 +69,7 @@ OS_FS = Fs()
 
 
 def fsync_dir(path: Path, fs: Fs = OS_FS) -> None:
-    fd = os.open(path, _DIR_FLAGS)
+    fd = os.open(path, DIR_FLAGS)
     try:
         _fsync_fd(fd, fs)
     finally:
@@ -78,35 +77,14 @@ def fsync_dir(path: Path, fs: Fs = OS_FS) -> None:
 
 
 def open_area(root: Path, *parts: str, create: bool = False, fs: Fs = OS_FS) -> int:
-    """Open ``root/parts...`` as a directory and return its descriptor (the caller closes it).
+    """Open ``root/parts...`` (e.g. ``.ckptkeeper``, ``trash``) without following a symlink
+    anywhere below the root (`dirfd.open_below`); ``create`` makes missing components through
+    ``fs.mkdir``. The caller closes the descriptor."""
 
-    Each component is opened relative to its parent's descriptor with ``O_NOFOLLOW``, so a
-    ``.ckptkeeper`` or ``trash`` that is (or is swapped for) a symlink is refused with ENOTDIR
-    instead of leading outside the root. ``create`` makes missing components (``mkdirat``).
-    """
-    fd = os.open(root, _DIR_FLAGS)
-    try:
-        shown = Path(root)
-        for part in parts:
-            shown = shown / part
-            if create:
-                with contextlib.suppress(FileExistsError):
-                    fs.mkdir(part, 0o755, dir_fd=fd)
-            try:
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except NotADirectoryError:
-                raise NotADirectoryError(
-                    errno.ENOTDIR, "not a directory (a symlink is never followed)", str(shown)
-                ) from None
-            except OSError as exc:
-                exc.filename = str(shown)
-                raise
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    def mkdir(name: str, dir_fd: int) -> None:
+        fs.mkdir(name, 0o755, dir_fd=dir_fd)
+
+    return open_below(root, *parts, mkdir=mkdir if create else None)
 
 
 class RootLock:
@@ -183,7 +161,7 @@ def write_marker(directory: Path, name: str, fs: Fs = OS_FS, **extra: Any) -> Pa
     directory = Path(directory)
     path = directory / name
     temp = f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"
-    dir_fd = os.open(directory, _DIR_FLAGS)
+    dir_fd = os.open(directory, DIR_FLAGS)
     renamed = False
     try:
         fd = fs.open(

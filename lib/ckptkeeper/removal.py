@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .effects import _DIR_FLAGS, OS_FS, Fs
+from .dirfd import DIR_FLAGS
+from .effects import OS_FS, Fs
 
 __all__ = ["Removal", "remove_tree"]
 
@@ -239,7 +240,7 @@ class _Remover:
                 self.result.leave(node.path, "cancelled")
                 return
             try:
-                node.fd = os.open(node.name, _DIR_FLAGS, dir_fd=node.parent_fd)
+                node.fd = os.open(node.name, DIR_FLAGS, dir_fd=node.parent_fd)
             except FileNotFoundError:
                 return
             except OSError as exc:
@@ -350,7 +351,7 @@ class _Remover:
         """NFS renames a file still open elsewhere to ``.nfsXXXX``; it goes when closed. True if
         the directory held only such files and they were unlinked (or retried)."""
         try:
-            fd = os.open(node.name, _DIR_FLAGS, dir_fd=node.parent_fd)
+            fd = os.open(node.name, DIR_FLAGS, dir_fd=node.parent_fd)
         except OSError:
             return False
         try:
@@ -397,7 +398,7 @@ def remove_tree(
     result = Removal()
     path = Path(path)
     try:
-        parent_fd = os.open(path.parent, _DIR_FLAGS) if parent_fd is None else os.dup(parent_fd)
+        parent_fd = os.open(path.parent, DIR_FLAGS) if parent_fd is None else os.dup(parent_fd)
     except OSError as exc:
         result.leave(str(path), _errtext(exc))
         return result

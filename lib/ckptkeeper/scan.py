@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .dirfd import DIR_FLAGS, open_below
 from .info import (
     INFO_FILE,
     MAX_INFO_BYTES,
@@ -60,7 +61,6 @@ __all__ = [
 CKPTKEEPER_DIR = ".ckptkeeper"
 PIN_FILE = "KEEP"
 WRITER_LOCK = ".writer.lock"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def trash_dir(root: Path) -> Path:
@@ -148,7 +148,7 @@ def scan_root(
     # Entries are stat'ed relative to a descriptor of the root (a one-component lookup each),
     # which also reaches the trash without following a symlink.
     try:
-        root_fd = os.open(root, _DIR_FLAGS)
+        root_fd = os.open(root, DIR_FLAGS)
         direct = True
     except NotADirectoryError:  # a symlink (its trash is refused below) or not a directory
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -311,14 +311,9 @@ _now_ns = time.time_ns  # the clock the memo's trust is judged by (tests move it
 def _scan_trash(root: Path, anomalies: list[Anomaly], root_fd: int | None) -> list[TrashEntry]:
     """Entries of ``<root>/.ckptkeeper/trash``, reached without following any symlink (from
     ``root_fd``, a descriptor of the root opened with ``O_NOFOLLOW``, when given)."""
-    base = fd = -1
+    fd = -1
     try:
-        base = os.open(root, _DIR_FLAGS) if root_fd is None else root_fd
-        area = os.open(CKPTKEEPER_DIR, _DIR_FLAGS, dir_fd=base)
-        try:
-            fd = os.open("trash", _DIR_FLAGS, dir_fd=area)
-        finally:
-            os.close(area)
+        fd = open_below(root, CKPTKEEPER_DIR, "trash", root_fd=root_fd)
         where = trash_dir(root)
         trash: list[TrashEntry] = []
         with os.scandir(fd) as it:
@@ -347,5 +342,3 @@ def _scan_trash(root: Path, anomalies: list[Anomaly], root_fd: int | None) -> li
     finally:
         if fd >= 0:
             os.close(fd)
-        if root_fd is None and base >= 0:
-            os.close(base)
