@@ -61,3 +61,14 @@ def machine_line() -> str:
         f"{platform.node() or 'host'}: {os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, "
         f"Linux {platform.release()}, Python {platform.python_version()}"
     )
+
+
+def drop_caches() -> str | None:
+    """sync, then drop the page, dentry and inode caches; None on success, else why not."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        return f"could not drop caches ({exc.strerror})"
+    return None

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, median
+from bench.common import Row, drop_caches, median
 
 __all__ = ["make_fleet", "naive_pass", "ours_pass", "run"]
 
@@ -84,15 +84,9 @@ def make_fleet(base: Path, roots: int, steps: int = STEPS, *, seed: int = 3) -> 
     return out
 
 
-def drop_caches() -> str | None:
-    """Drop the page, dentry and inode caches; None on success, else why not."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        return f"drop_caches failed ({exc.strerror}): cold = fresh InfoCache only"
-    return None
+def _drop_caches() -> str | None:
+    why = drop_caches()
+    return None if why is None else f"{why}: cold = fresh InfoCache only"
 
 
 # -- the two passes -------------------------------------------------------------------------
@@ -249,13 +243,13 @@ def _measure(
     note: str | None = None
     ours = OursPass(roots)
     for _ in range(cold_runs):
-        note = drop_caches() or note
+        note = _drop_caches() or note
         ours = OursPass(roots)
         t, seen = _time(ours)
         if seen != len(roots) * STEPS:
             raise RuntimeError(f"cold pass saw {seen} checkpoints, not {len(roots) * STEPS}")
         cold_ours.append(t)
-        note = drop_caches() or note
+        note = _drop_caches() or note
         cold_naive.append(_time(lambda: naive_pass(roots))[0])
     passes = {n: ours if n == len(roots) else OursPass(roots[:n]) for n in sizes}
     for p in passes.values():

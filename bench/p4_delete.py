@@ -39,7 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from unittest import mock
 
-from bench.common import Row, median
+from bench.common import Row, drop_caches, median
 
 __all__ = ["Shape", "contenders", "make_tree", "run", "run_fuse", "run_local"]
 
@@ -127,15 +127,9 @@ def contenders(
     return out
 
 
-def drop_caches() -> str | None:
-    """sync, then drop the page/dentry/inode caches; None on success, else why not."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        return f"could not drop caches ({exc.strerror}): trees created first, order rotated"
-    return None
+def _drop_caches() -> str | None:
+    why = drop_caches()
+    return None if why is None else f"{why}: trees created first, order rotated"
 
 
 def _fs_of(path: Path) -> str:
@@ -175,7 +169,7 @@ def _measure(
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             if drop:
-                note = drop_caches() or note
+                note = _drop_caches() or note
             target = view(paths[name])
             c0 = cpu() if cpu is not None else 0.0
             t0 = time.perf_counter()

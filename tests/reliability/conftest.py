@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,12 @@ def summarize(line: str) -> None:
     if target:
         with open(target, "a") as fh:
             fh.write(line + "\n")
+
+
+@pytest.fixture(scope="session")
+def report_summary() -> Callable[[str], None]:
+    """`summarize`, for module-scoped fixtures (the ``harness`` fixture is per test)."""
+    return summarize
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

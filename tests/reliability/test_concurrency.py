@@ -32,23 +32,19 @@ from typing import Any
 
 import pytest
 from tests.helpers import wait_until
-from trainer_sim import expected_kept, metric_for
+from trainer_sim import (
+    HIGHER_IS_BETTER,
+    LATEST_N,
+    TOP_K,
+    expected_kept,
+    keeper_policy,
+    metric_for,
+)
 
 from ckptkeeper import Action, CheckpointManager, Policy
 from ckptkeeperd.reconcile import reconcile
 
-TOP_K, LATEST_N, HIGHER_IS_BETTER = 3, 2, False
-POLICY = [
-    "--keep-top-k",
-    str(TOP_K),
-    "--metric",
-    "val_loss",
-    "--lower-is-better",
-    "--keep-latest-n",
-    str(LATEST_N),
-    "--stale-after",
-    "1h",
-]
+POLICY = keeper_policy("1h")
 DAEMON_ARGS = [*POLICY, "--sweep-interval", "1s", "--observer", "inotify"]
 _STEP = re.compile(r"step_([0-9]+)")
 BAD_EVENTS = ("action_failed", "pass_crashed", "root_problem")

@@ -29,7 +29,6 @@ injected into `write_marker` directly in ``test_failed_marker_write_leaves_no_ma
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import json
@@ -40,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,7 +323,7 @@ class Stats:
 
 
 @pytest.fixture(scope="module")
-def stats(request: pytest.FixtureRequest) -> Iterator[Stats]:
+def stats(report_summary: Callable[[str], None]) -> Iterator[Stats]:
     s = Stats()
     started = time.monotonic()
     yield s
@@ -333,19 +332,7 @@ def stats(request: pytest.FixtureRequest) -> Iterator[Stats]:
         f"recovered={s.recovered}; marker: sites={len(s.marker_sites)} cases={s.marker_cases} "
         f"no-marker-left={s.marker_clean} ({time.monotonic() - started:.1f}s)"
     )
-    print(line)
-    _show(request.config, line)
-
-
-def _show(config: pytest.Config, line: str) -> None:
-    """Write ``line`` to the terminal now, past output capturing."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capman = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None:
-        return
-    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
-        reporter.write_line("")
-        reporter.write_line(line)
+    report_summary(line)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,19 +349,8 @@ def _drive_passes(group: Group) -> None:
         )
 
 
-def _show(config: pytest.Config, line: str) -> None:
-    """Write ``line`` to the terminal now, past output capturing."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capman = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None:
-        return
-    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
-        reporter.write_line("")
-        reporter.write_line(line)
-
-
 @pytest.fixture(scope="module")
-def hostile(request: pytest.FixtureRequest) -> Iterator[dict[str, Group]]:
+def hostile(report_summary: Callable[[str], None]) -> Iterator[dict[str, Group]]:
     started = time.monotonic()
     base = _base_dir()
     skips = {"nobody": _unprivileged_unavailable(), "mount": _mount_unavailable(base)}
@@ -441,8 +430,7 @@ def hostile(request: pytest.FixtureRequest) -> Iterator[dict[str, Group]]:
                 if b.skip is None and b.error is None:
                     b.take_after()
         skipped = sorted({b.layout.name for g in groups.values() for b in g.layouts if b.skip})
-        _show(
-            request.config,
+        report_summary(
             f"hostile layouts: {len(LAYOUTS)} layouts x {len(MODES)} modes (run, sweep), "
             f"{len(skipped)} skipped, shared daemons+sweeps in {time.monotonic() - started:.1f}s",
         )

@@ -38,20 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_sim import MARKER, expected_kept, load_manifest, verify_against
+from trainer_sim import (
+    HIGHER_IS_BETTER,
+    LATEST_N,
+    MARKER,
+    TOP_K,
+    expected_kept,
+    keeper_policy,
+    load_manifest,
+    verify_against,
+)
 
-TOP_K, LATEST_N, HIGHER_IS_BETTER = 3, 2, False
-POLICY = [
-    "--keep-top-k",
-    str(TOP_K),
-    "--metric",
-    "val_loss",
-    "--lower-is-better",
-    "--keep-latest-n",
-    str(LATEST_N),
-    "--stale-after",
-    "30s",
-]
+POLICY = keeper_policy("30s")
 KEEPER_ARGS = [*POLICY, "--sweep-interval", "1s", "--observer", "inotify"]
 ACTION_EVENTS = ("finalized", "replaced", "deleted", "garbage_collected", "purged", "recovered")
 BAD_EVENTS = ("action_failed", "pass_crashed", "removal_incomplete", "root_problem")

@@ -35,6 +35,18 @@ IGNORED_FILES = frozenset({MARKER, "KEEP", ".writer.lock"})
 _SUBDIRS = ("policy/weights", "policy/optimizer", "generation", "")
 
 
+# The policy the reliability harnesses keep their roots with (and `expected_kept` checks).
+TOP_K, LATEST_N, HIGHER_IS_BETTER = 3, 2, False
+
+
+def keeper_policy(stale_after: str) -> list[str]:
+    """The ``ckptkeeper`` flags of that policy."""
+    return [
+        *("--keep-top-k", str(TOP_K), "--metric", "val_loss", "--lower-is-better"),
+        *("--keep-latest-n", str(LATEST_N), "--stale-after", stale_after),
+    ]
+
+
 def metric_for(seed: int, step: int) -> float:
     """The metric the trainer reports at ``step`` (two decimals, so ties happen and are ranked)."""
     return round(random.Random(f"{seed}:metric:{step}").uniform(0.0, 1.0), 2)
