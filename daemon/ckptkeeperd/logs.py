@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["LEVELS", "ProblemLog", "configure_logging", "get_logger"]
+__all__ = ["LEVELS", "ProblemLog", "configure_logging", "emit", "get_logger"]
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -60,6 +60,13 @@ def get_logger(**bind: Any) -> Any:
     return structlog.get_logger("ckptkeeper").bind(**bind)
 
 
+def emit(log: Any, fields: dict[str, Any]) -> None:
+    """Log one problem described as fields: ``event`` names it, ``level`` (default warning)."""
+    shown = dict(fields)
+    level = shown.pop("level", "warning")
+    getattr(log, level)(shown.pop("event", "checkpoint_problem"), **shown)
+
+
 class ProblemLog:
     """Logs a recurring problem (a bad checkpoint, an unreadable root) once, not on every pass.
 
@@ -77,6 +84,4 @@ class ProblemLog:
             self._active[scope] = set(current)
         for key, fields in current.items():
             if key not in before:
-                shown = dict(fields)
-                level = shown.pop("level", "warning")
-                getattr(log, level)(shown.pop("event", "checkpoint_problem"), **shown)
+                emit(log, fields)

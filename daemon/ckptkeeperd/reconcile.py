@@ -41,7 +41,7 @@ from ckptkeeper import (
     scan_root,
 )
 
-from .logs import ProblemLog, get_logger
+from .logs import ProblemLog, emit, get_logger
 
 __all__ = ["EVENT_FOR", "Report", "preview", "reconcile"]
 
@@ -214,15 +214,9 @@ def _report_problems(report: Report, log: Any, problems: ProblemLog | None) -> N
             }
     if problems is None:
         for fields in current.values():
-            _emit(log, fields)
+            emit(log, fields)
     else:
         problems.report(str(report.root), current, log)
-
-
-def _emit(log: Any, fields: dict[str, Any]) -> None:
-    fields = dict(fields)
-    level = fields.pop("level", "warning")
-    getattr(log, level)(fields.pop("event"), **fields)
 
 
 def preview(
