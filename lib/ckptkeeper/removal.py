@@ -1,6 +1,7 @@
-"""Removal of a directory tree that never follows a symlink, with parallel workers for trees on
-filesystems with per-operation latency. Every unlink and rmdir goes through `effects.Fs`, so tests
-inject faults exactly as for the other effects."""
+"""Removal of a directory tree that never follows a symlink nor crosses into another mounted
+filesystem, with parallel workers for trees on filesystems with per-operation latency. Every
+unlink and rmdir goes through `effects.Fs`, so tests inject faults exactly as for the other
+effects."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dirfd import DIR_FLAGS
+from .dirfd import DIR_FLAGS, mount_points_below
 from .effects import OS_FS, Fs
 
-__all__ = ["Removal", "remove_tree"]
+__all__ = ["MOUNTED", "Removal", "remove_tree"]
+
+MOUNTED = "a filesystem is mounted here: not entered (the rest is removed once it is unmounted)"
 
 
 @dataclass
@@ -60,9 +63,10 @@ def _retry_busy(op: Callable[[], None], retries: int, first: OSError) -> None:
 
 class _Node:
     """A directory of the tree: open (``fd``) from its visit until its last child is done;
-    ``pending`` counts its own visit plus its unfinished subdirectories."""
+    ``pending`` counts its own visit plus its unfinished subdirectories. ``held``: a mount point
+    is at or below it, so it is not removed (its rmdir could only fail)."""
 
-    __slots__ = ("fd", "name", "parent", "parent_fd", "path", "pending")
+    __slots__ = ("fd", "held", "name", "parent", "parent_fd", "path", "pending")
 
     def __init__(self, parent: _Node | None, parent_fd: int, name: str, path: str) -> None:
         self.parent = parent
@@ -71,6 +75,7 @@ class _Node:
         self.path = path
         self.fd = -1
         self.pending = 1
+        self.held = False
 
 
 _GROW_EVERY_S = 0.05  # how often remove_tree checks whether more threads would help
@@ -92,7 +97,10 @@ class _Remover:
     pushes its subdirectories; whoever finishes a directory's last child removes the directory.
     Tasks sit on a stack (depth-first), so the descriptors held open stay near workers x depth
     however wide the tree is. Every task reports completion exactly once, whatever fails, so the
-    run always ends."""
+    run always ends.
+
+    A directory on another device or listed in the mount table, or a file mounted over, is
+    `hold`: left with everything above it."""
 
     def __init__(
         self,
@@ -103,6 +111,8 @@ class _Remover:
         count_bytes: bool,
     ) -> None:
         self.result = result
+        self.dev = -1  # the tree's device (-1: not compared)
+        self.mounts: frozenset[str] = frozenset()  # mount points inside the tree, as shown
         self.fs = fs
         self.busy_retries = busy_retries
         self.cancel = cancel
@@ -204,17 +214,23 @@ class _Remover:
             if node.fd >= 0:
                 os.close(node.fd)
                 node.fd = -1
-            self.rmdir(node)
+            if not node.held:
+                self.rmdir(node)
+            elif node.parent is not None:  # what is left keeps its parents (no rmdir to fail)
+                node.parent.held = True
             if node.parent is None:
                 self.done()
                 return
             node = node.parent
 
     def finish_gone(self, node: _Node) -> None:
-        """``node`` itself is gone (or was not a directory): report upward without an rmdir."""
+        """``node`` itself is gone (or was not a directory, or is kept): report upward without an
+        rmdir."""
         if node.parent is None:
             self.done()
         else:
+            if node.held:
+                node.parent.held = True
             self.finish(node.parent)
 
     def done(self) -> None:
@@ -239,6 +255,9 @@ class _Remover:
             if self.stopped():
                 self.result.leave(node.path, "cancelled")
                 return
+            if node.path in self.mounts:
+                self.hold(node)
+                return
             try:
                 node.fd = os.open(node.name, DIR_FLAGS, dir_fd=node.parent_fd)
             except FileNotFoundError:
@@ -250,7 +269,10 @@ class _Remover:
                     self.result.leave(node.path, _errtext(exc))
                 return
             opened = True
-            self.clear(node, subdirs, slot)
+            if self.dev >= 0 and os.fstat(node.fd).st_dev != self.dev:
+                self.hold(node)  # another filesystem: not even listed
+            else:
+                self.clear(node, subdirs, slot)
         except BaseException as exc:  # a bug must not leave the caller waiting forever
             self.failed(node.path, exc)
             subdirs.clear()
@@ -262,6 +284,11 @@ class _Remover:
                     self.push(node, subdirs)
                 finally:
                     self.finish(node)
+
+    def hold(self, node: _Node) -> None:
+        """``node`` is a mount point: nothing at or above it is removed; reported once."""
+        node.held = True
+        self.result.leave(node.path, MOUNTED)
 
     def clear(self, node: _Node, subdirs: list[str], slot: int) -> None:
         """Unlink every non-directory in ``node`` and collect its subdirectories' names. The hot
@@ -276,6 +303,7 @@ class _Remover:
             self.result.leave(node.path, _errtext(exc))
             return
         unlink, cancel, count_bytes, ops = self.fs.unlink, self.cancel, self.count_bytes, self.ops
+        mounts = self.mounts
         files = size = 0
         try:
             for entry in entries:
@@ -287,6 +315,10 @@ class _Remover:
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.append(name)
+                        continue
+                    if mounts and f"{node.path}/{name}" in mounts:  # a file mounted over
+                        node.held = True
+                        self.result.leave(f"{node.path}/{name}", MOUNTED)
                         continue
                     n = entry.stat(follow_symlinks=False).st_size if count_bytes else 0
                 except OSError:
@@ -389,6 +421,11 @@ def remove_tree(
     one thread: the kernel serialises unlinks within a directory anyway (it holds the
     directory's lock for the whole round trip).
 
+    Never crosses into a mount (as ``rm --one-file-system``, and bind mounts of the same
+    filesystem too): a mount point at or below ``path`` is left with the directories above it,
+    listed once in `Removal.left` as `MOUNTED`; a later call removes the rest once unmounted.
+    Costs one ``fstat`` per directory (``st_dev``) and one read of the mount table per call.
+
     Never raises for entries it cannot remove: they are listed in `Removal.left`. Setting
     ``cancel`` stops it early, between two files (what is left is listed; a later call finishes
     the job). ``count_bytes=False`` skips the ``lstat`` of each file (one more metadata round
@@ -415,8 +452,12 @@ def remove_tree(
         if not stat.S_ISDIR(st.st_mode):
             remover.unlink(parent_fd, path.name, str(path), st.st_size if count_bytes else 0)
             return result
+        shown = str(path)
+        remover.dev = os.fstat(parent_fd).st_dev
+        below = mount_points_below(parent_fd, path.name)
+        remover.mounts = frozenset(f"{shown}/{rel}" if rel else shown for rel in below)
         safe_to_close = workers <= 1
-        remover.run(_Node(None, parent_fd, path.name, str(path)), workers)
+        remover.run(_Node(None, parent_fd, path.name, shown), workers)
         safe_to_close = True
     finally:
         # Interrupted twice while workers still run: leave the descriptor to the process rather
