@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -180,3 +182,51 @@ class Daemon:
         self.proc.wait()
         for t in self._threads:
             t.join(timeout=5)
+
+
+def run_as(
+    uid: int, gid: int, fn: Callable[[], Any], *, umask: int = 0o002, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Run ``fn()`` in a forked child as ``uid`` with primary and only group ``gid`` and
+    ``umask`` (root only). Forked, not exec'ed: the interpreter and the modules imported here
+    serve the child, so the uid needs no access to them. Returns ``{"ok": True, "value": ...}``
+    (the value JSON-encoded through ``str`` where needed) or ``{"ok": False, "error": ...,
+    "traceback": ...}``; a child still running after ``timeout`` s is killed and reported."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read_end)
+            os.setgroups([gid])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.umask(umask)
+            out: dict[str, Any] = {"ok": True, "value": fn()}
+        except BaseException as exc:
+            out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            out["traceback"] = traceback.format_exc()
+        try:
+            with os.fdopen(write_end, "w") as pipe:
+                pipe.write(json.dumps(out, default=str))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                return {"ok": False, "error": f"child as uid {uid} still running after {timeout}s"}
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    if not chunks:
+        return {"ok": False, "error": f"child as uid {uid} died without a result"}
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    return result

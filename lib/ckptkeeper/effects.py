@@ -3,6 +3,8 @@
 Tests wrap `Fs` to inject faults (``OSError`` at the k-th rename) or crashes (``os._exit``).
 Nothing here follows a symlink: directories are opened with ``O_NOFOLLOW`` relative to their
 parent's descriptor, so a directory swapped for a symlink mid-delete is unlinked, not entered.
+Everything is created with modes 0o777 / 0o666 less the process umask (trainer and keeper may be
+different users sharing a group: umask 002 and setgid directories make it all group-writable).
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ class Fs:
     def rmdir(self, path: str | Path, dir_fd: int | None = None) -> None:
         os.rmdir(path, dir_fd=dir_fd)
 
-    def mkdir(self, path: str | Path, mode: int = 0o755, dir_fd: int | None = None) -> None:
+    def mkdir(self, path: str | Path, mode: int = 0o777, dir_fd: int | None = None) -> None:
         os.mkdir(path, mode, dir_fd=dir_fd)
 
     def open(
-        self, path: str | Path, flags: int, mode: int = 0o644, dir_fd: int | None = None
+        self, path: str | Path, flags: int, mode: int = 0o666, dir_fd: int | None = None
     ) -> int:
         return os.open(path, flags, mode, dir_fd=dir_fd)
 
@@ -82,7 +84,7 @@ def open_area(root: Path, *parts: str, create: bool = False, fs: Fs = OS_FS) -> 
     ``fs.mkdir``. The caller closes the descriptor."""
 
     def mkdir(name: str, dir_fd: int) -> None:
-        fs.mkdir(name, 0o755, dir_fd=dir_fd)
+        fs.mkdir(name, 0o777, dir_fd=dir_fd)  # less the umask
 
     return open_below(root, *parts, mkdir=mkdir if create else None)
 
@@ -91,6 +93,8 @@ class RootLock:
     """``flock`` on ``<root>/.ckptkeeper/lock``; serialises every mutation of a root.
 
     ``timeout=0`` tries once (for the daemon: skip the pass when busy); ``None`` waits forever.
+    The lock file is created 0o666 less the umask; ``flock`` needs no write access, so a lock
+    file made by another user without group write is opened read-only and locks all the same.
     """
 
     def __init__(self, root: Path, *, timeout: float | None = None, fs: Fs = OS_FS) -> None:
@@ -106,9 +110,7 @@ class RootLock:
     def acquire(self) -> bool:
         area_fd = open_area(self.root, CKPTKEEPER_DIR, create=True, fs=self.fs)
         try:
-            fd = self.fs.open(
-                "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=area_fd
-            )
+            fd = self._open_lock(area_fd)
         except OSError as exc:
             exc.filename = str(self.root / CKPTKEEPER_DIR / "lock")
             raise
@@ -132,6 +134,16 @@ class RootLock:
         except BaseException:
             os.close(fd)
             raise
+
+    def _open_lock(self, area_fd: int) -> int:
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return self.fs.open("lock", os.O_RDWR | os.O_CREAT | flags, 0o666, dir_fd=area_fd)
+        except PermissionError as denied:  # not group-writable: flock works on O_RDONLY too
+            try:
+                return self.fs.open("lock", os.O_RDONLY | flags, dir_fd=area_fd)
+            except FileNotFoundError:  # missing, in an area we may not write: the first error
+                raise denied from None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -167,7 +179,7 @@ def write_marker(directory: Path, name: str, fs: Fs = OS_FS, **extra: Any) -> Pa
         fd = fs.open(
             temp,
             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o644,
+            0o666,
             dir_fd=dir_fd,
         )
         try:
@@ -204,7 +216,7 @@ def _fsync_fd(fd: int, fs: Fs) -> None:
 def writer_lock(directory: Path, fs: Fs = OS_FS) -> Iterator[None]:
     """Hold ``flock(LOCK_EX)`` on ``<directory>/.writer.lock`` while writing a save."""
     fd = fs.open(
-        Path(directory) / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        Path(directory) / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666
     )
     try:
         fs.flock(fd, fcntl.LOCK_EX)

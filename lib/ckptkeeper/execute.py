@@ -177,7 +177,8 @@ def _apply_one(plan: Plan, d: Decision, fs: Fs, moved: list[bool]) -> Path | Non
 
 
 def _pin(directory: Path, fs: Fs) -> None:
-    fd = fs.open(directory / PIN_FILE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = fs.open(directory / PIN_FILE, flags, 0o666)  # less the umask
     os.close(fd)
 
 

@@ -110,6 +110,7 @@ HARDENING = {
     "LockPersonality": "yes",
     "User": "ckptkeeper",
     "Group": "ckptkeeper",
+    "UMask": "0002",  # what the keeper creates stays group-writable for the trainers
     "Nice": "10",
     "IOSchedulingClass": "idle",
     "CPUSchedulingPolicy": "batch",
@@ -173,7 +174,7 @@ def test_cron_line_runs_a_locked_sweep_as_ckptkeeper_into_syslog() -> None:
     fields = lines[0].split(maxsplit=6)
     assert fields[:6] == ["*/15", "*", "*", "*", "*", "ckptkeeper"]
     command = fields[6]
-    assert command.startswith("flock -n ")
+    assert command.startswith("umask 002; flock -n ")  # group-writable, as the units' UMask=
     assert f"ckptkeeper sweep --config {CONFIG_PATH}" in command
     assert re.search(r"\|\s*logger\b", command)
     assert "%" not in command  # cron would turn it into a newline

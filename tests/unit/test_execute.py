@@ -581,7 +581,9 @@ def test_a_fault_leaves_a_safe_state_and_a_clean_pass_reaches_the_plan(
     try:
         run_pass(sc.root, SCENARIO_POLICY, fs=fs)
     except OSError as exc:  # only the root lock may stop a whole pass
-        assert op in ("open", "mkdir") and fs.calls == 1, exc
+        # (EACCES on opening the lock for writing: a read-only open is tried, and finds none)
+        retried = op == "open" and err_name == "EACCES"
+        assert op in ("open", "mkdir") and fs.calls == (2 if retried else 1), exc
 
     assert fs.fired or op == "write"
     assert_every_visible_step_is_complete(sc.root)
