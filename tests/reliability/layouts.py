@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkeeper import write_marker
+from ckptkeeper.removal import MOUNTED
 
 __all__ = [
     "HUGE_INFO_BYTES",
@@ -379,6 +380,40 @@ def _ro_teardown(root: Path, outside: Path) -> None:
     subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)
 
 
+def _build_mounts_inside(root: Path, outside: Path) -> None:
+    """step_1 (to be deleted) holds a bind mount of a directory of the root's own filesystem
+    (same st_dev) and a tmpfs (bound from outside, so the snapshot of ``outside`` sees it)."""
+    _steps(root, (1, 0.1), (2, 0.2))
+    _readme(root)
+    dataset = outside / "dataset"
+    (dataset / "sub").mkdir(parents=True)
+    for i in range(3):
+        (dataset / f"part_{i}.bin").write_bytes(b"d" * 100)
+        (dataset / "sub" / f"x_{i}").write_text("never delete me\n")
+    scratch = outside / "scratch"
+    scratch.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "ckpt-hostile", str(scratch)], check=True
+    )
+    (scratch / "cache.bin").write_bytes(b"c" * 100)
+    for source, target in (
+        (dataset, root / "step_1" / "policy" / "dataset"),
+        (scratch, root / "step_1" / "scratch"),
+    ):
+        target.mkdir()
+        subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+
+
+def _unmount_all(root: Path, outside: Path) -> None:
+    """Every mount below the layout's directory, wherever it went (a step moved into trash takes
+    its mounts along), deepest first."""
+    prefix = str(outside.parent) + "/"
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split(" ")[4].encode().decode("unicode_escape") for line in fh]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
 # -- ckptkeeper's own area ------------------------------------------------------------------------
 
 
@@ -697,6 +732,22 @@ LAYOUTS: list[Layout] = [
         remain=("step_1", "step_2", "tmp_step_3"),
         untouched=("step_1", "step_2", "tmp_step_3", ".ckptkeeper"),
         teardown=_ro_teardown,
+        needs_mount=True,
+    ),
+    Layout(
+        "mount_points_inside_deleted_step",
+        _build_mounts_inside,
+        (
+            Expect("deleted", "step_1", ("outside top-1",)),
+            # Left in trash, both mount points named once, never entered, no EBUSY.
+            Expect("removal_incomplete", ".ckptkeeper/trash/*-step_1", (MOUNTED,), once=False),
+            Expect("removal_incomplete", ".ckptkeeper/trash/*-step_1", (MOUNTED,), modes=("run",)),
+            Expect("removal_incomplete", ".ckptkeeper/trash/*", ("EBUSY",), absent=True),
+            Expect("purged", ".ckptkeeper/trash/*-step_1", modes=("run",), absent=True),
+        ),
+        remain=("step_2",),
+        gone=("step_1",),
+        teardown=_unmount_all,
         needs_mount=True,
     ),
     # ckptkeeper's own area
