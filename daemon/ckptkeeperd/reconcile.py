@@ -33,13 +33,12 @@ from ckptkeeper import (
     Plan,
     Policy,
     Removal,
-    RootLock,
     RootScan,
-    apply_plan,
     plan,
-    purge_trash,
     scan_root,
 )
+from ckptkeeper.passes import locked_pass
+from ckptkeeper.plan import Decision
 
 from .logs import ProblemLog, emit, get_logger
 
@@ -299,48 +298,37 @@ def _reconcile(
     report.scan = report.plan = None  # decided on: nothing is acted on from an unlocked scan
     # Trashed steps are logged once removed (with their bytes) when there is no grace period.
     defer = policy.trash_grace == 0
-    lock = RootLock(root, timeout=lock_timeout, fs=fs)
-    if not lock.acquire():
+
+    def on_outcome(o: Outcome) -> None:
+        if not (defer and o.trash_path is not None):
+            _log_outcome(o, log)
+
+    def on_removed(cause: Outcome | Decision, removal: Removal, removed_ms: float) -> None:
+        if isinstance(cause, Outcome):
+            _log_outcome(cause, log, removal.bytes, cause.duration_ms + removed_ms)
+        elif not removal.left:  # what is left is reported once as removal_incomplete
+            log.info(
+                "purged", path=str(cause.path), reason="; ".join(cause.reasons), bytes=removal.bytes
+            )
+
+    result = locked_pass(
+        root,
+        policy,
+        lock_timeout=lock_timeout,
+        clock=clock,
+        fs=fs,
+        cache=cache,
+        workers=delete_workers,
+        cancel=cancel,
+        on_outcome=on_outcome,
+        on_removed=on_removed,
+    )
+    if result.status == "busy":
         report.status = "busy"
         log.info("skipped", reason="root locked by another actor")
         return
-    try:
-        if not _scan_and_plan(root, policy, cache, clock(), report):
-            return
-        assert report.plan is not None
-
-        def on_outcome(o: Outcome) -> None:
-            if not (defer and o.trash_path is not None):
-                _log_outcome(o, log)
-
-        report.outcomes = apply_plan(report.plan, fs=fs, on_outcome=on_outcome)
-    finally:
-        lock.release()
-
-    # Outside the lock: remove what this pass trashed (if no grace) and old trash past its grace.
-    for outcome in report.outcomes:
-        if defer and outcome.trash_path is not None:
-            t0 = time.perf_counter()
-            removal = _remove(root, outcome.trash_path, delete_workers, fs, report, cancel)
-            removed_ms = (time.perf_counter() - t0) * 1000
-            _log_outcome(outcome, log, removal.bytes, outcome.duration_ms + removed_ms)
-    for d in report.plan.by_action(Action.PURGE):
-        removal = _remove(root, d.path, delete_workers, fs, report, cancel)
-        if not removal.left:  # what is left is reported once as removal_incomplete
-            log.info("purged", path=str(d.path), reason="; ".join(d.reasons), bytes=removal.bytes)
-
-
-def _remove(
-    root: Path,
-    path: Path,
-    workers: int,
-    fs: Fs,
-    report: Report,
-    cancel: threading.Event | None,
-) -> Removal:
-    [(_, removal)] = purge_trash(root, [path], workers=workers, fs=fs, cancel=cancel)
-    report.removed.append((path, removal))
-    return removal
+    report.scan, report.plan = result.scan, result.plan
+    report.outcomes, report.removed = result.outcomes, result.removed
 
 
 def _log_outcome(

@@ -8,7 +8,6 @@ optimizer discovery of ``get_resume_paths``, and the locked finalize/prune steps
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -16,25 +15,26 @@ from typing import Any
 
 import yaml
 
-from .effects import RootLock, fsync_dir, move_to_trash
-from .execute import Outcome, apply_plan
-from .plan import Action, Plan, plan
+from .execute import Outcome
+from .names import step_name
+from .passes import RECOVERY, locked_pass, recovery_needed
+from .plan import Action
 from .policy import Policy
 from .records import RootScan
-from .removal import remove_tree
+from .removal import Removal, remove_tree
 from .scan import scan_root
 
 __all__ = [
     "REQUIRED",
     "config_value",
     "finalize_complete_saves",
+    "finalize_save",
     "load_megatron_common_state_dict",
     "plain_training_info",
     "prune",
     "remove_trashed",
     "resume_paths",
     "run_config_data",
-    "swap_in",
 ]
 
 REQUIRED: Any = object()
@@ -160,94 +160,116 @@ def resume_paths(
     return weights, None
 
 
-# -- locked steps on a root (ckptkeeper's effects; the caller decides when) ----------------------
+# -- passes on a root (ckptkeeper's one locked pass; the caller decides when) ----------------
 
 
-def remove_trashed(items: Iterable[Outcome | Path | None]) -> None:
-    """Remove what was moved into trash (outside the root lock); warn about what could not go."""
-    left: list[str] = []
-    for item in items:
-        path = item.trash_path if isinstance(item, Outcome) else item
+class _Leftovers:
+    """Collects what removal left behind; one warning after the pass (the daemon retries)."""
+
+    def __init__(self) -> None:
+        self.left: list[str] = []
+
+    def __call__(self, _cause: object, removal: Removal, _ms: float = 0.0) -> None:
+        self.left.extend(f"{p} ({why})" for p, why in removal.left)
+
+    def warn(self) -> None:
+        if self.left:
+            warnings.warn(
+                f"ckptkeeper could not remove {len(self.left)} trashed entries (the daemon or "
+                f"the next sweep retries): {', '.join(self.left[:5])}",
+                stacklevel=4,
+            )
+
+
+def remove_trashed(items: Iterable[Path | None]) -> None:
+    """Remove entries this process moved into trash (outside the root lock); warn on leftovers."""
+    leftovers = _Leftovers()
+    for path in items:
         if path is not None:
-            left.extend(f"{p} ({why})" for p, why in remove_tree(path).left)
-    if left:
-        warnings.warn(
-            f"ckptkeeper could not remove {len(left)} trashed entries (the daemon or the next "
-            f"sweep retries): {', '.join(left[:5])}",
-            stacklevel=3,
-        )
+            leftovers(None, remove_tree(path))
+    leftovers.warn()
 
 
-def swap_in(src: Path, target: Path) -> None:
-    """Under the root lock: ``src`` (tmp_step_N) becomes ``target`` (step_N) by one rename; an
-    existing ``target`` is first renamed to ``old_step_N``, which then goes through trash.
+def finalize_save(src: Path, step: int, policy: Policy) -> None:
+    """Inline finalize of ``src`` (tmp_step_N, its marker written): one locked pass limited to
+    `RECOVERY` over step N, so it finalizes (or replaces, carrying a pin) exactly as the daemon
+    would. Other complete saves in the root are left to their writer or the daemon.
 
-    A missing ``src`` is success when ``target`` exists (another actor finalized it first).
+    Raises FileNotFoundError when ``src`` is gone and no ``step_N`` exists (nobody finalized it),
+    OSError when the pass failed or decided not to finalize it (the reason is in the message).
     """
     root = src.parent
-    old = root / f"old_{target.name}"
-    trashed: list[Path | None] = []
-    with RootLock(root):
-        if not os.path.lexists(src):
-            if os.path.lexists(target):
-                return
-            raise FileNotFoundError(2, "checkpoint to finalize is gone", str(src))
-        if os.path.lexists(old):  # leftover of an earlier, interrupted replace
-            trashed.append(move_to_trash(root, old))
-        if os.path.lexists(target):
-            target.rename(old)
-            src.rename(target)
-            fsync_dir(root)
-            trashed.append(move_to_trash(root, old))
-        else:
-            src.rename(target)
-            fsync_dir(root)
-    remove_trashed(trashed)
+
+    def select(scan: RootScan) -> RootScan:  # this save only: other complete saves are not ours
+        return RootScan(
+            root,
+            steps=tuple(c for c in scan.steps if c.step == step),
+            in_flight=tuple(t for t in scan.in_flight if t.path == src),
+            leftovers=tuple(o for o in scan.leftovers if o.step == step),
+            ambiguous_steps=scan.ambiguous_steps & {step},
+        )
+
+    leftovers = _Leftovers()
+    result = locked_pass(root, policy, actions=RECOVERY, select=select, on_removed=leftovers)
+    leftovers.warn()
+    outcome = result.outcome_for(src)
+    if outcome is not None and not outcome.ok:
+        raise OSError(f"could not finalize {src}: {outcome.detail}")
+    if os.path.lexists(src):
+        decision = result.decision_for(src)
+        why = outcome.detail if outcome is not None else ""
+        why = why or "; ".join(decision.reasons if decision is not None else ())
+        raise OSError(f"{src} was not finalized: {why or 'not complete'}")
+    if not os.path.lexists(root / step_name(step)):
+        raise FileNotFoundError(2, "checkpoint to finalize is gone", str(src))
 
 
 def prune(root: Path, policy: Policy, names: Callable[[], set[str]]) -> None:
-    """Delete the steps ``plan`` deletes among ``names()`` (computed under the lock).
+    """Delete the steps the planner deletes among ``names()`` (computed under the lock): one
+    locked pass limited to DELETE over those steps only. Each deletion is re-checked by the
+    executor (same directory, not pinned since), trashed under the lock, removed after it.
+    Raises OSError when a delete failed."""
 
-    Each DELETE is re-checked by `apply_plan` (same directory, not pinned since), renamed into
-    trash under the lock and removed after it. Raises OSError when a delete failed.
-    """
-    with RootLock(root):
+    def select(scan: RootScan) -> RootScan:
         current = names()
-        scan = scan_root(root, marker=policy.complete_marker)
-        steps = tuple(c for c in scan.steps if c.path.name in current)
-        decided = plan(RootScan(root, steps=steps), policy, time.time())
-        deletes = decided.by_action(Action.DELETE)
-        for d in deletes:
+        return RootScan(root, steps=tuple(c for c in scan.steps if c.path.name in current))
+
+    def announce(outcome: Outcome) -> None:
+        d = outcome.decision
+        if outcome.status == "done":
             print(f"Removing checkpoint {d.path} (step {d.step})")
-        outcomes = apply_plan(Plan(root, policy, decided.now, deletes))
-    remove_trashed(outcomes)
-    failed = [o for o in outcomes if o.status == "failed"]
+
+    leftovers = _Leftovers()
+    result = locked_pass(
+        root,
+        policy,
+        actions={Action.DELETE},
+        select=select,
+        on_outcome=announce,
+        on_removed=leftovers,
+    )
+    leftovers.warn()
+    failed = [o for o in result.outcomes if o.status == "failed"]
     if failed:
         detail = "; ".join(f"{o.decision.path}: {o.detail}" for o in failed)
         raise OSError(f"could not delete {len(failed)} checkpoint(s): {detail}")
 
 
 def finalize_complete_saves(root: Path, policy: Policy, timeout: float) -> None:
-    """Finalize every complete ``tmp_step_N`` of ``root`` and resolve interrupted replaces
-    (what the daemon's pass does first), waiting at most ``timeout`` s for the root lock."""
+    """Finalize every complete ``tmp_step_N`` of ``root`` and resolve interrupted replaces (a
+    pass limited to `RECOVERY`), waiting at most ``timeout`` s for the root lock."""
     try:
         scan = scan_root(root, marker=policy.complete_marker)
     except OSError:
         return  # no root yet
-    if not scan.leftovers and not any(t.complete for t in scan.in_flight):
-        return
-    lock = RootLock(root, timeout=timeout)
-    if not lock.acquire():
+    if not recovery_needed(scan):
+        return  # nothing to finalize: no lock taken
+    leftovers = _Leftovers()
+    result = locked_pass(root, policy, actions=RECOVERY, lock_timeout=timeout, on_removed=leftovers)
+    leftovers.warn()
+    if result.status == "busy":
         warnings.warn(
             f"ckptkeeper: {root} stayed locked for {timeout:g}s; complete tmp_step_N saves "
             "there were not finalized and are not considered by this lookup.",
             stacklevel=4,
         )
-        return
-    try:
-        decided = plan(scan_root(root, marker=policy.complete_marker), policy, time.time())
-        todo = decided.by_action(Action.FINALIZE, Action.REPLACE, Action.RESTORE, Action.DISCARD)
-        outcomes = apply_plan(Plan(root, policy, decided.now, todo))
-    finally:
-        lock.release()
-    remove_trashed(outcomes)

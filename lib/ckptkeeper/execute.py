@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .effects import OS_FS, Fs, fsync_dir, move_to_trash, open_area
 from .names import old_name, step_name
-from .plan import Action, Decision, Plan
+from .plan import APPLIED, Action, Decision, Plan
 from .removal import Removal, remove_tree
 from .scan import CKPTKEEPER_DIR, PIN_FILE, trash_dir, writer_lock_held
 
@@ -54,6 +54,7 @@ _ORDER = {
     Action.COLLECT: 3,
     Action.DELETE: 4,
 }
+assert set(_ORDER) == APPLIED
 
 
 def apply_plan(

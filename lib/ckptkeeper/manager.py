@@ -211,7 +211,9 @@ class CheckpointManager:
         """
         src = _tmp_dir(checkpoint_path)
         write_marker(src, self.complete_marker)
-        compat.swap_in(src, src.parent / src.name.removeprefix("tmp_"))
+        parsed = parse_name(src.name)
+        assert parsed is not None  # _tmp_dir checked it
+        compat.finalize_save(src, parsed.step, self._policy(exclude_latest=True))
 
     # -- retention --------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from .names import step_name
 from .policy import Policy, metric_value, rules_for
 from .records import Checkpoint, RootScan
 
-__all__ = ["Action", "Decision", "Plan", "plan"]
+__all__ = ["APPLIED", "RECOVERY", "Action", "Decision", "Plan", "plan"]
 
 
 class Action(enum.StrEnum):
@@ -33,6 +33,21 @@ class Action(enum.StrEnum):
     PURGE = "purge"  # trash entry past trash_grace -> removed
     HOLD = "hold"  # trash entry within trash_grace
     IGNORE = "ignore"  # checkpoint-like name that is not a checkpoint; never touched
+
+
+#: The actions `execute.apply_plan` carries out under the root lock (PURGE runs after the unlock).
+APPLIED = frozenset(
+    {
+        Action.RESTORE,
+        Action.FINALIZE,
+        Action.REPLACE,
+        Action.DISCARD,
+        Action.COLLECT,
+        Action.DELETE,
+    }
+)
+#: What makes saves visible and resolves interrupted replaces; never deletes a checkpoint.
+RECOVERY = frozenset({Action.RESTORE, Action.FINALIZE, Action.REPLACE, Action.DISCARD})
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +85,8 @@ class Plan:
 
     @property
     def mutates(self) -> bool:
-        quiet = {Action.KEEP, Action.WAIT, Action.HOLD, Action.IGNORE}
-        return any(d.action not in quiet for d in self.decisions)
+        """Does carrying out this plan change anything on disk (applied actions or purges)?"""
+        return any(d.action in APPLIED or d.action is Action.PURGE for d in self.decisions)
 
 
 def _age(seconds: float) -> str:

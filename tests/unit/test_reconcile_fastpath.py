@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ckptkeeper import InfoCache, Policy, RootLock, RootScan
+from ckptkeeper import passes as passes_mod
 from ckptkeeper import scan as scan_mod
 from ckptkeeper.effects import Fs
 from ckptkeeperd import reconcile as reconcile_mod
@@ -98,7 +99,8 @@ def scans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
         seen.append((kwargs.get("memo", False), lock_held(root)))
         return real(root, **kwargs)
 
-    monkeypatch.setattr(reconcile_mod, "scan_root", spy)
+    monkeypatch.setattr(reconcile_mod, "scan_root", spy)  # the unlocked look
+    monkeypatch.setattr(passes_mod, "scan_root", spy)  # the locked pass
     return seen
 
 
