@@ -37,17 +37,33 @@ ENTRY_POINT_GROUP = "ckptkeeper.layouts"
 class Layout(Protocol):
     """One framework's on-disk conventions. Implementations are immutable and hold no state."""
 
-    name: str
-    #: The completion marker a writer creates last (a per-root policy may rename it).
-    default_marker: str
-    #: The JSON object file inside a checkpoint that holds its metrics.
-    info_file: str
-    #: A file inside a checkpoint that pins it (never deleted by policy).
-    pin_file: str
-    #: A file a writer may hold ``flock(LOCK_EX)`` on while it writes.
-    writer_lock: str
-    #: A file inside a checkpoint naming the metric and its direction, or "" for none.
-    config_file: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def default_marker(self) -> str:
+        """The completion marker a writer creates last (a per-root policy may rename it)."""
+        ...
+
+    @property
+    def info_file(self) -> str:
+        """The JSON object file inside a checkpoint that holds its metrics."""
+        ...
+
+    @property
+    def pin_file(self) -> str:
+        """A file inside a checkpoint that pins it (never deleted by policy)."""
+        ...
+
+    @property
+    def writer_lock(self) -> str:
+        """A file a writer may hold ``flock(LOCK_EX)`` on while it writes."""
+        ...
+
+    @property
+    def config_file(self) -> str:
+        """A file inside a checkpoint naming the metric and its direction, or "" for none."""
+        ...
 
     def parse(self, name: str) -> ParsedName | None:
         """The kind and step of a directory entry's name; None for a name outside the grammar
