@@ -10,6 +10,10 @@ reads every step in full. `preview` is the read-only half for ``status`` and ``-
 
 A pass with nothing to do costs no lock, and with a cache a plan identical to the last one (same
 policy, the very same step records, nothing in flight, no leftovers, no trash) is reused.
+
+The policy may be given as a callable (the daemon and ``sweep`` resolve the root's settings with
+it): it is called for the unlocked plan and again once the lock is held, so the plan acted on
+uses the settings as they are then. Each plan uses one policy for its scan and its decisions.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ from ckptkeeper import (
 
 from .logs import ProblemLog, emit, get_logger
 
-__all__ = ["EVENT_FOR", "Report", "preview", "reconcile"]
+__all__ = ["EVENT_FOR", "PolicySource", "Report", "preview", "reconcile"]
+
+#: A policy, or what resolves one (called once per plan).
+PolicySource = Policy | Callable[[], Policy]
 
 EVENT_FOR = {
     Action.FINALIZE: "finalized",
@@ -245,7 +252,7 @@ def preview(
 
 def reconcile(
     root: Path,
-    policy: Policy,
+    policy: PolicySource,
     *,
     cache: InfoCache | None = None,
     clock: Callable[[], float] = time.time,
@@ -276,7 +283,7 @@ def reconcile(
 
 def _reconcile(
     root: Path,
-    policy: Policy,
+    source: PolicySource,
     cache: InfoCache | None,
     clock: Callable[[], float],
     lock_timeout: float | None,
@@ -291,23 +298,26 @@ def _reconcile(
         report.problems.append(why)
         return
     # Without the lock: is there anything to do at all? (Most passes: no.)
+    policy = source if isinstance(source, Policy) else source()
     if not _scan_and_plan(root, policy, cache, clock(), report, memo=True):
         return
     assert report.plan is not None
     if not report.plan.mutates:  # no action and no trash to purge: the lock is not needed
         return
     report.scan = report.plan = None  # decided on: nothing is acted on from an unlocked scan
-    # Trashed steps are logged once removed (with their bytes) when there is no grace period.
-    defer = policy.trash_grace == 0
     lock = RootLock(root, timeout=lock_timeout, fs=fs)
     if not lock.acquire():
         report.status = "busy"
         log.info("skipped", reason="root locked by another actor")
         return
     try:
+        # The settings as they are now (a ckptkeeper.toml edited since the unlocked plan counts).
+        policy = source if isinstance(source, Policy) else source()
         if not _scan_and_plan(root, policy, cache, clock(), report):
             return
         assert report.plan is not None
+
+        defer = policy.trash_grace == 0
 
         def on_outcome(o: Outcome) -> None:
             if not (defer and o.trash_path is not None):
@@ -318,6 +328,7 @@ def _reconcile(
         lock.release()
 
     # Outside the lock: remove what this pass trashed (if no grace) and old trash past its grace.
+    # Trashed steps are logged once removed (with their bytes) when there is no grace period.
     for outcome in report.outcomes:
         if defer and outcome.trash_path is not None:
             t0 = time.perf_counter()
