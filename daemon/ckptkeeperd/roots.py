@@ -255,16 +255,21 @@ def expand_roots(
     config: DaemonConfig, problems: list[str] | None = None
 ) -> list[tuple[Path, Mapping[str, Any]]]:
     """Explicit roots, then the directories each ``[[discover]]`` glob finds, deduplicated by
-    realpath (the first wins, so ``[[root]]`` beats ``[[discover]]``). Never raises; unreadable
-    candidates are skipped and described in ``problems`` when given."""
+    identity (st_dev, st_ino; realpath for a root that does not exist). The first entry's
+    overrides win (``[[root]]`` beats ``[[discover]]``), but the spelling kept is one that is
+    not a symlink: a root reached through a symlink is refused by the pass, and the directory
+    must not go unmanaged because it was listed through one. Never raises; unreadable candidates
+    are skipped and described in ``problems`` when given."""
     out: list[tuple[Path, Mapping[str, Any]]] = []
-    seen: set[str] = set()
+    seen: dict[object, int] = {}
 
     def add(path: Path, overrides: Mapping[str, Any]) -> None:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
+        key, is_link = _identity(path)
+        if (at := seen.get(key)) is None:
+            seen[key] = len(out)
             out.append((path, overrides))
+        elif not is_link and _identity(out[at][0])[1]:
+            out[at] = (path, out[at][1])  # same directory: keep the first entry's settings
 
     for entry in config.roots:
         add(entry.path, entry.overrides)
@@ -272,6 +277,19 @@ def expand_roots(
         for found in _discover(disc, problems if problems is not None else []):
             add(found, disc.overrides)
     return out
+
+
+def _identity(path: Path) -> tuple[object, bool]:
+    """What makes two spellings one root, and whether this spelling is a symlink."""
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return os.path.realpath(path), False
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return os.path.realpath(path), is_link
+    return (st.st_dev, st.st_ino), is_link
 
 
 def _discover(entry: DiscoverEntry, problems: list[str]) -> list[Path]:

@@ -537,11 +537,37 @@ def test_explicit_root_wins_over_discover_and_duplicates_collapse(
     )
     found = {p.name: dict(o) for p, o in expand_roots(load_text(tmp_path, text))}
     assert found == {
-        "link-to-a": {"keep_top_k": 9},  # the explicit root, the same directory as run-a
+        "run-a": {"keep_top_k": 9},  # the explicit root's settings, spelled without the symlink
         "run-b": {"keep_top_k": 1},  # the first discover entry that found it
         "run-c": {"keep_top_k": 1},
         "run-d": {"keep_top_k": 1},
     }
+
+
+@pytest.mark.parametrize("link_first", [True, False])
+def test_a_root_listed_through_a_symlink_and_its_real_path_is_kept_by_its_real_path(
+    tmp_path: Path, link_first: bool
+) -> None:
+    real = make_steps(tmp_path / "real", "step_1")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    text = "".join(
+        f'[[root]]\npath = "{path}"\nkeep_top_k = {k}\n'
+        for path, k in ([(link, 1), (real, 2)] if link_first else [(real, 2), (link, 1)])
+    )
+    [(root, overrides)] = expand_roots(load_text(tmp_path, text))
+    assert root == real  # never the symlink: the pass refuses a symlinked root
+    assert dict(overrides) == {"keep_top_k": 1 if link_first else 2}  # the first entry's
+    [(root, _)] = expand_roots(config_from_flags([str(link), str(real)], {}))
+    assert root == real
+
+
+def test_roots_are_the_same_by_identity_not_by_spelling(tmp_path: Path) -> None:
+    real = make_steps(tmp_path / "base" / "run", "step_1")
+    (tmp_path / "alias").symlink_to(tmp_path / "base")  # a symlink above the root: accepted
+    other = make_steps(tmp_path / "other", "step_1")
+    config = config_from_flags([str(tmp_path / "alias" / "run"), str(real), str(other)], {})
+    assert [p for p, _ in expand_roots(config)] == [tmp_path / "alias" / "run", other]
 
 
 def test_discover_of_a_missing_directory_finds_nothing(tmp_path: Path) -> None:
