@@ -146,7 +146,7 @@ class SettingsResolver:
         configured = {key: value for _, values in layers for key, value in values.items()}
         walk: YamlWalk | None = None
         if "metric_name" not in configured or "higher_is_better" not in configured:
-            parses = self.yaml.parses
+            parses = self.yaml.parses  # (a count for tests: other threads may parse meanwhile)
             walk = walk_config_yaml(root, self.yaml, now_ns)
             self.reads["config.yaml"] += self.yaml.parses - parses
             layers.insert(0, ("config.yaml", _from_yaml(walk, configured)))
