@@ -110,10 +110,10 @@ class OursPass:
         from ckptkeeperd.logs import ProblemLog
 
         expand_roots, self.resolve_settings = _roots_api()
-        with contextlib.suppress(ImportError):  # a fresh daemon: nothing resolved before
-            from ckptkeeperd.roots import forget_settings
+        with contextlib.suppress(ImportError):  # the daemon's memo, fresh as a new daemon's
+            from ckptkeeperd.roots import SettingsResolver
 
-            forget_settings()
+            self.resolve_settings = SettingsResolver().resolve
         self.config = config_from_flags([str(r) for r in roots], FLAGS)
         self.expanded = expand_roots(self.config)
         self.cache = InfoCache()

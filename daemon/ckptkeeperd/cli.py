@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ from ckptkeeper import Policy
 
 from .config import ConfigError, DaemonConfig, config_from_flags, load_config, merge_flags
 from .logs import LEVELS, ProblemLog, configure_logging, get_logger
-from .reconcile import EVENT_FOR, Report, preview, reconcile
-from .roots import expand_roots, resolve_settings
+from .reconcile import EVENT_FOR, PolicySource, Report, preview, reconcile
+from .roots import SettingsResolver, expand_roots
 
 __all__ = ["main"]
 
@@ -130,19 +130,39 @@ def cli() -> None:
 
 
 def _passes(
-    config: DaemonConfig, action: Callable[[Path, Policy, Any, ProblemLog], Report]
+    config: DaemonConfig, action: Callable[[Path, PolicySource, Any, ProblemLog], Report]
 ) -> list[tuple[Report, Policy]]:
+    """``action`` on every root, given what resolves the root's policy: each call resolves
+    afresh, so a sweep's plan under the lock uses the settings as they are then."""
     problems = ProblemLog()
+    resolver = SettingsResolver()
     out: list[tuple[Report, Policy]] = []
     for root, overrides in expand_roots(config):
-        resolved = resolve_settings(config, root, overrides)
         log = get_logger(root=str(root))
-        for problem in resolved.problems:
-            log.warning("config_problem", reason=problem)
-        out.append(
-            (action(root, resolved.settings.policy, log, problems), resolved.settings.policy)
-        )
+        source = _policy_source(resolver, config, root, overrides, problems, log)
+        first = source()  # its problems are logged before the pass, whatever the pass does
+        report = action(root, source, log, problems)
+        out.append((report, report.plan.policy if report.plan is not None else first))
     return out
+
+
+def _policy_source(
+    resolver: SettingsResolver,
+    config: DaemonConfig,
+    root: Path,
+    overrides: Mapping[str, Any],
+    problems: ProblemLog,
+    log: Any,
+) -> Callable[[], Policy]:
+    def policy() -> Policy:
+        resolved = resolver.resolve(config, root, overrides)
+        current = {
+            (str(root), p): {"event": "config_problem", "reason": p} for p in resolved.problems
+        }
+        problems.report(f"config:{root}", current, log)
+        return resolved.settings.policy
+
+    return policy
 
 
 @cli.command()
@@ -157,9 +177,10 @@ def sweep(roots: tuple[str, ...], dry_run: bool, as_json: bool, **opts: Any) -> 
     config = _build_config(roots, opts)
     _setup_logs(opts, config, to_stderr=as_json)
 
-    def one(root: Path, policy: Policy, log: Any, problems: ProblemLog) -> Report:
+    def one(root: Path, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
         if dry_run:
-            report = preview(root, policy, log=log, problems=problems)
+            now = policy if isinstance(policy, Policy) else policy()
+            report = preview(root, now, log=log, problems=problems)
             for d in report.plan.decisions if report.plan is not None else ():
                 if d.action in _MUTATING:
                     log.info(
@@ -200,10 +221,12 @@ def status(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
 
     config = _build_config(roots, opts)
     _setup_logs(opts, config, to_stderr=True)
-    results = _passes(
-        config,
-        lambda root, policy, log, problems: preview(root, policy, log=log, problems=problems),
-    )
+
+    def one(root: Path, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
+        now = policy if isinstance(policy, Policy) else policy()
+        return preview(root, now, log=log, problems=problems)
+
+    results = _passes(config, one)
     if as_json:
         click.echo(json.dumps({"roots": [report_to_dict(r, p) for r, p in results]}, indent=2))
     else:

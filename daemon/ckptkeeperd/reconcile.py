@@ -10,6 +10,10 @@ reads every step in full. `preview` is the read-only half for ``status`` and ``-
 
 A pass with nothing to do costs no lock, and with a cache a plan identical to the last one (same
 policy, the very same step records, nothing in flight, no leftovers, no trash) is reused.
+
+The policy may be given as a callable (the daemon and ``sweep`` resolve the root's settings with
+it): it is called for the unlocked plan and again once the lock is held, so the plan acted on
+uses the settings as they are then. Each plan uses one policy for its scan and its decisions.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ from ckptkeeper.plan import Decision
 
 from .logs import ProblemLog, emit, get_logger
 
-__all__ = ["EVENT_FOR", "Report", "preview", "reconcile"]
+__all__ = ["EVENT_FOR", "PolicySource", "Report", "preview", "reconcile"]
+
+#: A policy, or what resolves one (called once per plan).
+PolicySource = Policy | Callable[[], Policy]
 
 EVENT_FOR = {
     Action.FINALIZE: "finalized",
@@ -244,7 +251,7 @@ def preview(
 
 def reconcile(
     root: Path,
-    policy: Policy,
+    policy: PolicySource,
     *,
     cache: InfoCache | None = None,
     clock: Callable[[], float] = time.time,
@@ -275,7 +282,7 @@ def reconcile(
 
 def _reconcile(
     root: Path,
-    policy: Policy,
+    source: PolicySource,
     cache: InfoCache | None,
     clock: Callable[[], float],
     lock_timeout: float | None,
@@ -290,6 +297,7 @@ def _reconcile(
         report.problems.append(why)
         return
     # Without the lock: is there anything to do at all? (Most passes: no.)
+    policy = source if isinstance(source, Policy) else source()
     if not _scan_and_plan(root, policy, cache, clock(), report, memo=True):
         return
     assert report.plan is not None
@@ -297,10 +305,16 @@ def _reconcile(
         return
     report.scan = report.plan = None  # decided on: nothing is acted on from an unlocked scan
     # Trashed steps are logged once removed (with their bytes) when there is no grace period.
-    defer = policy.trash_grace == 0
+    # The settings are resolved again under the lock (a ckptkeeper.toml edited since counts).
+    deferred: list[bool] = []
+
+    def resolved() -> Policy:
+        now_policy = source if isinstance(source, Policy) else source()
+        deferred.append(now_policy.trash_grace == 0)
+        return now_policy
 
     def on_outcome(o: Outcome) -> None:
-        if not (defer and o.trash_path is not None):
+        if not (deferred[-1] and o.trash_path is not None):
             _log_outcome(o, log)
 
     def on_removed(cause: Outcome | Decision, removal: Removal, removed_ms: float) -> None:
@@ -313,7 +327,7 @@ def _reconcile(
 
     result = locked_pass(
         root,
-        policy,
+        resolved,
         lock_timeout=lock_timeout,
         clock=clock,
         fs=fs,

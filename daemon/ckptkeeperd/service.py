@@ -24,12 +24,12 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ckptkeeper import InfoCache
+from ckptkeeper import InfoCache, Policy
 
-from .config import ConfigError, DaemonConfig, Settings
+from .config import ConfigError, DaemonConfig, Resolved, Settings
 from .logs import ProblemLog, get_logger
 from .reconcile import Report, reconcile
-from .roots import expand_roots, resolve_settings
+from .roots import SettingsResolver, expand_roots
 from .sdnotify import Notifier, watchdog_interval
 from .watch import RootWatcher, resolve_observer
 
@@ -60,6 +60,7 @@ class Keeper:
         self.log = get_logger()
         self.notifier = notifier or Notifier()
         self.cache = InfoCache()
+        self.settings = SettingsResolver()  # resolved again in every pass (memoized)
         self.problems = ProblemLog()
         self.roots: dict[Path, _RootState] = {}
         self._state_lock = threading.Lock()
@@ -87,16 +88,12 @@ class Keeper:
         """Re-expand configured and discovered roots, resolve each root's settings, sync watches."""
         found: dict[Path, _RootState] = {}
         for root, overrides in expand_roots(self.config):
-            resolved = resolve_settings(self.config, root, overrides)
+            resolved = self._resolve(root, overrides)
             try:
                 kind = resolve_observer(root, resolved.settings.observer)
             except OSError:
                 kind = "polling"
             found[root] = _RootState(overrides, resolved.settings, kind, tuple(resolved.problems))
-            current = {
-                (str(root), p): {"event": "config_problem", "reason": p} for p in resolved.problems
-            }
-            self.problems.report(f"config:{root}", current, self.log.bind(root=str(root)))
         with self._state_lock:
             previous = self.roots
             added = set(found) - set(previous)
@@ -131,6 +128,15 @@ class Keeper:
                 seconds=state.settings.sweep_interval,
                 replace_existing=True,
             )
+
+    def _resolve(self, root: Path, overrides: Mapping[str, Any]) -> Resolved:
+        """The root's settings now (memoized by file identity); problems logged once."""
+        resolved = self.settings.resolve(self.config, root, overrides)
+        current = {
+            (str(root), p): {"event": "config_problem", "reason": p} for p in resolved.problems
+        }
+        self.problems.report(f"config:{root}", current, self.log.bind(root=str(root)))
+        return resolved
 
     def _scheduler_remove(self, job_id: str) -> None:
         if self._scheduler.get_job(job_id) is not None:
@@ -194,9 +200,13 @@ class Keeper:
         if state is None:
             return Report(root, status="error", problems=["not a configured root"])
         log = self.log.bind(root=str(root))
+
+        def policy() -> Policy:  # each plan of the pass resolves afresh: an edit applies at once
+            return self._resolve(root, state.overrides).settings.policy
+
         report = reconcile(
             root,
-            state.settings.policy,
+            policy,
             cache=self.cache,
             log=log,
             problems=self.problems,

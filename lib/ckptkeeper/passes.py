@@ -54,7 +54,7 @@ OnRemoved = Callable[[Outcome | Decision, Removal, float], None]
 
 def locked_pass(
     root: Path,
-    policy: Policy,
+    source: Policy | Callable[[], Policy],
     *,
     actions: Collection[Action] = EVERYTHING,
     select: Callable[[RootScan], RootScan] | None = None,
@@ -69,6 +69,9 @@ def locked_pass(
 ) -> PassResult:
     """One pass over ``root`` under its lock; carries out only the decisions in ``actions``.
 
+    ``source`` is the policy, or a function giving it as it is once the lock is held (a run's
+    settings file edited while the pass waited for the lock counts).
+
     ``select`` narrows the scan the planner sees (e.g. the manager's NeMo-RL prune considers only
     ``step_N`` with a training_info.json). ``lock_timeout`` None waits for the lock, 0 tries once.
     What this pass trashed is removed after the unlock when ``policy.trash_grace`` is 0; trash
@@ -82,6 +85,7 @@ def locked_pass(
         result.status = "busy"
         return result
     try:
+        policy = source if isinstance(source, Policy) else source()
         now = clock()
         scan = scan_root(
             root, marker=policy.complete_marker, cache=cache, stale_before=now - policy.stale_after
@@ -92,7 +96,7 @@ def locked_pass(
         result.outcomes = apply_plan(todo, fs=fs, on_outcome=on_outcome)
     finally:
         lock.release()
-    _remove_trash(result, policy, actions, workers, fs, cancel, on_removed)
+    _remove_trash(result, result.plan.policy, actions, workers, fs, cancel, on_removed)
     return result
 
 

@@ -13,9 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from .info import INFO_FILE
 from .records import Checkpoint
+from .scan import PIN_FILE, WRITER_LOCK
 
 __all__ = [
+    "PROTOCOL_FILES",
     "KeepEveryN",
     "KeepLatest",
     "KeepLatestN",
@@ -100,14 +103,7 @@ class Policy:
             raise PolicyError(
                 "metric_name", f"expected a non-empty string, got {self.metric_name!r}"
             )
-        marker = self.complete_marker
-        if (
-            not isinstance(marker, str)
-            or marker in {"", ".", ".."}
-            or "/" in marker
-            or "\x00" in marker
-        ):
-            raise PolicyError("complete_marker", f"expected a plain file name, got {marker!r}")
+        _check_marker(self.complete_marker)
         for name in ("stale_after", "trash_grace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -148,6 +144,26 @@ class Policy:
             return cls(**merged)
         except PolicyError as exc:
             raise PolicyError(exc.key, exc.reason, source) from None
+
+
+#: Names a checkpoint directory's protocol gives a meaning of its own (DESIGN.md section 2): a
+#: completion marker by one of these names would be present before the save is complete (e.g.
+#: ``training_info.json`` is written first), or a pin or lock would read as completion.
+PROTOCOL_FILES: frozenset[str] = frozenset({INFO_FILE, "config.yaml", PIN_FILE, WRITER_LOCK})
+
+
+def _check_marker(marker: object) -> None:
+    if not isinstance(marker, str) or marker in {"", ".", ".."} or "/" in marker or "\0" in marker:
+        raise PolicyError(
+            "complete_marker",
+            f"expected a plain file name (not empty, '.', '..', no '/' or NUL), got {marker!r}",
+        )
+    if marker in PROTOCOL_FILES:
+        raise PolicyError(
+            "complete_marker",
+            f"{marker!r} is a file the checkpoint protocol already uses "
+            f"({', '.join(sorted(PROTOCOL_FILES))}): it would mark saves complete too early",
+        )
 
 
 def _check_count(name: str, value: object, *, minimum: int, optional: bool) -> None:

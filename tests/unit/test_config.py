@@ -68,6 +68,21 @@ BAD_CONFIGS = [
     ("[defaults]\nsave_period = 1.5\n", "defaults.save_period", "expected a whole number"),
     ('[defaults]\nmetric_name = ""\n', "defaults.metric_name", "non-empty string"),
     ('[defaults]\ncomplete_marker = "a/b"\n', "defaults.complete_marker", "plain file name"),
+    (
+        '[defaults]\ncomplete_marker = "training_info.json"\n',
+        "defaults.complete_marker",
+        "'training_info.json' is a file the checkpoint protocol already uses",
+    ),
+    (
+        '[[root]]\npath = "/a"\ncomplete_marker = "KEEP"\n',
+        "root[0].complete_marker",
+        "'KEEP' is a file the checkpoint protocol already uses",
+    ),
+    (
+        '[[discover]]\nglob = "/a/*"\ncomplete_marker = ".writer.lock"\n',
+        "discover[0].complete_marker",
+        "'.writer.lock' is a file the checkpoint protocol already uses",
+    ),
     ('[defaults]\nkeep_latest = "yes"\n', "defaults.keep_latest", "expected true or false"),
     ('[defaults]\npath = "/a"\n', "defaults.path", "unknown key"),
     ("[defaults]\nkeep_topk = 3\n", "defaults.keep_topk", "unknown key (known keys:"),
@@ -307,23 +322,37 @@ CORRUPT_YAML: list[tuple[str, bytes | None]] = [
 ]
 
 
-@pytest.mark.parametrize(("name", "content"), CORRUPT_YAML, ids=[c[0] for c in CORRUPT_YAML])
-def test_missing_or_corrupt_config_yaml_is_ignored_silently(
-    tmp_path: Path, name: str, content: bytes | None
+def test_missing_config_yaml_is_ignored_silently(tmp_path: Path) -> None:
+    root = make_steps(tmp_path / "run", "step_1")
+    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), root, {})
+    assert resolved.settings == Settings().apply({"keep_top_k": 2})  # recency: nothing names one
+    assert resolved.problems == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content"), CORRUPT_YAML[1:], ids=[c[0] for c in CORRUPT_YAML[1:]]
+)
+def test_corrupt_config_yaml_is_reported_and_otherwise_ignored(
+    tmp_path: Path, name: str, content: bytes
 ) -> None:
     root = make_steps(tmp_path / "run", "step_1")
-    if content is not None:
-        (root / "step_1" / "config.yaml").write_bytes(content)
+    path = root / "step_1" / "config.yaml"
+    path.write_bytes(content)
     resolved = resolve_settings(config_from_flags([], {}), root, {})
-    assert resolved.settings == Settings()
-    assert resolved.problems == []
+    assert resolved.settings == Settings()  # no keep_top_k: nothing ranks by the metric
+    [problem] = resolved.problems
+    assert problem.startswith(f"{path}: ") and problem.endswith("; ignored")
 
 
 def test_config_yaml_symlink_is_not_followed(tmp_path: Path) -> None:
     root = make_steps(tmp_path / "run", "step_1")
     target = write(tmp_path / "real.yaml", config_yaml("val_reward", True))
     (root / "step_1" / "config.yaml").symlink_to(target)
-    assert resolve_settings(config_from_flags([], {}), root, {}).settings == Settings()
+    resolved = resolve_settings(config_from_flags([], {}), root, {})
+    assert resolved.settings == Settings()
+    assert [p.split(": ", 1)[1] for p in resolved.problems] == [
+        "a symlink, not a regular file; ignored"
+    ]
 
 
 def test_config_yaml_not_consulted_when_both_keys_are_configured(tmp_path: Path) -> None:
@@ -342,6 +371,9 @@ BAD_RUN_FILES = [
     ('observer = "polling"\n', "observer: a daemon setting"),
     ("[defaults]\nkeep_top_k = 1\n", "defaults: unknown key"),
     ("keep_top_k = \n", "invalid TOML: "),
+    ('complete_marker = "training_info.json"\n', "complete_marker: 'training_info.json' is a"),
+    ('complete_marker = "config.yaml"\n', "complete_marker: 'config.yaml' is a file the"),
+    ('complete_marker = ".."\n', "complete_marker: expected a plain file name"),
 ]
 
 
@@ -421,6 +453,7 @@ def test_flags_only_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         ({"stale_after": "6x"}, "command line: stale_after: expected a duration"),
         ({"observer": "magic"}, "command line: observer: expected one of"),
         ({"keep_topk": 1}, "command line: keep_topk: unknown key"),
+        ({"complete_marker": "KEEP"}, "command line: complete_marker: 'KEEP' is a file the"),
     ],
 )
 def test_bad_flag_raises_config_error(flags: Mapping[str, Any], message: str) -> None:
@@ -504,11 +537,37 @@ def test_explicit_root_wins_over_discover_and_duplicates_collapse(
     )
     found = {p.name: dict(o) for p, o in expand_roots(load_text(tmp_path, text))}
     assert found == {
-        "link-to-a": {"keep_top_k": 9},  # the explicit root, the same directory as run-a
+        "run-a": {"keep_top_k": 9},  # the explicit root's settings, spelled without the symlink
         "run-b": {"keep_top_k": 1},  # the first discover entry that found it
         "run-c": {"keep_top_k": 1},
         "run-d": {"keep_top_k": 1},
     }
+
+
+@pytest.mark.parametrize("link_first", [True, False])
+def test_a_root_listed_through_a_symlink_and_its_real_path_is_kept_by_its_real_path(
+    tmp_path: Path, link_first: bool
+) -> None:
+    real = make_steps(tmp_path / "real", "step_1")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    text = "".join(
+        f'[[root]]\npath = "{path}"\nkeep_top_k = {k}\n'
+        for path, k in ([(link, 1), (real, 2)] if link_first else [(real, 2), (link, 1)])
+    )
+    [(root, overrides)] = expand_roots(load_text(tmp_path, text))
+    assert root == real  # never the symlink: the pass refuses a symlinked root
+    assert dict(overrides) == {"keep_top_k": 1 if link_first else 2}  # the first entry's
+    [(root, _)] = expand_roots(config_from_flags([str(link), str(real)], {}))
+    assert root == real
+
+
+def test_roots_are_the_same_by_identity_not_by_spelling(tmp_path: Path) -> None:
+    real = make_steps(tmp_path / "base" / "run", "step_1")
+    (tmp_path / "alias").symlink_to(tmp_path / "base")  # a symlink above the root: accepted
+    other = make_steps(tmp_path / "other", "step_1")
+    config = config_from_flags([str(tmp_path / "alias" / "run"), str(real), str(other)], {})
+    assert [p for p, _ in expand_roots(config)] == [tmp_path / "alias" / "run", other]
 
 
 def test_discover_of_a_missing_directory_finds_nothing(tmp_path: Path) -> None:

@@ -106,6 +106,17 @@ def test_marker_name_with_nul_byte_is_rejected() -> None:
     assert info.value.key == "complete_marker"
 
 
+@pytest.mark.parametrize("name", ["training_info.json", "config.yaml", "KEEP", ".writer.lock"])
+def test_marker_may_not_name_a_file_the_protocol_uses(name: str) -> None:
+    # training_info.json is written first: as the marker it would finalize a save just begun.
+    with pytest.raises(PolicyError) as info:
+        Policy(complete_marker=name)
+    assert info.value.key == "complete_marker"
+    assert f"{name!r} is a file the checkpoint protocol already uses" in info.value.reason
+    with pytest.raises(PolicyError, match=r"^run\.toml: complete_marker: "):
+        Policy.from_mapping({"complete_marker": name}, source="run.toml")
+
+
 def test_policy_defaults_follow_the_design_table() -> None:
     p = Policy()
     assert p.keep_top_k is None

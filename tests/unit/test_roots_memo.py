@@ -1,41 +1,30 @@
-"""resolve_settings' memo: a run's ckptkeeper.toml and the config.yaml fallback are read again
-whenever they (or the root's listing) changed, and not otherwise."""
+"""The settings memo (`SettingsResolver`): a run's ckptkeeper.toml and the config.yaml files
+the metric is read from are read again whenever they (or the root's listing) changed, and not
+otherwise. Its clock is injected: "later" is a resolver whose clock runs a minute ahead, as if
+the files had been written a minute before each resolve (older than MEMO_TRUST_S)."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ckptkeeper.scan import MEMO_TRUST_S
-from ckptkeeperd import roots as roots_mod
 from ckptkeeperd.config import config_from_flags
-from ckptkeeperd.roots import resolve_settings
+from ckptkeeperd.roots import SettingsResolver
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the files resolve_settings opens (ckptkeeper.toml, config.yaml)."""
-    seen: list[str] = []
-    real = roots_mod._read_regular
-
-    def spy(path: Path, limit: int) -> Any:
-        seen.append(Path(path).name)
-        return real(path, limit)
-
-    monkeypatch.setattr(roots_mod, "_read_regular", spy)
-    monkeypatch.setattr(roots_mod, "_MEMO", {})
-    return seen
-
-
-@pytest.fixture
-def later(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As if the files had been written a minute before each resolve."""
+def later() -> SettingsResolver:
     ahead = int((MEMO_TRUST_S + 60) * 1e9)
-    monkeypatch.setattr(roots_mod, "_now_ns", lambda: time.time_ns() + ahead)
+    return SettingsResolver(clock_ns=lambda: time.time_ns() + ahead)
+
+
+def reads(resolver: SettingsResolver) -> list[str]:
+    """The files resolving read, by name (ckptkeeper.toml tried, config.yaml parsed)."""
+    return sorted(resolver.reads.elements())
 
 
 def run_dir(tmp_path: Path, toml: str | None = None, *steps: str) -> Path:
@@ -51,94 +40,133 @@ def run_dir(tmp_path: Path, toml: str | None = None, *steps: str) -> Path:
 FLAGS = {"metric_name": "val", "higher_is_better": True}
 
 
-def test_an_unchanged_run_file_is_read_once(tmp_path: Path, reads: list[str], later: None) -> None:
+def test_an_unchanged_run_file_is_read_once(tmp_path: Path, later: SettingsResolver) -> None:
     root = run_dir(tmp_path, "keep_top_k = 3\n")
     config = config_from_flags([root], FLAGS)
-    first = resolve_settings(config, root, {})
-    again = [resolve_settings(config, root, {}) for _ in range(3)]
-    assert reads == ["ckptkeeper.toml"]
+    first = later.resolve(config, root, {})
+    again = [later.resolve(config, root, {}) for _ in range(3)]
+    assert reads(later) == ["ckptkeeper.toml"]
     assert all(r == first for r in again)
     assert first.settings.policy.keep_top_k == 3
 
 
 def test_an_edited_run_file_is_seen_by_the_next_resolve(
-    tmp_path: Path, reads: list[str], later: None
+    tmp_path: Path, later: SettingsResolver
 ) -> None:
     root = run_dir(tmp_path, "keep_top_k = 3\n")
     config = config_from_flags([root], FLAGS)
-    resolve_settings(config, root, {})
+    later.resolve(config, root, {})
     path = root / "ckptkeeper.toml"
     before = os.stat(path)
     path.write_text("keep_top_k = 4\n")  # same size; its ctime moves whatever its mtime does
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert resolve_settings(config, root, {}).settings.policy.keep_top_k == 4
+    assert later.resolve(config, root, {}).settings.policy.keep_top_k == 4
     path.write_text("keep_top_k = [\n")  # now invalid: deletions paused, reported
-    broken = resolve_settings(config, root, {})
+    broken = later.resolve(config, root, {})
     assert broken.settings.policy.keep_top_k is None and broken.problems
     path.unlink()
-    assert resolve_settings(config, root, {}).settings.policy.keep_top_k is None
-    assert resolve_settings(config, root, {}).problems == []
-    assert reads == ["ckptkeeper.toml"] * 4
+    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
+    assert later.resolve(config, root, {}).problems == []
+    assert reads(later) == ["ckptkeeper.toml"] * 4
 
 
 def test_a_run_file_that_appears_is_seen_by_the_next_resolve(
-    tmp_path: Path, reads: list[str], later: None
+    tmp_path: Path, later: SettingsResolver
 ) -> None:
     root = run_dir(tmp_path)
     config = config_from_flags([root], FLAGS)
-    assert resolve_settings(config, root, {}).settings.policy.keep_top_k is None
-    assert resolve_settings(config, root, {}).settings.policy.keep_top_k is None
+    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
+    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
     (root / "ckptkeeper.toml").write_text("keep_top_k = 1\n")
-    assert resolve_settings(config, root, {}).settings.policy.keep_top_k == 1
-    assert reads == ["ckptkeeper.toml", "ckptkeeper.toml"]  # absent once, then the new file
+    assert later.resolve(config, root, {}).settings.policy.keep_top_k == 1
+    assert reads(later) == ["ckptkeeper.toml", "ckptkeeper.toml"]  # absent once, then the new file
 
 
-def test_a_run_file_changed_just_now_is_read_every_time(tmp_path: Path, reads: list[str]) -> None:
+def test_a_run_file_changed_just_now_is_read_every_time(tmp_path: Path) -> None:
     root = run_dir(tmp_path, "keep_top_k = 3\n")
     config = config_from_flags([root], FLAGS)
+    now = SettingsResolver()  # the real clock: the file was written just now
     for _ in range(3):
-        resolve_settings(config, root, {})
-    assert reads == ["ckptkeeper.toml"] * 3
+        now.resolve(config, root, {})
+    assert reads(now) == ["ckptkeeper.toml"] * 3
 
 
 def test_other_defaults_or_entry_overrides_are_resolved_afresh(
-    tmp_path: Path, reads: list[str], later: None
+    tmp_path: Path, later: SettingsResolver
 ) -> None:
     root = run_dir(tmp_path)
     config = config_from_flags([root], FLAGS)
-    assert resolve_settings(config, root, {}).settings.policy.keep_top_k is None
-    assert resolve_settings(config, root, {"keep_top_k": 2}).settings.policy.keep_top_k == 2
+    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
+    assert later.resolve(config, root, {"keep_top_k": 2}).settings.policy.keep_top_k == 2
     other = config_from_flags([root], {**FLAGS, "keep_top_k": 7})
-    assert resolve_settings(other, root, {}).settings.policy.keep_top_k == 7
-    assert resolve_settings(config, root, {}).settings.policy.keep_top_k is None
+    assert later.resolve(other, root, {}).settings.policy.keep_top_k == 7
+    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
 
 
 def test_the_config_yaml_fallback_follows_a_new_step_and_an_edited_file(
-    tmp_path: Path, reads: list[str], later: None
+    tmp_path: Path, later: SettingsResolver
 ) -> None:
     root = run_dir(tmp_path, None, "step_1")
     (root / "step_1" / "config.yaml").write_text("checkpointing:\n  metric_name: loss\n")
     config = config_from_flags([root], {})
-    assert resolve_settings(config, root, {}).settings.policy.metric_name == "loss"
-    assert resolve_settings(config, root, {}).settings.policy.metric_name == "loss"
-    assert reads == ["ckptkeeper.toml", "config.yaml"]
+    assert later.resolve(config, root, {}).settings.policy.metric_name == "loss"
+    assert later.resolve(config, root, {}).settings.policy.metric_name == "loss"
+    assert reads(later) == ["ckptkeeper.toml", "config.yaml"]
 
     (root / "step_1" / "config.yaml").write_text("checkpointing:\n  metric_name: acc\n")
-    assert resolve_settings(config, root, {}).settings.policy.metric_name == "acc"
+    assert later.resolve(config, root, {}).settings.policy.metric_name == "acc"
 
-    (root / "step_2").mkdir()  # a newer step: its (missing) config.yaml is the one that counts
-    assert resolve_settings(config, root, {}).settings.policy.metric_name is None
+    (root / "step_2").mkdir()  # a newer step without config.yaml: the older one still counts
+    assert later.resolve(config, root, {}).settings.policy.metric_name == "acc"
     (root / "step_2" / "config.yaml").write_text("checkpointing:\n  metric_name: bleu\n")
-    assert resolve_settings(config, root, {}).settings.policy.metric_name == "bleu"
+    assert later.resolve(config, root, {}).settings.policy.metric_name == "bleu"
+    (root / "step_2" / "config.yaml").write_text("checkpointing: [\n")  # corrupt: reported
+    resolved = later.resolve(config, root, {})
+    assert resolved.settings.policy.metric_name == "acc"
+    assert [p.split(": ", 1)[0] for p in resolved.problems] == [str(root / "step_2/config.yaml")]
 
 
-def test_the_memo_hands_out_independent_results(
-    tmp_path: Path, reads: list[str], later: None
+def test_the_walk_reads_only_down_to_the_newest_usable_config_yaml(
+    tmp_path: Path, later: SettingsResolver
 ) -> None:
+    root = run_dir(tmp_path, None, *(f"step_{n}" for n in range(1, 41)))
+    for n in range(1, 21):  # steps 21..40 were saved without a config.yaml
+        (root / f"step_{n}" / "config.yaml").write_text("checkpointing:\n  metric_name: m\n")
+    config = config_from_flags([root], {"keep_top_k": 2})
+    for _ in range(5):
+        assert later.resolve(config, root, {}).settings.policy.metric_name == "m"
+    assert reads(later) == ["ckptkeeper.toml", "config.yaml"]  # step_20's, parsed once
+
+    (root / "step_30" / "config.yaml").write_text("checkpointing:\n  metric_name: n\n")
+    assert later.resolve(config, root, {}).settings.policy.metric_name == "n"  # not memo-hidden
+    later.forget()  # a fresh keeper: the parsed file is still known by its identity
+    assert later.resolve(config, root, {}).settings.policy.metric_name == "n"
+    assert reads(later).count("config.yaml") == 2
+
+
+def test_a_fixed_config_yaml_resumes_deletions(tmp_path: Path, later: SettingsResolver) -> None:
+    root = run_dir(tmp_path, None, "step_1", "step_2")
+    for n in (1, 2):
+        (root / f"step_{n}" / "config.yaml").write_text("checkpointing: [broken\n")
+    config = config_from_flags([root], {"keep_top_k": 1})
+    paused = later.resolve(config, root, {})
+    assert not paused.settings.policy.bounded
+    assert len(paused.problems) == 2 and all("paused" in p for p in paused.problems)
+    assert later.resolve(config, root, {}) == paused  # memoized while nothing changes
+    (root / "step_1" / "config.yaml").write_text("checkpointing:\n  metric_name: m\n")
+    resumed = later.resolve(config, root, {})
+    assert (resumed.settings.policy.keep_top_k, resumed.settings.policy.metric_name) == (1, "m")
+    assert [
+        p.endswith("metric 'm' taken from " + str(root / "step_1/config.yaml"))
+        for p in resumed.problems
+    ] == [True]
+
+
+def test_the_memo_hands_out_independent_results(tmp_path: Path, later: SettingsResolver) -> None:
     root = run_dir(tmp_path, "keep_top_k = 'x'\n")
     config = config_from_flags([root], FLAGS)
-    first = resolve_settings(config, root, {})
+    first = later.resolve(config, root, {})
     assert first.problems
     first.problems.clear()
-    assert resolve_settings(config, root, {}).problems  # the memo's copy is untouched
-    assert reads == ["ckptkeeper.toml"]
+    assert later.resolve(config, root, {}).problems  # the memo's copy is untouched
+    assert reads(later) == ["ckptkeeper.toml"]
