@@ -22,11 +22,13 @@ negative lookups of ``KEEP`` are revalidated by the same directory times.)
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from .dirfd import DIR_FLAGS, open_below
 from .info import (
@@ -50,8 +52,10 @@ __all__ = [
     "PIN_FILE",
     "WRITER_LOCK",
     "InfoCache",
+    "LockProbe",
     "newest_mtime",
     "parse_trash_name",
+    "probe_writer_lock",
     "read_training_info",
     "scan_root",
     "trash_dir",
@@ -77,28 +81,69 @@ def _exists(path: Path) -> bool:
     return True
 
 
-def writer_lock_held(directory: Path) -> bool:
-    """True when some process holds ``flock(LOCK_EX)`` on ``<directory>/.writer.lock``."""
+class LockProbe(NamedTuple):
+    """What a probe of ``<tmp_step_N>/.writer.lock`` found.
+
+    ``held``: some process holds ``flock(LOCK_EX)`` on it, or the probe could not tell (then
+    ``unreadable`` says why, e.g. ``"Permission denied"``): a lock we cannot open may be held.
+    """
+
+    held: bool
+    unreadable: str | None = None
+
+
+# No lock file, or one that is not ours to follow: no writer can hold it (a writer that follows
+# the protocol opens it with O_NOFOLLOW, as `effects.writer_lock` does).
+_NO_LOCK = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def probe_writer_lock(directory: Path) -> LockProbe:
+    """Is ``<directory>/.writer.lock`` held? Never takes the lock for longer than the probe.
+
+    The lock is opened read-only (flock works on any open descriptor). A lock file that exists
+    but cannot be opened or probed (EACCES: another user's 0600 file; EPERM; ENOLCK...) is
+    "maybe held": ``LockProbe(True, <why>)``. Only a missing lock file (or a symlink, never
+    followed) or a successful non-blocking shared lock means "not held".
+    """
     import fcntl
 
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(directory / WRITER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False
+        fd = os.open(directory / WRITER_LOCK, flags)
+    except OSError as exc:
+        if exc.errno in _NO_LOCK:
+            return LockProbe(False)
+        return LockProbe(True, _strerror(exc))
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
-    except OSError:
-        return False
+        return LockProbe(True)
+    except OSError as exc:
+        return LockProbe(True, _strerror(exc))
     finally:
         os.close(fd)  # closing releases our probe lock
-    return False
+    return LockProbe(False)
+
+
+def writer_lock_held(directory: Path) -> bool:
+    """True when ``<directory>/.writer.lock`` is held, or may be (see `probe_writer_lock`)."""
+    return probe_writer_lock(directory).held
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def newest_mtime(directory: Path, stop_above: float | None = None) -> float:
-    """Newest mtime in a tree (symlinks not followed); stops once one exceeds ``stop_above``."""
-    newest = os.lstat(directory).st_mtime
+    """The last change in a tree: the newest of every entry's mtime and ctime (symlinks not
+    followed); stops once one exceeds ``stop_above``.
+
+    The ctime counts because the mtime can be set back: ``cp -p``, ``rsync -a`` and ``tar x``
+    write files whose mtime is old. The ctime cannot be set back (``utime`` itself sets it to
+    now), so a save being copied in that way is recent, however old its mtimes.
+    """
+    st = os.lstat(directory)
+    newest = max(st.st_mtime, st.st_ctime)
     stack = [str(directory)]
     while stack:
         current = stack.pop()
@@ -111,7 +156,7 @@ def newest_mtime(directory: Path, stop_above: float | None = None) -> float:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            newest = max(newest, st.st_mtime)
+            newest = max(newest, st.st_mtime, st.st_ctime)
             if stop_above is not None and newest > stop_above:
                 return newest
             if stat.S_ISDIR(st.st_mode):
@@ -283,17 +328,30 @@ def _scan_entries(
             leftovers.append(Leftover(step, path, identity, info, why, pinned))
         else:
             complete = _exists(path / marker)
-            locked: bool | None = None
+            lock: LockProbe | None = None
             newest: float | None = None
             if not complete and stale_before is not None:
-                locked = writer_lock_held(path)
-                if not locked:
+                lock = probe_writer_lock(path)
+                # A lock we cannot probe keeps the save, but the plan says so only when the
+                # save would otherwise be stale: that needs the last change too.
+                if not lock.held or lock.unreadable is not None:
                     try:
                         newest = newest_mtime(path, stop_above=stale_before)
                     except OSError:
                         newest = None
             in_flight.append(
-                InFlight(step, path, complete, info, why, pinned, identity, locked, newest)
+                InFlight(
+                    step,
+                    path,
+                    complete,
+                    info,
+                    why,
+                    pinned,
+                    identity,
+                    None if lock is None else lock.held,
+                    newest,
+                    None if lock is None else lock.unreadable,
+                )
             )
     if cache is not None:
         cache.retain(root, [name for names in groups.values() for name in names])
