@@ -82,28 +82,24 @@ def _exists(path: Path) -> bool:
 
 
 class LockProbe(NamedTuple):
-    """What a probe of ``<tmp_step_N>/.writer.lock`` found.
-
-    ``held``: some process holds ``flock(LOCK_EX)`` on it, or the probe could not tell (then
-    ``unreadable`` says why, e.g. ``"Permission denied"``): a lock we cannot open may be held.
-    """
+    """``held``: a process holds the writer lock, or may (``unreadable`` says why we cannot tell,
+    e.g. ``"Permission denied"``)."""
 
     held: bool
     unreadable: str | None = None
 
 
-# No lock file, or one that is not ours to follow: no writer can hold it (a writer that follows
-# the protocol opens it with O_NOFOLLOW, as `effects.writer_lock` does).
+# No lock file, or a symlink (a writer following the protocol opens it with O_NOFOLLOW, as
+# `effects.writer_lock` does): no writer can hold it.
 _NO_LOCK = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
 def probe_writer_lock(directory: Path) -> LockProbe:
-    """Is ``<directory>/.writer.lock`` held? Never takes the lock for longer than the probe.
+    """Is ``<directory>/.writer.lock`` held? Opened read-only (flock works on any descriptor).
 
-    The lock is opened read-only (flock works on any open descriptor). A lock file that exists
-    but cannot be opened or probed (EACCES: another user's 0600 file; EPERM; ENOLCK...) is
-    "maybe held": ``LockProbe(True, <why>)``. Only a missing lock file (or a symlink, never
-    followed) or a successful non-blocking shared lock means "not held".
+    A lock file that cannot be opened or probed (EACCES: another user's 0600 file; EPERM;
+    ENOLCK...) may be held: ``LockProbe(True, <why>)``. Only a missing lock file (or a symlink)
+    or a successful non-blocking shared lock means "not held".
     """
     import fcntl
 
@@ -135,13 +131,9 @@ def _strerror(exc: OSError) -> str:
 
 
 def newest_mtime(directory: Path, stop_above: float | None = None) -> float:
-    """The last change in a tree: the newest of every entry's mtime and ctime (symlinks not
-    followed); stops once one exceeds ``stop_above``.
-
-    The ctime counts because the mtime can be set back: ``cp -p``, ``rsync -a`` and ``tar x``
-    write files whose mtime is old. The ctime cannot be set back (``utime`` itself sets it to
-    now), so a save being copied in that way is recent, however old its mtimes.
-    """
+    """The last change in a tree: the newest mtime or ctime of any entry (symlinks not
+    followed); stops once one exceeds ``stop_above``. The ctime counts because ``cp -p``,
+    ``rsync -a`` and ``tar x`` write old mtimes, and a ctime cannot be set back."""
     st = os.lstat(directory)
     newest = max(st.st_mtime, st.st_ctime)
     stack = [str(directory)]
@@ -328,34 +320,33 @@ def _scan_entries(
             leftovers.append(Leftover(step, path, identity, info, why, pinned))
         else:
             complete = _exists(path / marker)
-            lock: LockProbe | None = None
-            newest: float | None = None
-            if not complete and stale_before is not None:
-                lock = probe_writer_lock(path)
-                # A lock we cannot probe keeps the save, but the plan says so only when the
-                # save would otherwise be stale: that needs the last change too.
-                if not lock.held or lock.unreadable is not None:
-                    try:
-                        newest = newest_mtime(path, stop_above=stale_before)
-                    except OSError:
-                        newest = None
+            probed = _probe(path, stale_before) if not complete else (None, None, None)
+            locked, newest, unreadable = probed
             in_flight.append(
                 InFlight(
-                    step,
-                    path,
-                    complete,
-                    info,
-                    why,
-                    pinned,
-                    identity,
-                    None if lock is None else lock.held,
-                    newest,
-                    None if lock is None else lock.unreadable,
+                    step, path, complete, info, why, pinned, identity, locked, newest, unreadable
                 )
             )
     if cache is not None:
         cache.retain(root, [name for names in groups.values() for name in names])
     return steps, in_flight, leftovers, anomalies, ambiguous, memo_out, hits
+
+
+def _probe(path: Path, stale_before: float | None) -> tuple[bool | None, float | None, str | None]:
+    """An unmarked tmp dir: (writer lock held, last change, why the lock is unreadable).
+    Nothing is probed without ``stale_before``; the last change only when it can matter."""
+    if stale_before is None:
+        return None, None, None
+    lock = probe_writer_lock(path)
+    # A lock we cannot probe keeps the save, but the plan says so only when the save would
+    # otherwise be stale: that needs the last change too.
+    newest: float | None = None
+    if not lock.held or lock.unreadable is not None:
+        try:
+            newest = newest_mtime(path, stop_above=stale_before)
+        except OSError:
+            newest = None
+    return lock.held, newest, lock.unreadable
 
 
 # The order of the kinds of one step in a scan's records (alphabetical, as it always was).
