@@ -187,6 +187,16 @@ def _report_problems(report: Report, log: Any, problems: ProblemLog | None) -> N
                     "path": str(c.path),
                     "reason": f"{c.info_error}; kept",
                 }
+    if report.plan is not None:  # held back until someone acts: keyed by the stable reasons[0]
+        for d in report.plan.decisions:
+            if d.blocked is not None:
+                current[(str(d.path), d.reasons[0])] = {
+                    "event": "skipped",
+                    "action": d.blocked.value,
+                    "step": d.step,
+                    "path": str(d.path),
+                    "reason": "; ".join(d.reasons),
+                }
     if report.plan is not None and report.plan.policy.metric_name:
         for d in report.plan.by_action(Action.KEEP):
             if isinstance(d.metric, str) and (str(d.path), d.metric) not in current:

@@ -21,7 +21,7 @@ from .effects import OS_FS, Fs, fsync_dir, move_to_trash, open_area
 from .names import old_name, step_name
 from .plan import APPLIED, Action, Decision, Plan
 from .removal import Removal, remove_tree
-from .scan import CKPTKEEPER_DIR, PIN_FILE, trash_dir, writer_lock_held
+from .scan import CKPTKEEPER_DIR, PIN_FILE, newest_mtime, probe_writer_lock, trash_dir
 
 __all__ = ["Outcome", "apply_plan", "purge_trash"]
 
@@ -113,6 +113,22 @@ def _check_same_dir(path: Path, identity: tuple[int, int]) -> None:
         raise _Skip("changed since the plan: replaced by another directory")
 
 
+def _check_still_stale(plan: Plan, d: Decision) -> None:
+    """A save to collect is still abandoned: no marker, no writer lock (nor one we cannot
+    probe), and nothing changed in it since the plan's ``now - stale_after`` (mtime or ctime)."""
+    _check_same_dir(d.path, d.identity)
+    if _lstat(d.path / plan.policy.complete_marker) is not None:
+        raise _Skip("completion marker appeared since the plan")
+    lock = probe_writer_lock(d.path)
+    if lock.unreadable is not None:
+        raise _Skip(f"writer lock unreadable ({lock.unreadable}): treated as held")
+    if lock.held:
+        raise _Skip("writer lock taken since the plan")
+    threshold = plan.now - plan.policy.stale_after
+    if newest_mtime(d.path, stop_above=threshold) > threshold:
+        raise _Skip("written since the plan: no longer stale")
+
+
 def _apply_one(plan: Plan, d: Decision, fs: Fs, moved: list[bool]) -> Path | None:
     root = plan.root
     assert d.step is not None
@@ -126,11 +142,7 @@ def _apply_one(plan: Plan, d: Decision, fs: Fs, moved: list[bool]) -> Path | Non
         _check_same_dir(d.path, d.identity)
         return move_to_trash(root, d.path, fs)
     if d.action is Action.COLLECT:
-        _check_same_dir(d.path, d.identity)
-        if _lstat(d.path / plan.policy.complete_marker) is not None:
-            raise _Skip("completion marker appeared since the plan")
-        if writer_lock_held(d.path):
-            raise _Skip("writer lock taken since the plan")
+        _check_still_stale(plan, d)
         return move_to_trash(root, d.path, fs)
     if d.action is Action.RESTORE:
         _check_same_dir(d.path, d.identity)

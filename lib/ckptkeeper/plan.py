@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .names import step_name
 from .policy import Policy, metric_value, rules_for
-from .records import Checkpoint, RootScan
+from .records import Checkpoint, InFlight, Leftover, RootScan
 
 __all__ = ["APPLIED", "RECOVERY", "Action", "Decision", "Plan", "plan"]
 
@@ -60,6 +60,10 @@ class Decision:
     metric: float | str | None = None  # for display: the metric value or why it is missing
     replaces: Path | None = None  # REPLACE: the existing step directory (whatever its spelling)
     carry_pin: bool = False  # FINALIZE/REPLACE: the replaced step was pinned; pin the new one
+    # WAIT: the action held back by something that stays until someone fixes it (a step_N that
+    # is a symlink, a writer lock we cannot probe); reasons[0] says what, in stable words, so
+    # a daemon can report it once rather than on every pass.
+    blocked: Action | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,14 @@ def _age(seconds: float) -> str:
     return f"{max(seconds, 0):.0f}s"
 
 
+def _since(idle: float) -> str:
+    """``idle`` seconds since the last write, which is in the future when the writer's clock
+    (or the file server's) is ahead of ours."""
+    if idle <= -0.5:  # rounds to at least 1s
+        return f"{_age(-idle)} in the future (writer clock ahead?)"
+    return f"{_age(idle)} ago"
+
+
 def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
     """Decide every entry of one root. Pure: the same inputs give the same plan."""
     root = scan.root
@@ -109,20 +121,14 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
     # What the step set will be once saves are finalized and interrupted replaces are resolved.
     projected: dict[int, Checkpoint] = dict(steps)
     olds = {o.step: o for o in scan.leftovers}
+    # A step_N that is not a directory (a symlink, a file) stands where a save would be
+    # finalized or restored: nothing is renamed over it; the plan says so, every pass alike.
+    in_the_way = {a.path.name: a.reason for a in scan.anomalies if a.path.parent == root}
     for old in scan.leftovers:
         tmp = tmps.get(old.step)
-        if old.step in scan.ambiguous_steps:
-            why = f"step {old.step} is ambiguous (two step_ names): left alone"
-            decisions.append(Decision(old.step, old.path, Action.WAIT, (why,)))
-        elif old.step in steps:
-            why = f"old_step_{old.step} beside step_{old.step}: leftover of a replace"
-            decisions.append(Decision(old.step, old.path, Action.DISCARD, (why,), old.identity))
-        elif tmp is not None and tmp.complete:
-            why = "interrupted replace: the new save is complete, finishing it"
-            decisions.append(Decision(old.step, old.path, Action.DISCARD, (why,), old.identity))
-        else:
-            why = "interrupted replace: the new save is not complete, restoring the previous step"
-            decisions.append(Decision(old.step, old.path, Action.RESTORE, (why,), old.identity))
+        decision = _leftover(old, tmp, scan, steps, in_the_way)
+        decisions.append(decision)
+        if decision.action is Action.RESTORE:
             projected[old.step] = Checkpoint(
                 old.step,
                 root / step_name(old.step),
@@ -136,47 +142,16 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
         if tmp.step in scan.ambiguous_steps:
             why = f"step {tmp.step} is ambiguous (two step_ names): not finalized over"
             decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, (why,)))
+        elif tmp.complete and (what := in_the_way.get(step_name(tmp.step))) is not None:
+            why = f"{step_name(tmp.step)} is in the way ({what}): not finalized over it"
+            decisions.append(
+                Decision(tmp.step, tmp.path, Action.WAIT, (why,), blocked=Action.FINALIZE)
+            )
         elif tmp.complete:
-            existing = steps.get(tmp.step)
-            previous = olds.get(tmp.step) if existing is None else None
-            # A pin on the step being replaced carries over to its new contents.
-            pinned = tmp.pinned or any(p is not None and p.pinned for p in (existing, previous))
-            why = f"{policy.complete_marker} present"
-            if existing is not None:
-                why += f"; replaces {existing.path.name}"
-            decisions.append(
-                Decision(
-                    tmp.step,
-                    tmp.path,
-                    Action.FINALIZE if existing is None else Action.REPLACE,
-                    (why,),
-                    tmp.identity,
-                    replaces=None if existing is None else existing.path,
-                    carry_pin=pinned and not tmp.pinned,
-                )
-            )
-            projected[tmp.step] = Checkpoint(
-                tmp.step,
-                root / step_name(tmp.step),
-                tmp.info,
-                tmp.info_error,
-                pinned,
-                tmp.identity,
-            )
-        elif tmp.writer_locked:
-            decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, ("writer lock held",)))
-        elif tmp.newest_mtime is None:
-            decisions.append(
-                Decision(tmp.step, tmp.path, Action.WAIT, ("in flight: no marker yet",))
-            )
+            decision, projected[tmp.step] = _finalize(tmp, policy, steps, olds, root)
+            decisions.append(decision)
         else:
-            idle = now - tmp.newest_mtime
-            if idle >= policy.stale_after:
-                why = f"stale: no marker, no writer lock, untouched for {_age(idle)}"
-                decisions.append(Decision(tmp.step, tmp.path, Action.COLLECT, (why,), tmp.identity))
-            else:
-                why = f"in flight: last write {_age(idle)} ago"
-                decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, (why,)))
+            decisions.append(_unmarked(tmp, policy, now))
 
     decisions.extend(_retention(list(projected.values()), policy))
 
@@ -191,6 +166,86 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
 
     decisions.sort(key=lambda d: (d.step is None, d.step or 0, str(d.path)))
     return Plan(root, policy, now, tuple(decisions))
+
+
+def _finalize(
+    tmp: InFlight,
+    policy: Policy,
+    steps: dict[int, Checkpoint],
+    olds: dict[int, Leftover],
+    root: Path,
+) -> tuple[Decision, Checkpoint]:
+    """A complete ``tmp_step_N``: finalized (or replacing its step); the step it becomes."""
+    existing = steps.get(tmp.step)
+    previous = olds.get(tmp.step) if existing is None else None
+    # A pin on the step being replaced carries over to its new contents.
+    pinned = tmp.pinned or any(p is not None and p.pinned for p in (existing, previous))
+    why = f"{policy.complete_marker} present"
+    if existing is not None:
+        why += f"; replaces {existing.path.name}"
+    decision = Decision(
+        tmp.step,
+        tmp.path,
+        Action.FINALIZE if existing is None else Action.REPLACE,
+        (why,),
+        tmp.identity,
+        replaces=None if existing is None else existing.path,
+        carry_pin=pinned and not tmp.pinned,
+    )
+    step = Checkpoint(
+        tmp.step, root / step_name(tmp.step), tmp.info, tmp.info_error, pinned, tmp.identity
+    )
+    return decision, step
+
+
+def _leftover(
+    old: Leftover,
+    tmp: InFlight | None,
+    scan: RootScan,
+    steps: dict[int, Checkpoint],
+    in_the_way: dict[str, str],
+) -> Decision:
+    """An ``old_step_N``: garbage beside its step, or half of an interrupted replace."""
+    name = step_name(old.step)
+    if old.step in scan.ambiguous_steps:
+        why = f"step {old.step} is ambiguous (two step_ names): left alone"
+        return Decision(old.step, old.path, Action.WAIT, (why,))
+    if old.step in steps:
+        why = f"old_step_{old.step} beside step_{old.step}: leftover of a replace"
+        return Decision(old.step, old.path, Action.DISCARD, (why,), old.identity)
+    if (what := in_the_way.get(name)) is not None:
+        # Neither finishing the replace (the new save cannot be finalized) nor restoring.
+        why = f"{name} is in the way ({what}): interrupted replace left as it is"
+        blocked = Action.DISCARD if tmp is not None and tmp.complete else Action.RESTORE
+        return Decision(old.step, old.path, Action.WAIT, (why,), blocked=blocked)
+    if tmp is not None and tmp.complete:
+        why = "interrupted replace: the new save is complete, finishing it"
+        return Decision(old.step, old.path, Action.DISCARD, (why,), old.identity)
+    why = "interrupted replace: the new save is not complete, restoring the previous step"
+    return Decision(old.step, old.path, Action.RESTORE, (why,), old.identity)
+
+
+def _unmarked(tmp: InFlight, policy: Policy, now: float) -> Decision:
+    """A ``tmp_step_N`` without its marker: a save in progress, or abandoned (stale)."""
+    idle = None if tmp.newest_mtime is None else now - tmp.newest_mtime
+    stale = idle is not None and idle >= policy.stale_after
+    if tmp.writer_lock_unreadable is not None:
+        why = f"writer lock unreadable ({tmp.writer_lock_unreadable}): treated as held"
+        if idle is None:
+            return Decision(tmp.step, tmp.path, Action.WAIT, (why,))
+        if not stale:
+            return Decision(tmp.step, tmp.path, Action.WAIT, (why, f"last write {_since(idle)}"))
+        # Stale but for the lock: this is when it matters, and stays so: report it (once).
+        reasons = (why, f"no marker, untouched for {_age(idle)}")
+        return Decision(tmp.step, tmp.path, Action.WAIT, reasons, blocked=Action.COLLECT)
+    if tmp.writer_locked:
+        return Decision(tmp.step, tmp.path, Action.WAIT, ("writer lock held",))
+    if idle is None:
+        return Decision(tmp.step, tmp.path, Action.WAIT, ("in flight: no marker yet",))
+    if stale:
+        why = f"stale: no marker, no writer lock, untouched for {_age(idle)}"
+        return Decision(tmp.step, tmp.path, Action.COLLECT, (why,), tmp.identity)
+    return Decision(tmp.step, tmp.path, Action.WAIT, (f"in flight: last write {_since(idle)}",))
 
 
 def _retention(checkpoints: list[Checkpoint], policy: Policy) -> list[Decision]:

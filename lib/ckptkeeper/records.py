@@ -40,10 +40,11 @@ class InFlight:
     info_error: str | None = None
     pinned: bool = False
     identity: tuple[int, int] = (0, 0)
-    writer_locked: bool | None = None  # None: not probed
-    newest_mtime: float | None = (
-        None  # newest mtime seen in the tree (a lower bound); None: not probed
-    )
+    writer_locked: bool | None = None  # held, or maybe (writer_lock_unreadable); None: not probed
+    # The last change seen in the tree: the newest of mtime and ctime over its entries (a lower
+    # bound: the probe stops once it is recent enough); None: not probed.
+    newest_mtime: float | None = None
+    writer_lock_unreadable: str | None = None  # why the writer lock could not be probed
 
 
 @dataclass(frozen=True, slots=True)

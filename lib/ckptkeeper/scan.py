@@ -22,11 +22,13 @@ negative lookups of ``KEEP`` are revalidated by the same directory times.)
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from .dirfd import DIR_FLAGS, open_below
 from .info import (
@@ -50,8 +52,10 @@ __all__ = [
     "PIN_FILE",
     "WRITER_LOCK",
     "InfoCache",
+    "LockProbe",
     "newest_mtime",
     "parse_trash_name",
+    "probe_writer_lock",
     "read_training_info",
     "scan_root",
     "trash_dir",
@@ -77,28 +81,61 @@ def _exists(path: Path) -> bool:
     return True
 
 
-def writer_lock_held(directory: Path) -> bool:
-    """True when some process holds ``flock(LOCK_EX)`` on ``<directory>/.writer.lock``."""
+class LockProbe(NamedTuple):
+    """``held``: a process holds the writer lock, or may (``unreadable`` says why we cannot tell,
+    e.g. ``"Permission denied"``)."""
+
+    held: bool
+    unreadable: str | None = None
+
+
+# No lock file, or a symlink (a writer following the protocol opens it with O_NOFOLLOW, as
+# `effects.writer_lock` does): no writer can hold it.
+_NO_LOCK = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def probe_writer_lock(directory: Path) -> LockProbe:
+    """Is ``<directory>/.writer.lock`` held? Opened read-only (flock works on any descriptor).
+
+    A lock file that cannot be opened or probed (EACCES: another user's 0600 file; EPERM;
+    ENOLCK...) may be held: ``LockProbe(True, <why>)``. Only a missing lock file (or a symlink)
+    or a successful non-blocking shared lock means "not held".
+    """
     import fcntl
 
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(directory / WRITER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False
+        fd = os.open(directory / WRITER_LOCK, flags)
+    except OSError as exc:
+        if exc.errno in _NO_LOCK:
+            return LockProbe(False)
+        return LockProbe(True, _strerror(exc))
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
-    except OSError:
-        return False
+        return LockProbe(True)
+    except OSError as exc:
+        return LockProbe(True, _strerror(exc))
     finally:
         os.close(fd)  # closing releases our probe lock
-    return False
+    return LockProbe(False)
+
+
+def writer_lock_held(directory: Path) -> bool:
+    """True when ``<directory>/.writer.lock`` is held, or may be (see `probe_writer_lock`)."""
+    return probe_writer_lock(directory).held
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def newest_mtime(directory: Path, stop_above: float | None = None) -> float:
-    """Newest mtime in a tree (symlinks not followed); stops once one exceeds ``stop_above``."""
-    newest = os.lstat(directory).st_mtime
+    """The last change in a tree: the newest mtime or ctime of any entry (symlinks not
+    followed); stops once one exceeds ``stop_above``. The ctime counts because ``cp -p``,
+    ``rsync -a`` and ``tar x`` write old mtimes, and a ctime cannot be set back."""
+    st = os.lstat(directory)
+    newest = max(st.st_mtime, st.st_ctime)
     stack = [str(directory)]
     while stack:
         current = stack.pop()
@@ -111,7 +148,7 @@ def newest_mtime(directory: Path, stop_above: float | None = None) -> float:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            newest = max(newest, st.st_mtime)
+            newest = max(newest, st.st_mtime, st.st_ctime)
             if stop_above is not None and newest > stop_above:
                 return newest
             if stat.S_ISDIR(st.st_mode):
@@ -283,21 +320,33 @@ def _scan_entries(
             leftovers.append(Leftover(step, path, identity, info, why, pinned))
         else:
             complete = _exists(path / marker)
-            locked: bool | None = None
-            newest: float | None = None
-            if not complete and stale_before is not None:
-                locked = writer_lock_held(path)
-                if not locked:
-                    try:
-                        newest = newest_mtime(path, stop_above=stale_before)
-                    except OSError:
-                        newest = None
+            probed = _probe(path, stale_before) if not complete else (None, None, None)
+            locked, newest, unreadable = probed
             in_flight.append(
-                InFlight(step, path, complete, info, why, pinned, identity, locked, newest)
+                InFlight(
+                    step, path, complete, info, why, pinned, identity, locked, newest, unreadable
+                )
             )
     if cache is not None:
         cache.retain(root, [name for names in groups.values() for name in names])
     return steps, in_flight, leftovers, anomalies, ambiguous, memo_out, hits
+
+
+def _probe(path: Path, stale_before: float | None) -> tuple[bool | None, float | None, str | None]:
+    """An unmarked tmp dir: (writer lock held, last change, why the lock is unreadable).
+    Nothing is probed without ``stale_before``; the last change only when it can matter."""
+    if stale_before is None:
+        return None, None, None
+    lock = probe_writer_lock(path)
+    # A lock we cannot probe keeps the save, but the plan says so only when the save would
+    # otherwise be stale: that needs the last change too.
+    newest: float | None = None
+    if not lock.held or lock.unreadable is not None:
+        try:
+            newest = newest_mtime(path, stop_above=stale_before)
+        except OSError:
+            newest = None
+    return lock.held, newest, lock.unreadable
 
 
 # The order of the kinds of one step in a scan's records (alphabetical, as it always was).

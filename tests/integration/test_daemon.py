@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,19 +50,48 @@ def test_complete_saves_are_finalized_and_pruned_by_events_alone(
     assert d.stop() == 0
 
 
+def _last_change(path: Path) -> float:
+    return max(max(st.st_mtime, st.st_ctime) for st in map(os.lstat, [path, *path.rglob("*")]))
+
+
 def test_stale_unmarked_save_is_garbage_collected(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """An abandoned save (old mtimes, and its ctime older than stale_after: a ctime cannot be set
+    back, so the test waits that long) is collected; a save being written beside it is not."""
+    stale_after = 3.0
     root = tmp_path / "run"
     root.mkdir()
     write_checkpoint(root, 1, {"r": 1.0})
     abandoned = write_checkpoint(root, 2, {"r": 2.0}, complete=False)
     _age_tree(abandoned, 3600)
+    wait_until(
+        lambda: time.time() > _last_change(abandoned) + stale_after + 0.5,
+        timeout=stale_after + 10,
+        what="the abandoned save to be older than stale_after",
+    )
     fresh = write_checkpoint(root, 3, {"r": 3.0}, complete=False)
-    d = Daemon([str(root), *POLICY, "--stale-after", "10m", "--sweep-interval", "1s"])
-    daemons.append(d)
-    d.wait_ready()
-    event = d.wait_for("garbage_collected", step=2)[0]
+    stop = threading.Event()
+
+    def keep_writing() -> None:  # the trainer writing tmp_step_3: a write every 50 ms
+        for i in itertools.count():
+            if stop.wait(0.05):
+                return
+            (fresh / "policy" / f"chunk_{i % 8}.bin").write_bytes(b"x" * 1024)
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    try:
+        args = ["--stale-after", "3s", "--sweep-interval", "1s", "--log-level", "debug"]
+        d = Daemon([str(root), *POLICY, *args])
+        daemons.append(d)
+        d.wait_ready()
+        event = d.wait_for("garbage_collected", step=2)[0]
+        d.wait_for("pass_done", count=len(d.find("pass_done")) + 2, timeout=15)
+    finally:
+        stop.set()
+        writer.join(timeout=10)
     assert "stale" in event["reason"]
     assert not abandoned.exists() and fresh.exists()
+    assert not d.find("garbage_collected", step=3)
     assert not (root / ".ckptkeeper" / "trash").exists() or not any(
         (root / ".ckptkeeper" / "trash").iterdir()
     )

@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +324,100 @@ def _perm_build(mode: int, *, subdir: bool = False) -> Callable[[Path, Path], No
 def _build_root_denied(root: Path, outside: Path) -> None:
     _steps(root, (1, 0.1), (2, 0.2))
     os.chmod(root, 0o700)  # owned by root: nobody cannot even list it
+
+
+# -- unmarked saves: times and writer locks ------------------------------------------------------
+
+LOCK_OWNER = 4242  # the trainer's uid: neither root nor the keeper (nobody)
+_holders: dict[Path, subprocess.Popen[str]] = {}
+
+
+def _build_preserved_mtimes(root: Path, outside: Path) -> None:
+    """tmp_step_3 filled by ``cp -a`` from a save whose mtimes are 3 days old, no marker yet:
+    its mtimes are old, its ctimes are now. With stale_after 6h it must not be collected."""
+    _steps(root, (1, 0.1), (2, 0.2))
+    source = make_step(outside, "source_save", {METRIC: 0.9})
+    old = time.time() - 3 * 86400
+    for dirpath, dirnames, filenames in os.walk(source):
+        for name in [*dirnames, *filenames]:
+            os.utime(os.path.join(dirpath, name), (old, old), follow_symlinks=False)
+    os.utime(source, (old, old))
+    subprocess.run(["cp", "-a", str(source), str(root / "tmp_step_3")], check=True)
+
+
+def _unreadable_lock_build(held: bool) -> Callable[[Path, Path], None]:
+    """An unmarked tmp_step_3 the keeper (nobody) could collect (stale_after 0s, its directory
+    is nobody's), but its .writer.lock is the trainer's, mode 0600: the keeper cannot open it,
+    so it cannot tell whether it is held (``held``: it is, by the trainer's process)."""
+
+    def build(root: Path, outside: Path) -> None:
+        _steps(root, (1, 0.1), (2, 0.2))
+        make_step(root, "tmp_step_3", {METRIC: 0.9})
+        (root / "ckptkeeper.toml").write_text('stale_after = "0s"\n')
+        _chown_tree(root, NOBODY)
+        lock = root / "tmp_step_3" / ".writer.lock"
+        lock.touch()
+        os.chown(lock, LOCK_OWNER, LOCK_OWNER)
+        os.chmod(lock, 0o600)
+        if held:
+            _hold(root, lock)
+
+    return build
+
+
+def _hold(root: Path, lock: Path) -> None:
+    """The trainer's process: flock(1) holding LOCK_EX on its lock, as the trainer's uid."""
+    setpriv = shutil.which("setpriv") or "setpriv"
+    ids = [f"--reuid={LOCK_OWNER}", f"--regid={LOCK_OWNER}", "--clear-groups"]
+    holder = subprocess.Popen(
+        [setpriv, *ids, "flock", "-x", str(lock), "sh", "-c", "echo locked; read line"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    _holders[root] = holder
+    assert holder.stdout is not None
+    if holder.stdout.readline() != "locked\n":
+        raise RuntimeError(f"the trainer could not take {lock}")
+
+
+def _release(root: Path, outside: Path) -> None:
+    holder = _holders.pop(root, None)
+    if holder is not None:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+
+
+def _build_tmp_beside_step_symlink(root: Path, outside: Path) -> None:
+    """A complete tmp_step_3 whose step_3 is a symlink: it cannot be finalized (not over a
+    symlink), pass after pass; that is reported once, with that reason."""
+    _steps(root, (1, 0.1), (2, 0.2))
+    make_step(root, "tmp_step_3", {METRIC: 0.3}, marker=True)
+    victim = _victim(outside)
+    os.symlink(victim / "step_1", root / "step_3")
+
+
+def _unreadable_lock_layout(name: str, held: bool) -> Layout:
+    why = ("writer lock unreadable (Permission denied): treated as held",)
+    return Layout(
+        name,
+        _unreadable_lock_build(held),
+        (
+            Expect("skipped", "tmp_step_3", why),
+            Expect("garbage_collected", "tmp_step_3", absent=True),
+            Expect("deleted", "step_1", ("outside top-1",)),
+        ),
+        remain=("tmp_step_3", "step_2"),
+        gone=("step_1",),
+        untouched=("tmp_step_3",),
+        teardown=_release if held else None,
+        user=NOBODY,
+    )
 
 
 # -- the root itself ------------------------------------------------------------------------------
@@ -685,6 +780,33 @@ LAYOUTS: list[Layout] = [
         remain=("step_1", "step_2"),
         untouched=("step_1", "step_2"),
         user=NOBODY,
+    ),
+    # unmarked saves: times and writer locks
+    Layout(
+        "tmp_step_preserved_mtimes",
+        _build_preserved_mtimes,
+        (
+            Expect("garbage_collected", "tmp_step_3", absent=True),
+            Expect("deleted", "step_1", ("outside top-1",)),
+        ),
+        remain=("tmp_step_3", "step_2"),
+        gone=("step_1",),
+        untouched=("tmp_step_3",),
+    ),
+    _unreadable_lock_layout("tmp_step_writer_lock_unreadable_held", held=True),
+    _unreadable_lock_layout("tmp_step_writer_lock_unreadable_not_held", held=False),
+    Layout(
+        "complete_tmp_step_beside_step_symlink",
+        _build_tmp_beside_step_symlink,
+        (
+            Expect("skipped", "tmp_step_3", ("step_3 is in the way (symlink: not followed)",)),
+            Expect("ignored", "step_3", ("symlink",)),
+            Expect("finalized", "tmp_step_3", absent=True),
+            Expect("deleted", "step_1", ("outside top-1",)),
+        ),
+        remain=("tmp_step_3", "step_3", "step_2"),
+        gone=("step_1",),
+        untouched=("tmp_step_3", "step_3"),
     ),
     # the root itself
     Layout(

@@ -63,7 +63,14 @@ POLICY = Policy(
     stale_after=60.0,
 )
 FINAL_STEPS = {2, 3, 4, 6, 8, 9}
+
 ERROR_EVENTS = ("action_failed", "removal_incomplete", "root_problem")
+
+
+def clock() -> float:
+    """The scene's passes run an hour ahead: tmp_step_7, written as the scene is built, is then
+    an hour old by its ctime (which, unlike its mtime, cannot be set back)."""
+    return time.time() + 3600.0
 
 
 # -- the faulty filesystem ------------------------------------------------------------------------
@@ -219,7 +226,7 @@ def build_scene(base: Path) -> Scene:
     _mk(root, "step_5", 0.4)  # deleted
     _mk(root, "old_step_5", 0.41)  # leftover beside step_5: discarded
     _mk(root, "old_step_6", 0.6, pin=True)  # interrupted replace, no new save: restored
-    stale = _mk(root, "tmp_step_7", 0.7)  # no marker, untouched for an hour: collected
+    stale = _mk(root, "tmp_step_7", 0.7)  # no marker, untouched for an hour (clock): collected
     old = time.time() - 3600
     for p in [stale, *stale.rglob("*")]:
         os.utime(p, (old, old), follow_symlinks=False)
@@ -270,7 +277,7 @@ def clean_calls() -> dict[str, tuple[str, ...]]:
         scene = build_scene(base)
         fs = FaultyFs(record=base)
         with capture_logs():
-            report = reconcile(scene.root, POLICY, fs=fs, delete_workers=1)
+            report = reconcile(scene.root, POLICY, fs=fs, delete_workers=1, clock=clock)
         assert report.status == "ok" and report.errors == 0, report
         out: dict[str, list[str]] = {op: [] for op in OPS}
         renames = [(i, call) for i, (op, call) in enumerate(fs.sequence) if op == "rename"]
@@ -430,7 +437,7 @@ def test_a_clean_pass_exercises_every_site(scene: Scene) -> None:
     counts = clean_counts()
     assert {op for op in OPS if counts[op]} == set(OPS) - {"write"}, counts
     with capture_logs() as logs:
-        report = reconcile(scene.root, POLICY, delete_workers=1)
+        report = reconcile(scene.root, POLICY, delete_workers=1, clock=clock)
     assert report.errors == 0, logs
     check_final(scene)
     done = Counter(e["event"] for e in logs)
@@ -449,7 +456,13 @@ def test_fault_then_recovery(
     log = structlog.get_logger("ckptkeeper").bind(root=str(scene.root))
     with capture_logs() as logs:
         report = reconcile(
-            scene.root, POLICY, fs=faulty, log=log, problems=ProblemLog(), delete_workers=workers
+            scene.root,
+            POLICY,
+            fs=faulty,
+            log=log,
+            problems=ProblemLog(),
+            delete_workers=workers,
+            clock=clock,
         )
     assert faulty.injected is not None, f"{op} #{k} was never called"
     # Check the faulty pass, but run the recovery pass whatever it found: both are reported.
@@ -463,7 +476,7 @@ def test_fault_then_recovery(
         problem = exc
 
     with capture_logs() as logs:
-        again = reconcile(scene.root, POLICY, delete_workers=workers)
+        again = reconcile(scene.root, POLICY, delete_workers=workers, clock=clock)
     assert again.errors == 0 and again.status == "ok", logs
     check_final(scene)
     stats.recovered += 1

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers import write_checkpoint
+from tests.helpers import wait_until, write_checkpoint
 
 from ckptkeeper import (
     Action,
@@ -423,6 +423,9 @@ def test_a_whole_sweep_modifies_nothing_outside_the_root(tmp_path: Path, harness
     old = time.time() - 7200
     for p in [stale, *stale.rglob("*")]:
         os.utime(p, (old, old), follow_symlinks=False)
+    # Abandoned for longer than --stale-after 1s by its ctime too (a ctime cannot be set back).
+    changed = max(os.lstat(p).st_ctime for p in [stale, *stale.rglob("*")])
+    wait_until(lambda: time.time() > changed + 1.5, timeout=10, what="tmp_step_7 to be stale")
     os.rename(root / "step_4", root / "old_step_4")  # an interrupted replace to undo
     (trash_dir(root) / "123-step_0" / "deep").mkdir(parents=True)
     (trash_dir(root) / "123-step_0" / "deep" / "x.bin").write_bytes(b"x")
@@ -454,7 +457,7 @@ def test_a_whole_sweep_modifies_nothing_outside_the_root(tmp_path: Path, harness
             "r",
             "--higher-is-better",
             "--stale-after",
-            "1h",
+            "1s",
             "--json",
         ],
         env=env,

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.helpers import wait_until
 
 from ckptkeeper.effects import OS_FS, Fs, RootLock, write_marker, writer_lock
 from ckptkeeper.execute import Outcome, apply_plan, purge_trash
@@ -91,16 +93,37 @@ def scan_and_plan(root: Path, policy: Policy, now: float | None = None) -> Plan:
     return plan(scan, policy, now)
 
 
-def run_pass(root: Path, policy: Policy, *, fs: Fs = OS_FS, workers: int = 4) -> list[Outcome]:
+def run_pass(
+    root: Path,
+    policy: Policy,
+    *,
+    fs: Fs = OS_FS,
+    workers: int = 4,
+    now: float | None = None,
+) -> list[Outcome]:
     """One pass as the daemon makes it: lock, scan, plan, apply, then purge the trash."""
     lock = RootLock(root, timeout=0, fs=fs)
     assert lock.acquire(), "root unexpectedly locked"
     try:
-        outcomes = apply_plan(scan_and_plan(root, policy), fs=fs)
+        outcomes = apply_plan(scan_and_plan(root, policy, now), fs=fs)
         purge_trash(root, trash_entries(root), fs=fs, workers=workers)
     finally:
         lock.release()
     return outcomes
+
+
+def set_times(top: Path, when: float) -> None:
+    """Set the atime and mtime of a whole tree (its ctime becomes now: it cannot be set)."""
+    for dirpath, _, filenames in os.walk(top, topdown=False):
+        for name in filenames:
+            os.utime(Path(dirpath) / name, (when, when))
+        os.utime(dirpath, (when, when))
+
+
+# Staleness goes by the newest of mtime and ctime, and a test cannot set a ctime back: a save
+# abandoned hours ago is planned with a clock that far ahead, and a save "being written" under
+# that clock gets the clock's time as its mtime.
+AHEAD = 2 * 3600.0
 
 
 def by_action(outcomes: list[Outcome], action: Action) -> list[Outcome]:
@@ -170,14 +193,60 @@ def test_old_step_beside_its_step_is_discarded(tmp_path: Path) -> None:
 
 def test_stale_save_is_collected_and_a_fresh_one_waits(tmp_path: Path) -> None:
     stale = write_ckpt(tmp_path / "tmp_step_4", 4, "v0", info=False)
-    for dirpath, _, filenames in os.walk(stale, topdown=False):
-        for name in filenames:
-            os.utime(Path(dirpath) / name, (1, 1))
-        os.utime(dirpath, (1, 1))
-    write_ckpt(tmp_path / "tmp_step_5", 5, "v0", info=False)
-    outcomes = run_pass(tmp_path, Policy(stale_after=3600))
+    set_times(stale, 1)
+    now = time.time() + AHEAD
+    fresh = write_ckpt(tmp_path / "tmp_step_5", 5, "v0", info=False)
+    set_times(fresh, now - 1)  # written a second before the plan's clock
+    outcomes = run_pass(tmp_path, Policy(stale_after=3600), now=now)
     assert [(o.decision.action, o.status) for o in outcomes] == [(Action.COLLECT, "done")]
     assert names(tmp_path) == {"tmp_step_5", ".ckptkeeper"}
+
+
+def test_a_save_copied_with_preserved_mtimes_is_not_collected(tmp_path: Path) -> None:
+    """``cp -a`` (like ``rsync -a``, ``tar x``) fills tmp_step_4 with 3-day-old mtimes, no marker
+    yet: its ctimes say it was written just now, so it waits. Only a clock an hour past the
+    copy finds it stale (a ctime cannot be set back to make a really old one)."""
+    source = write_ckpt(tmp_path / "source", 4, "v0", info=False)
+    set_times(source, time.time() - 3 * 86400)
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["cp", "-a", str(source), str(root / "tmp_step_4")], check=True)
+    policy = Policy(stale_after=3600)
+    assert os.lstat(root / "tmp_step_4" / FILES[1]).st_mtime < time.time() - 2 * 86400
+
+    assert run_pass(root, policy) == []
+    (wait,) = scan_and_plan(root, policy)
+    assert wait.action is Action.WAIT and wait.reasons[0].startswith("in flight: last write")
+    assert ckpt_version(root / "tmp_step_4", 4, has_info=False) == "v0"
+
+    outcomes = run_pass(root, policy, now=time.time() + 3601)
+    assert [(o.decision.action, o.status) for o in outcomes] == [(Action.COLLECT, "done")]
+
+
+def test_a_future_mtime_waits_and_says_so(tmp_path: Path) -> None:
+    """A writer whose clock is ahead: its save is never stale, and the plan says why."""
+    save = write_ckpt(tmp_path / "tmp_step_4", 4, "v0", info=False)
+    ahead = time.time() + 3 * 3600 + 60
+    os.utime(save / FILES[1], (ahead, ahead))
+    (wait,) = scan_and_plan(tmp_path, Policy(stale_after=0))
+    assert wait.action is Action.WAIT
+    assert wait.reasons == ("in flight: last write 3.0h in the future (writer clock ahead?)",)
+    assert run_pass(tmp_path, Policy(stale_after=0)) == []
+
+
+def test_collect_skips_a_save_written_since_the_plan(tmp_path: Path) -> None:
+    """The re-check under the lock looks at the save's last change again (mtime or ctime)."""
+    save = write_ckpt(tmp_path / "tmp_step_4", 4, "v0", info=False)
+    last = max(max(os.lstat(p).st_mtime, os.lstat(p).st_ctime) for p in [save, *save.rglob("*")])
+    policy = Policy(stale_after=3600)
+    p = scan_and_plan(tmp_path, policy, now=last + 3600 + 0.001)  # stale by a millisecond
+    assert [d.action for d in p] == [Action.COLLECT]
+    wait_until(lambda: time.time() > last + 0.05, what="the clock to pass the plan's threshold")
+    (save / "policy" / "late.bin").write_bytes(b"late")  # old mtime: its ctime is now
+    os.utime(save / "policy" / "late.bin", (1, 1))
+    (out,) = apply_plan(p)
+    assert (out.status, out.detail) == ("skipped", "written since the plan: no longer stale")
+    assert (save / "policy" / "late.bin").exists()
 
 
 def test_delete_moves_to_trash_then_purge_removes(tmp_path: Path) -> None:
@@ -246,12 +315,8 @@ def test_delete_of_a_step_already_gone_is_success(tmp_path: Path) -> None:
 
 def test_collect_skips_when_the_marker_or_a_writer_lock_appears(tmp_path: Path) -> None:
     for s in (4, 5):
-        d = write_ckpt(tmp_path / f"tmp_step_{s}", s, "v0", info=False)
-        for dirpath, _, filenames in os.walk(d, topdown=False):
-            for name in filenames:
-                os.utime(Path(dirpath) / name, (1, 1))
-            os.utime(dirpath, (1, 1))
-    p = scan_and_plan(tmp_path, Policy(stale_after=60))
+        set_times(write_ckpt(tmp_path / f"tmp_step_{s}", s, "v0", info=False), 1)
+    p = scan_and_plan(tmp_path, Policy(stale_after=60), time.time() + AHEAD)
     assert len(p.by_action(Action.COLLECT)) == 2
     write_marker(tmp_path / "tmp_step_4", MARKER)
     with writer_lock(tmp_path / "tmp_step_5"):
@@ -285,9 +350,31 @@ def test_finalize_never_replaces_a_symlink_named_like_the_step(tmp_path: Path) -
     root = tmp_path / "root"
     write_ckpt(root / "tmp_step_2", 2, "v1", 0.4, marker=True)
     outside = write_ckpt(tmp_path / "outside", 2, "v9", 0.1)
-    (root / "step_2").symlink_to(outside)
-    outcomes = {o.decision.action: o for o in apply_plan(scan_and_plan(root, NO_BOUND))}
+    p = scan_and_plan(root, NO_BOUND)
+    (root / "step_2").symlink_to(outside)  # after the plan: the executor's re-check sees it
+    outcomes = {o.decision.action: o for o in apply_plan(p)}
     assert outcomes[Action.FINALIZE].status == "skipped"
+    assert "step_2 appeared since the plan" in outcomes[Action.FINALIZE].detail
+    assert (root / "step_2").is_symlink()
+    assert ckpt_version(outside, 2) == "v9"
+    assert ckpt_version(root / "tmp_step_2", 2) == "v1"
+
+
+def test_a_symlink_named_like_the_step_holds_back_its_finalize_in_the_plan(
+    tmp_path: Path,
+) -> None:
+    """Already there when planned: the plan waits and says why (not "appeared since the plan"
+    on every pass); nothing is renamed."""
+    root = tmp_path / "root"
+    write_ckpt(root / "tmp_step_2", 2, "v1", 0.4, marker=True)
+    outside = write_ckpt(tmp_path / "outside", 2, "v9", 0.1)
+    (root / "step_2").symlink_to(outside)
+    p = scan_and_plan(root, NO_BOUND)
+    (wait,) = (d for d in p if d.path == root / "tmp_step_2")
+    assert (wait.action, wait.blocked) == (Action.WAIT, Action.FINALIZE)
+    assert wait.reasons == ("step_2 is in the way (symlink: not followed): not finalized over it",)
+    assert not p.mutates
+    assert apply_plan(p) == []
     assert (root / "step_2").is_symlink()
     assert ckpt_version(outside, 2) == "v9"
     assert ckpt_version(root / "tmp_step_2", 2) == "v1"
@@ -394,17 +481,14 @@ def build_scenario(base: Path) -> Scenario:
     write_ckpt(root / "old_step_9", 9, "v0", 0.15)  # interrupted replace, new save abandoned
     stale = write_ckpt(root / "tmp_step_9", 9, "v1", 0.05)
     write_ckpt(root / "tmp_step_10", 10, "v1", 0.90, marker=True)  # finalize, the latest
-    write_ckpt(root / "tmp_step_11", 11, "v1", 0.01)  # being written right now
+    busy = write_ckpt(root / "tmp_step_11", 11, "v1", 0.01)  # being written right now
     write_ckpt(trash_dir(root) / "1000-step_0", 0, "v0", 0.1)  # an earlier pass's leftover
     write_ckpt(root / "step_1-hf", 1, "hf", 0.0)
     (root / "notes.txt").write_text("not a checkpoint")
     (root / "ckptkeeper.toml").write_text("keep_top_k = 2\n")
     (root / "step_12").symlink_to(outside)
-    old = time.time() - 10 * 3600
-    for dirpath, _, filenames in os.walk(stale, topdown=False):
-        for name in filenames:
-            os.utime(Path(dirpath) / name, (old, old))
-        os.utime(dirpath, (old, old))
+    set_times(stale, time.time() - 10 * 3600)  # abandoned (planned with the clock AHEAD)
+    set_times(busy, time.time() + AHEAD)  # its last write: "now" on the scenario's clock
     return Scenario(root, outside)
 
 
@@ -448,13 +532,13 @@ def assert_planned_state(sc: Scenario, reference: dict[str, bytes]) -> None:
     assert trash_entries(root) == []
     assert_untouched(sc, reference)
     # Idempotent: nothing more to do.
-    again = scan_and_plan(root, SCENARIO_POLICY)
+    again = scan_and_plan(root, SCENARIO_POLICY, time.time() + AHEAD)
     assert not again.mutates, [d for d in again if d.action not in (Action.KEEP, Action.WAIT)]
 
 
 def test_scenario_plan_is_what_the_tests_expect(tmp_path: Path) -> None:
     sc = build_scenario(tmp_path)
-    p = scan_and_plan(sc.root, SCENARIO_POLICY)
+    p = scan_and_plan(sc.root, SCENARIO_POLICY, time.time() + AHEAD)
     assert p.kept_steps == set(KEPT)
     assert p.deleted_steps == DELETED
     actions = {(d.action, d.step) for d in p if d.action not in (Action.KEEP, Action.DELETE)}
@@ -469,7 +553,7 @@ def test_scenario_plan_is_what_the_tests_expect(tmp_path: Path) -> None:
         (Action.IGNORE, 12),
         (Action.PURGE, None),
     }
-    run_pass(sc.root, SCENARIO_POLICY)
+    run_pass(sc.root, SCENARIO_POLICY, now=time.time() + AHEAD)
     assert_planned_state(sc, scenario_reference(tmp_path))
 
 
@@ -579,7 +663,7 @@ def test_a_fault_leaves_a_safe_state_and_a_clean_pass_reaches_the_plan(
     fs = FaultFs(op, getattr(errno, err_name), k)
 
     try:
-        run_pass(sc.root, SCENARIO_POLICY, fs=fs)
+        run_pass(sc.root, SCENARIO_POLICY, fs=fs, now=time.time() + AHEAD)
     except OSError as exc:  # only the root lock may stop a whole pass
         # (EACCES on opening the lock for writing: a read-only open is tried, and finds none)
         retried = op == "open" and err_name == "EACCES"
@@ -590,7 +674,7 @@ def test_a_fault_leaves_a_safe_state_and_a_clean_pass_reaches_the_plan(
     assert_kept_steps_recoverable(sc.root)
     assert_untouched(sc, reference)
 
-    run_pass(sc.root, SCENARIO_POLICY)
+    run_pass(sc.root, SCENARIO_POLICY, now=time.time() + AHEAD)
     assert_planned_state(sc, reference)
 
 
@@ -660,7 +744,7 @@ def test_a_pass_killed_at_any_mutating_call_is_recovered_by_the_next(
         probe.release()
 
         # Invariant 5: a clean pass finishes or undoes what the crashed pass began.
-        run_pass(sc.root, SCENARIO_POLICY)
+        run_pass(sc.root, SCENARIO_POLICY, now=time.time() + AHEAD)
         assert_planned_state(sc, reference)
         if code == 0:
             break
@@ -671,4 +755,4 @@ def test_a_pass_killed_at_any_mutating_call_is_recovered_by_the_next(
 
 
 def _crashing_pass(root: Path, k: int) -> None:
-    run_pass(root, SCENARIO_POLICY, fs=CrashFs(k), workers=4)
+    run_pass(root, SCENARIO_POLICY, fs=CrashFs(k), workers=4, now=time.time() + AHEAD)

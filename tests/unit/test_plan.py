@@ -57,10 +57,11 @@ def tmp(
     locked: bool | None = None,
     newest: float | None = None,
     pinned: bool = False,
+    unreadable: str | None = None,
 ) -> InFlight:
     info, err = _info(step, metric)
     path = ROOT / f"tmp_step_{step}"
-    return InFlight(step, path, complete, info, err, pinned, (2, step), locked, newest)
+    return InFlight(step, path, complete, info, err, pinned, (2, step), locked, newest, unreadable)
 
 
 def old(step: int, metric: Any = NO_METRIC, *, pinned: bool = False) -> Leftover:
@@ -478,6 +479,54 @@ def test_huge_integer_metric_is_ranked_last_not_a_crash() -> None:
             ["in flight"],
             id="mtime_in_the_future_is_not_stale",
         ),
+        pytest.param(
+            tmp(5, complete=False, locked=False, newest=NOW + 42),
+            {},
+            Action.WAIT,
+            ["in flight: last write 42s in the future (writer clock ahead?)"],
+            id="mtime_in_the_future_is_said_to_be",
+        ),
+        pytest.param(
+            tmp(5, complete=False, locked=False, newest=NOW + 3 * HOUR),
+            {"stale_after": 0.0},
+            Action.WAIT,
+            ["last write 3.0h in the future (writer clock ahead?)"],
+            id="far_future_with_zero_stale_after_waits",
+        ),
+        pytest.param(
+            tmp(5, complete=False, locked=False, newest=NOW + 0.2),
+            {},
+            Action.WAIT,
+            ["in flight: last write 0s ago"],
+            id="a_fraction_of_a_second_ahead_is_now",
+        ),
+        pytest.param(
+            tmp(
+                5,
+                complete=False,
+                locked=True,
+                newest=NOW - 7 * HOUR,
+                unreadable="Permission denied",
+            ),
+            {},
+            Action.WAIT,
+            ["writer lock unreadable (Permission denied): treated as held", "untouched for 7.0h"],
+            id="unreadable_writer_lock_keeps_a_stale_save",
+        ),
+        pytest.param(
+            tmp(5, complete=False, locked=True, newest=NOW - 60, unreadable="Permission denied"),
+            {},
+            Action.WAIT,
+            ["writer lock unreadable (Permission denied): treated as held", "last write 1.0m ago"],
+            id="unreadable_writer_lock_on_a_save_in_flight",
+        ),
+        pytest.param(
+            tmp(5, complete=False, locked=True, unreadable="No locks available"),
+            {},
+            Action.WAIT,
+            ["writer lock unreadable (No locks available): treated as held"],
+            id="unreadable_writer_lock_without_times",
+        ),
     ],
 )
 def test_in_flight_saves(
@@ -640,6 +689,68 @@ def test_ambiguous_step_is_not_finalized_over() -> None:
     scan = root_scan(anomalies=anomalies, ambiguous=[7], in_flight=[tmp(7, complete=True)])
     p = plan(scan, Policy(keep_top_k=0), NOW)
     assert not p.by_action(Action.FINALIZE, Action.REPLACE, Action.DELETE)
+
+
+def test_only_a_stale_save_held_back_by_an_unreadable_lock_is_blocked() -> None:
+    """`blocked` marks what stays stuck until someone acts: the daemon reports it once."""
+    why = "writer lock unreadable (Permission denied): treated as held"
+    stale = tmp(
+        5, complete=False, locked=True, newest=NOW - 7 * HOUR, unreadable="Permission denied"
+    )
+    busy = tmp(6, complete=False, locked=True, newest=NOW - 60, unreadable="Permission denied")
+    held = tmp(7, complete=False, locked=True)
+    p = plan(root_scan(in_flight=[stale, busy, held]), Policy(), NOW)
+    blocked = {d.step: (d.blocked, d.reasons[0]) for d in p}
+    assert blocked == {
+        5: (Action.COLLECT, why),
+        6: (None, why),
+        7: (None, "writer lock held"),
+    }
+
+
+@pytest.mark.parametrize("reason", ["symlink: not followed", "not a directory"])
+def test_a_step_that_is_not_a_directory_holds_back_the_finalize(reason: str) -> None:
+    scan = root_scan(
+        [ck(4, 0.4)],
+        in_flight=[tmp(5, complete=True, metric=0.9)],
+        anomalies=[Anomaly(ROOT / "step_5", reason, 5)],
+    )
+    p = plan(scan, Policy(keep_top_k=1, metric_name="m", higher_is_better=True), NOW)
+    (wait,) = (d for d in p if d.path == ROOT / "tmp_step_5")
+    assert (wait.action, wait.blocked) == (Action.WAIT, Action.FINALIZE)
+    assert wait.reasons == (f"step_5 is in the way ({reason}): not finalized over it",)
+    # Not counted as a step that will exist: step_4 stays the latest (and the best) one.
+    assert step_decisions(p) == {4: step_decisions(p)[4]}
+    assert p.kept_steps == {4}
+    assert not p.mutates
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_a_step_that_is_not_a_directory_holds_back_an_interrupted_replace(complete: bool) -> None:
+    scan = root_scan(
+        in_flight=[tmp(5, complete=complete)],
+        leftovers=[old(5, 0.5)],
+        anomalies=[Anomaly(ROOT / "step_5", "symlink: not followed", 5)],
+    )
+    p = plan(scan, Policy(keep_top_k=1, metric_name="m"), NOW)
+    (o,) = (d for d in p if d.path == ROOT / "old_step_5")
+    assert (o.action, o.blocked) == (
+        Action.WAIT,
+        Action.DISCARD if complete else Action.RESTORE,
+    )
+    assert o.reasons[0] == (
+        "step_5 is in the way (symlink: not followed): interrupted replace left as it is"
+    )
+    assert not p.mutates and step_decisions(p) == {}
+
+
+def test_a_symlink_under_another_spelling_does_not_hold_back_the_finalize() -> None:
+    scan = root_scan(
+        in_flight=[tmp(5, complete=True)],
+        anomalies=[Anomaly(ROOT / "step_05", "symlink: not followed", 5)],
+    )
+    p = plan(scan, Policy(), NOW)
+    assert [d.path.name for d in p.by_action(Action.FINALIZE)] == ["tmp_step_5"]
 
 
 def test_replacing_a_pinned_step_keeps_it_pinned() -> None:

@@ -60,6 +60,14 @@ def set_tree_mtime(top: Path, when: float) -> None:
         os.utime(dirpath, (when, when))
 
 
+def newest_ctime(top: Path) -> float:
+    """The newest ctime in a tree (symlinks not followed)."""
+    times = [os.lstat(top).st_ctime]
+    for dirpath, dirnames, filenames in os.walk(top):
+        times += [os.lstat(Path(dirpath) / n).st_ctime for n in dirnames + filenames]
+    return max(times)
+
+
 def test_scan_returns_records_for_every_kind_of_entry(tmp_path: Path) -> None:
     root = tmp_path / "run"
     root.mkdir()
@@ -353,23 +361,26 @@ def test_writer_lock_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> N
         os.close(fd)
 
 
-def test_stale_probe_uses_the_newest_mtime_in_the_tree(tmp_path: Path) -> None:
+def test_stale_probe_uses_the_newest_change_in_the_tree(tmp_path: Path) -> None:
     root = tmp_path / "run"
     tmp_dir = make_dir(root / "tmp_step_5", None, "a.pt", "policy/shard/b.pt", "policy/c.pt")
-    old = time.time() - 10 * 3600
-    set_tree_mtime(tmp_dir, old)
-    stale_before = time.time() - 6 * 3600
+    set_tree_mtime(tmp_dir, time.time() - 10 * 3600)
+    changed = newest_ctime(tmp_dir)  # utime sets the ctime to now: the last change
+    # Planned with a clock 10 h ahead, staleness 6 h: the probe walks the whole tree.
+    stale_before = time.time() + 4 * 3600
 
     (t,) = scan_root(root, stale_before=stale_before).in_flight
     assert t.writer_locked is False
-    assert t.newest_mtime == pytest.approx(old, abs=1)
-    assert newest_mtime(tmp_dir) == pytest.approx(old, abs=1)
+    assert t.newest_mtime == changed
+    assert newest_mtime(tmp_dir) == changed
 
     deep = tmp_dir / "policy" / "shard" / "new.pt"
-    deep.write_text("fresh")  # one new file deep inside
+    deep.write_text("fresh")  # one file deep inside, written 5 h "later" (its mtime)
+    later = time.time() + 5 * 3600
+    os.utime(deep, (later, later))
     (t,) = scan_root(root, stale_before=stale_before).in_flight
     assert t.newest_mtime is not None and t.newest_mtime > stale_before
-    assert newest_mtime(tmp_dir) == pytest.approx(os.lstat(deep).st_mtime)
+    assert newest_mtime(tmp_dir) == pytest.approx(later)
 
 
 def test_stale_probe_sees_a_new_file_even_when_its_directory_mtime_is_old(tmp_path: Path) -> None:
@@ -388,7 +399,24 @@ def test_stale_probe_does_not_follow_symlinks(tmp_path: Path) -> None:
     old = time.time() - 10**5
     set_tree_mtime(tmp_dir, old)
     os.utime(tmp_dir / "link", (old, old), follow_symlinks=False)
-    assert newest_mtime(tmp_dir) == pytest.approx(old, abs=1)
+    later = time.time() + 10**5  # what is behind the link was written "later" than anything
+    os.utime(outside / "fresh.pt", (later, later))
+    os.utime(outside, (later, later))
+    assert newest_mtime(tmp_dir) == newest_ctime(tmp_dir)
+
+
+def test_a_save_copied_with_preserved_mtimes_is_recent(tmp_path: Path) -> None:
+    """``cp -p`` / ``rsync -a`` / ``tar x`` set old mtimes; the ctime says when it was copied."""
+    source = make_dir(tmp_path / "source", None, "a.pt", "policy/shard/b.pt")
+    set_tree_mtime(source, time.time() - 3 * 86400)
+    root = tmp_path / "run"
+    root.mkdir()
+    subprocess.run(["cp", "-a", str(source), str(root / "tmp_step_5")], check=True)
+    copied = root / "tmp_step_5"
+    assert os.lstat(copied / "policy" / "shard" / "b.pt").st_mtime < time.time() - 2 * 86400
+    (t,) = scan_root(root, stale_before=time.time() - 3600).in_flight
+    assert t.newest_mtime is not None and t.newest_mtime > time.time() - 3600
+    assert newest_mtime(copied) == newest_ctime(copied)
 
 
 def test_complete_tmp_is_not_probed(tmp_path: Path) -> None:
