@@ -204,11 +204,12 @@ def status(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
         config,
         lambda root, policy, log, problems: preview(root, policy, log=log, problems=problems),
     )
+    unshown = 0
     if as_json:
         click.echo(json.dumps({"roots": [report_to_dict(r, p) for r, p in results]}, indent=2))
     else:
-        print_reports(results, Console(soft_wrap=False, width=max(Console().width, 120)))
-    raise SystemExit(1 if any(r.status == "error" for r, _ in results) else 0)
+        unshown = print_reports(results, Console(soft_wrap=False, width=max(Console().width, 120)))
+    raise SystemExit(1 if unshown or any(r.status == "error" for r, _ in results) else 0)
 
 
 @cli.command(context_settings={"allow_interspersed_args": True})
