@@ -94,6 +94,7 @@ def test_watch_pid_of_a_process_that_does_not_exist_is_an_error(tmp_path: Path) 
         (lambda d: _not_executable(d / "train.sh"), 126, "Permission denied"),
         (lambda d: str(d), 126, "Permission denied"),  # a directory, as a shell says 126
     ],
+    ids=["missing-path", "not-on-path", "no-x-bit", "directory"],
 )
 def test_trainer_that_cannot_be_started_exits_like_a_shell(
     tmp_path: Path, make: object, code: int, words: str
