@@ -1,13 +1,13 @@
 """The ``ckptkeeper`` command: ``run``, ``sweep``, ``status``, ``demo``.
 
-Exit codes: 0 success, 1 a pass had errors, 2 bad usage or config.
+Exit codes: 0 success, 1 a pass had errors, 2 bad usage or config; the sidecar's are in
+``sidecar`` (the trainer's code, 75 when the final pass could not finish, 126/127 as a shell).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,11 +227,12 @@ def status(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
         return preview(root, now, log=log, problems=problems)
 
     results = _passes(config, one)
+    unshown = 0
     if as_json:
         click.echo(json.dumps({"roots": [report_to_dict(r, p) for r, p in results]}, indent=2))
     else:
-        print_reports(results, Console(soft_wrap=False, width=max(Console().width, 120)))
-    raise SystemExit(1 if any(r.status == "error" for r, _ in results) else 0)
+        unshown = print_reports(results, Console(soft_wrap=False, width=max(Console().width, 120)))
+    raise SystemExit(1 if unshown or any(r.status == "error" for r, _ in results) else 0)
 
 
 @cli.command(context_settings={"allow_interspersed_args": True})
@@ -251,56 +252,35 @@ def run(ctx: click.Context, /, roots: tuple[str, ...], watch_pid: int | None, **
     ckptkeeper run /ckpt/run-a --keep-top-k 3 --metric val_reward --higher-is-better
     ckptkeeper run /ckpt/run-a --keep-top-k 3 -- python train.py --lr 1e-4
     """
-    from .service import Keeper, run_trainer, wait_for_pid
+    from .service import Keeper
+    from .sidecar import Sidecar, SidecarError
 
     trainer_cmd: list[str] = (ctx.obj or {}).get("trainer_cmd", [])
+    if trainer_cmd and watch_pid is not None:
+        click.echo("ckptkeeper: --watch-pid and a trainer command exclude each other", err=True)
+        raise SystemExit(2)
     config = _build_config(roots, opts)
     _setup_logs(opts, config)
-    path = opts.get("config_path")
-    reload_fn = (
-        (
-            lambda: merge_flags(
-                load_config(path),
-                {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None},
-                extra_roots=list(roots),
-            )
-        )
-        if path
-        else None
-    )
-    keeper = Keeper(config, reload=reload_fn)
-    trainer = run_trainer(trainer_cmd) if trainer_cmd else None
-    keeper.install_signal_handlers(forward_to=trainer)
-    log = get_logger()
     try:
-        keeper.start()
-        if trainer is not None:
-            log.info("sidecar", trainer_pid=trainer.pid, cmd=trainer_cmd)
-            keeper.serve(until=lambda: trainer.poll() is not None)
-        elif watch_pid is not None:
-            log.info("sidecar", watch_pid=watch_pid)
-            gone = threading.Event()
-            stop = threading.Event()
-
-            def watch() -> None:
-                wait_for_pid(watch_pid, stop)
-                gone.set()
-                keeper._wake.set()
-
-            threading.Thread(target=watch, name="ckptkeeper-watch-pid", daemon=True).start()
-            keeper.serve(until=gone.is_set)
-            stop.set()
-        else:
-            keeper.serve()
-    finally:
-        sidecar_done = trainer is not None and trainer.poll() is not None
-        keeper.shutdown(
-            final_pass=sidecar_done or (watch_pid is not None and not keeper._stop_requested)
+        sidecar = (
+            Sidecar.spawn(trainer_cmd)
+            if trainer_cmd
+            else (Sidecar.watch(watch_pid) if watch_pid is not None else None)
         )
-    if trainer is not None:
-        code = trainer.wait()
-        raise SystemExit(128 - code if code < 0 else code)
-    raise SystemExit(0)
+    except SidecarError as exc:
+        click.echo(f"ckptkeeper: {exc}", err=True)
+        raise SystemExit(exc.code) from None
+    keeper = Keeper(config, reload=_reloader(roots, opts), sidecar=sidecar)
+    raise SystemExit(keeper.run())
+
+
+def _reloader(roots: Sequence[str], opts: dict[str, Any]) -> Callable[[], DaemonConfig] | None:
+    """What SIGHUP re-reads: the config file with the same flags and roots on top, if any."""
+    path: Path | None = opts.get("config_path")
+    if path is None:
+        return None
+    flags = {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None}
+    return lambda: merge_flags(load_config(path), flags, extra_roots=list(roots))
 
 
 @cli.command()

@@ -8,8 +8,8 @@ from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ckptkeeper import Action, Policy
 
@@ -91,46 +91,75 @@ def _metric_text(value: float | str | None) -> str:
     return f"{value:.6g}"
 
 
-def print_reports(reports: Sequence[tuple[Report, Policy]], console: Console) -> None:
+def print_reports(reports: Sequence[tuple[Report, Policy]], console: Console) -> int:
+    """Print each root's table; returns how many roots could not be shown.
+
+    Names, reasons and paths come from disk and config: they are printed as plain ``Text``, never
+    parsed as rich markup (``acc[/b]`` would crash, ``acc[red]`` would print as ``acc``). A root
+    that fails to render is reported in one line and the following roots are still shown.
+    """
+    failed = 0
     for report, policy in reports:
-        bounds = []
-        if policy.keep_top_k is not None:
-            by = policy.metric_name or "recency"
-            better = "higher" if policy.higher_is_better else "lower"
-            bounds.append(
-                f"keep_top_k={policy.keep_top_k} by {by}"
-                + (f" ({better} is better)" if policy.metric_name else "")
-            )
-        if policy.keep_latest_n is not None:
-            bounds.append(f"keep_latest_n={policy.keep_latest_n}")
-        if policy.keep_every_n_steps is not None:
-            bounds.append(f"keep_every_n_steps={policy.keep_every_n_steps}")
-        title = f"{report.root}  [{', '.join(bounds) or 'no bound: nothing is deleted'}]"
-        if report.status != "ok":
+        try:
+            for renderable in _root_renderables(report, policy):
+                console.print(renderable)
+        except Exception as exc:  # a bug in one root's rendering must not hide the others
+            failed += 1
             console.print(
-                f"[bold]{escape(str(report.root))}[/bold]: [red]{report.status}[/red] "
-                f"{escape('; '.join(report.problems))}"
+                Text.assemble(
+                    (str(report.root), "bold"), ": could not show this root: ", (repr(exc), "red")
+                )
             )
-            if report.plan is None:
-                continue
-        table = Table(title=escape(title), title_justify="left", expand=False)
-        table.add_column("step", justify="right")
-        table.add_column("entry")
-        table.add_column("metric", justify="right")
-        table.add_column("decision")
-        table.add_column("reasons")
-        assert report.plan is not None
-        for d in report.plan.decisions:
-            style = _STYLE.get(d.action, "")
-            table.add_row(
-                "" if d.step is None else str(d.step),
-                d.path.name
-                if d.path.parent == report.root
-                else str(d.path.relative_to(report.root)),
-                _metric_text(d.metric),
-                f"[{style}]{d.action.value}[/{style}]" if style else d.action.value,
-                "; ".join(d.reasons),
+    return failed
+
+
+def _title(report: Report, policy: Policy) -> Text:
+    bounds = []
+    if policy.keep_top_k is not None:
+        by = policy.metric_name or "recency"
+        better = "higher" if policy.higher_is_better else "lower"
+        bounds.append(
+            f"keep_top_k={policy.keep_top_k} by {by}"
+            + (f" ({better} is better)" if policy.metric_name else "")
+        )
+    if policy.keep_latest_n is not None:
+        bounds.append(f"keep_latest_n={policy.keep_latest_n}")
+    if policy.keep_every_n_steps is not None:
+        bounds.append(f"keep_every_n_steps={policy.keep_every_n_steps}")
+    return Text(f"{report.root}  [{', '.join(bounds) or 'no bound: nothing is deleted'}]")
+
+
+def _root_renderables(report: Report, policy: Policy) -> list[Text | Table]:
+    out: list[Text | Table] = []
+    if report.status != "ok":
+        out.append(
+            Text.assemble(
+                (str(report.root), "bold"),
+                ": ",
+                (report.status, "red"),
+                " ",
+                "; ".join(report.problems),
             )
-        if not report.plan.decisions:
-            table.add_row("", "(no checkpoints)", "", "", "")
-        console.print(table)
+        )
+        if report.plan is None:
+            return out
+    assert report.plan is not None
+    table = Table(title=_title(report, policy), title_justify="left", expand=False)
+    table.add_column("step", justify="right")
+    table.add_column("entry")
+    table.add_column("metric", justify="right")
+    table.add_column("decision")
+    table.add_column("reasons")
+    for d in report.plan.decisions:
+        entry = d.path.name if d.path.parent == report.root else d.path.relative_to(report.root)
+        table.add_row(
+            Text("" if d.step is None else str(d.step)),
+            Text(str(entry)),
+            Text(_metric_text(d.metric)),
+            Text(d.action.value, style=_STYLE.get(d.action, "")),
+            Text("; ".join(d.reasons)),
+        )
+    if not report.plan.decisions:
+        table.add_row("", "(no checkpoints)", "", "", "")
+    out.append(table)
+    return out

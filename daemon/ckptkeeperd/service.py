@@ -1,6 +1,7 @@
 """The long-running keeper: triggers (watch events, schedule, sidecar exit) -> one `reconcile`.
 
-Threads: the main thread waits for signals and the sidecar's trainer; an apscheduler
+Threads: the main thread waits for signals (``signals``: handlers only record them, the main
+thread acts) and for the sidecar's process (``sidecar``); an apscheduler
 BackgroundScheduler enqueues periodic sweeps, re-expands ``[[discover]]`` globs and pings the
 systemd watchdog; watchdog observers + a debouncer enqueue event-driven passes; a bounded pool
 runs passes, never two of one root at once (a request during a pass re-runs it once afterwards).
@@ -8,18 +9,14 @@ runs passes, never two of one root at once (a request during a pass re-runs it o
 
 from __future__ import annotations
 
-import os
-import select
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -31,6 +28,8 @@ from .logs import ProblemLog, get_logger
 from .reconcile import Report, reconcile
 from .roots import SettingsResolver, expand_roots
 from .sdnotify import Notifier, watchdog_interval
+from .sidecar import FinalPass, Sidecar
+from .signals import process_inbox
 from .watch import RootWatcher, resolve_observer
 
 __all__ = ["Keeper"]
@@ -54,9 +53,12 @@ class Keeper:
         *,
         reload: Callable[[], DaemonConfig] | None = None,
         notifier: Notifier | None = None,
+        sidecar: Sidecar | None = None,
     ) -> None:
         self.config = config
         self._reload = reload
+        self.sidecar = sidecar
+        self._inbox = process_inbox()
         self.log = get_logger()
         self.notifier = notifier or Notifier()
         self.cache = InfoCache()
@@ -67,8 +69,7 @@ class Keeper:
         self._running: set[Path] = set()
         self._pending: set[Path] = set()
         self._cancel = threading.Event()
-        self._wake = threading.Event()
-        self._stop_requested = False
+        self._stopping = False
         self._reload_requested = False
         self._pool = ThreadPoolExecutor(
             max(1, config.daemon.workers), thread_name_prefix="ckptkeeper-pass"
@@ -194,7 +195,7 @@ class Keeper:
         except Exception as exc:  # scheduler stopping: the periodic sweep retries anyway
             self.log.debug("retry_not_scheduled", root=str(root), error=repr(exc))
 
-    def run_once(self, root: Path) -> Report:
+    def run_once(self, root: Path, *, lock_timeout: float = 0.0) -> Report:
         with self._state_lock:
             state = self.roots.get(root)
         if state is None:
@@ -212,6 +213,7 @@ class Keeper:
             problems=self.problems,
             delete_workers=self.config.daemon.delete_workers,
             cancel=self._cancel,
+            lock_timeout=lock_timeout,
         )
         self.pass_errors += report.errors
         done = [o for o in report.outcomes if o.status == "done"]
@@ -232,13 +234,11 @@ class Keeper:
         )
         return report
 
-    def wait_idle(self, timeout: float | None = None, *, until_stop: bool = False) -> bool:
-        """Wait until no pass runs; with ``until_stop``, also return early on a stop request."""
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no pass runs (False after ``timeout`` s)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state_lock:
             while self._running:
-                if until_stop and self._stop_requested:
-                    return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -284,7 +284,7 @@ class Keeper:
         self.sweep_all()
         # READY=1 after the first pass; a first pass still removing terabytes after
         # FIRST_PASS_WAIT must not make systemd's start timeout kill us: ready anyway, it goes on.
-        complete = self.wait_idle(FIRST_PASS_WAIT, until_stop=True)
+        complete = self._wait_idle_serving(FIRST_PASS_WAIT)
         self._update_status()
         self.notifier.ready(f"{len(self.roots)} roots; first pass done")
         self.log.info(
@@ -295,12 +295,14 @@ class Keeper:
         )
 
     def request_stop(self) -> None:
-        self._stop_requested = True
-        self._wake.set()
+        """Stop the daemon (any thread): ``serve`` returns."""
+        self._stopping = True
+        self._inbox.wake()
 
     def request_reload(self) -> None:
+        """Reload the config in the main thread (any thread)."""
         self._reload_requested = True
-        self._wake.set()
+        self._inbox.wake()
 
     def reload(self) -> None:
         if self._reload is None:
@@ -319,59 +321,89 @@ class Keeper:
         self.sweep_all()
         self.log.info("config_reloaded", roots=len(self.roots))
 
-    def serve(self, until: Callable[[], bool] | None = None) -> None:
-        """Block until a stop is requested (signal) or ``until()`` turns true."""
+    def run(self) -> int:
+        """The daemon from start to exit, in the main thread; returns the exit code (sidecar)."""
+        self.install_signal_handlers()
+        if self.sidecar is not None:
+            self.log.info("sidecar", **self.sidecar.describe())
+        try:
+            self.start()
+            self.serve()
+        finally:
+            # The followed process exited: one final pass (a stop signal cuts it short).
+            final = self.sidecar is not None and self.sidecar.exited()
+            complete = self.shutdown(final_pass=final)
+        if self.sidecar is None:
+            return 0
+        self.sidecar.close()
+        return self.sidecar.exit_code(complete)
+
+    def serve(self) -> None:
+        """Block until a stop is requested or the sidecar's process exits; reload on SIGHUP."""
+        fds = [self.sidecar.fileno()] if self.sidecar is not None else []
         while True:
-            self._wake.wait(0.5 if until is not None else None)
-            self._wake.clear()
+            self._take_signals()
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
-            if self._stop_requested or (until is not None and until()):
+            if self._stopping or (self.sidecar is not None and self.sidecar.exited()):
                 return
+            # Woken by a signal's byte; the timeout only bounds a signal whose handler ran late.
+            self._inbox.wait(1.0, fds)
 
-    def shutdown(self, *, final_pass: bool = False) -> None:
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop (a sidecar forwards them to its running trainer); SIGHUP reloads.
+        Main thread only; the handlers only record (``signals``), ``_take_signals`` acts."""
+        self._inbox.install()
+
+    def _take_signals(self) -> None:
+        for signum in sorted(self._inbox.take()):
+            if signum == signal.SIGHUP:
+                self._reload_requested = True
+            elif self.sidecar is not None and self.sidecar.forward(signum):
+                name = signal.Signals(signum).name
+                self.log.info("signal_forwarded", signal=name, pid=self.sidecar.pid)
+            else:
+                self._stopping = True
+
+    def _wait_idle_serving(self, timeout: float | None) -> bool:
+        """``wait_idle`` in the main thread, taking signals meanwhile; False on a stop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.wait_idle(0.2):
+            self._take_signals()
+            if self._stopping or (deadline is not None and time.monotonic() >= deadline):
+                return False
+        return True
+
+    def shutdown(self, *, final_pass: bool = False) -> bool:
+        """Stop the triggers and passes; with ``final_pass`` pass every root once more first.
+
+        Returns False when that final pass could not finish a root (logged as
+        ``final_pass_incomplete``).
+        """
         self.notifier.stopping()
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
         self._watcher.stop()
-        if final_pass:
-            self.wait_idle(STOP_TIMEOUT)
-            self.sweep_all()
-            self.wait_idle()
-        else:
-            self._cancel.set()  # long removals stop early; the next pass finishes them
-            self.wait_idle(STOP_TIMEOUT)
+        complete = self._final_pass() if final_pass else True
+        self._cancel.set()  # long removals stop early; the next pass finishes them
+        self.wait_idle(STOP_TIMEOUT)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.log.info("stopped", errors=self.pass_errors)
         self.notifier.close()
+        return complete
 
-    def install_signal_handlers(self, forward_to: subprocess.Popen[bytes] | None = None) -> None:
-        def on_stop(signum: int, _frame: FrameType | None) -> None:
-            if forward_to is not None and forward_to.poll() is None:
-                forward_to.send_signal(signum)  # the sidecar stops when its trainer does
-            else:
-                self.request_stop()
+    # -- the sidecar's final pass -----------------------------------------------------------
 
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, lambda _s, _f: self.request_reload())
-
-
-def wait_for_pid(pid: int, stop: threading.Event) -> None:
-    """Block until process ``pid`` (not our child) exits or ``stop`` is set."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while not stop.is_set():
-            if poller.poll(200):
-                return
-    finally:
-        os.close(fd)
-
-
-def run_trainer(cmd: Sequence[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(list(cmd))
+    def _final_pass(self) -> bool:
+        with self._state_lock:
+            roots = sorted(self.roots)
+        self.log.info("final_pass", roots=len(roots))
+        self._wait_idle_serving(None)  # the passes in progress finish first
+        if self._stopping:  # then only what needs no waiting: no lock wait, removals cut short
+            self._cancel.set()
+            self.wait_idle(STOP_TIMEOUT)
+        final = FinalPass(self.run_once, self._cancel, self.log, stop_wait=STOP_TIMEOUT)
+        return final.run(
+            roots, self._pool, take_signals=self._take_signals, stopping=lambda: self._stopping
+        )
