@@ -33,7 +33,8 @@ from typing_extensions import TypedDict
 
 from . import _nemo_compat as compat
 from .effects import RootLock, move_to_trash, write_marker
-from .names import Kind, parse_name
+from .layouts.nemo_rl import NEMO_RL
+from .names import Kind
 from .policy import Policy, metric_value
 from .scan import INFO_FILE, read_training_info
 
@@ -79,10 +80,10 @@ class CheckpointingConfig(TypedDict):
 
 def _step_paths(checkpoint_dir: PathLike) -> list[tuple[int, str]]:
     """(step, path) of every entry named exactly ``step_<ASCII digits>``, in glob order."""
-    pattern = str(Path(glob.escape(os.fspath(checkpoint_dir))) / "step_*")
+    pattern = str(Path(glob.escape(os.fspath(checkpoint_dir))) / NEMO_RL.glob(Kind.STEP))
     found: list[tuple[int, str]] = []
     for path in glob.glob(pattern):
-        parsed = parse_name(Path(path).name)
+        parsed = NEMO_RL.parse(Path(path).name)
         if parsed is not None and parsed.kind is Kind.STEP:
             found.append((parsed.step, path))
     return found
@@ -119,7 +120,7 @@ def _load_megatron_common_state_dict(iteration_dir: Path) -> Any:
 
 def _tmp_dir(checkpoint_path: PathLike) -> Path:
     path = Path(checkpoint_path)
-    parsed = parse_name(path.name)
+    parsed = NEMO_RL.parse(path.name)
     if parsed is None or parsed.kind is not Kind.TMP:
         raise ValueError(f"not a tmp_step_<N> checkpoint directory: {path}")
     return path
@@ -161,7 +162,7 @@ class CheckpointManager:
                 f"got {retention!r}"
             )
         self.retention: str = retention
-        self.complete_marker: str = get(config, "complete_marker", None) or ".complete"
+        self.complete_marker: str = get(config, "complete_marker", None) or NEMO_RL.default_marker
         self._policy(exclude_latest=True)  # validate now: ValueError naming the key
         self._finalize_thread: threading.Thread | None = None
         self._pending_checkpoint_path: Path | None = None
@@ -178,7 +179,7 @@ class CheckpointManager:
         A leftover ``tmp_step_{step}`` is removed first (through trash, under the root lock).
         Tensor/array values (anything with ``.item()``) are converted on a copy.
         """
-        save_dir = self.checkpoint_dir / f"tmp_step_{step}"
+        save_dir = self.checkpoint_dir / NEMO_RL.format(Kind.TMP, step)
         if os.path.lexists(save_dir):
             started = time.monotonic()
             with RootLock(self.checkpoint_dir):
@@ -211,7 +212,7 @@ class CheckpointManager:
         """
         src = _tmp_dir(checkpoint_path)
         write_marker(src, self.complete_marker)
-        parsed = parse_name(src.name)
+        parsed = NEMO_RL.parse(src.name)
         assert parsed is not None  # _tmp_dir checked it
         compat.finalize_save(src, parsed.step, self._policy(exclude_latest=True))
 

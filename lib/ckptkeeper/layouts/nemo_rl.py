@@ -52,6 +52,10 @@ class NemoRL:
             raise ValueError(f"step must be >= 0, got {step}")
         return f"{_PREFIXES[kind]}{step}"
 
+    def glob(self, kind: Kind) -> str:
+        """A shell pattern that every ``kind`` name matches (and more: `parse` decides)."""
+        return f"{_PREFIXES[kind]}*"
+
     def pointers(self, root: Path) -> Mapping[int, str]:
         return {}  # NeMo-RL keeps no pointer file: the latest step is kept by keep_latest
 
