@@ -41,6 +41,7 @@ from ckptkeeper import (
     plan,
     scan_root,
 )
+from ckptkeeper.layouts import get_layout
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.plan import Decision
 
@@ -106,12 +107,11 @@ def _plan_memoized(scan: RootScan, policy: Policy, now: float, cache: InfoCache)
     over the very same (immutable) step records, the same anomalies, and nothing in flight, no
     leftovers, no trash (the only inputs whose decisions depend on ``now``). `plan` is pure, so
     the decisions are those it would make."""
-    slot = cache.attached(scan.root)
-    last: tuple[RootScan, Plan] | None = slot.get("plan")
+    last = cache.last_plan(scan.root)
     if last is not None and _same_inputs(last[0], last[1].policy, scan, policy):
-        return Plan(scan.root, policy, now, last[1].decisions)
+        return Plan(scan.root, policy, now, last[1].decisions, last[1].layout)
     fresh = plan(scan, policy, now)
-    slot["plan"] = (scan, fresh) if _timeless(scan) else None
+    cache.keep_plan(scan.root, (scan, fresh) if _timeless(scan) else None)
     return fresh
 
 
@@ -145,6 +145,7 @@ def _scan_and_plan(
     try:
         scan = scan_root(
             root,
+            layout=get_layout(policy.layout),
             marker=policy.complete_marker,
             cache=cache,
             stale_before=now - policy.stale_after,

@@ -9,15 +9,21 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .layouts.nemo_rl import NEMO_RL
 from .records import Checkpoint
+
+if TYPE_CHECKING:
+    from .plan import Plan
+    from .records import RootScan
 
 __all__ = ["INFO_FILE", "MAX_INFO_BYTES", "MEMO_TRUST_S", "InfoCache", "read_training_info"]
 
-INFO_FILE = "training_info.json"
+INFO_FILE = NEMO_RL.info_file  # the nemo-rl layout's (a scan reads its layout's)
 MAX_INFO_BYTES = 16 * 1024 * 1024  # a training_info.json larger than this is not parsed
 
 #: A step directory's memo entry is trusted only if the scan that made it began at least this long
@@ -49,14 +55,16 @@ class InfoCache:
     """Thread-safe cache of parsed training_info.json keyed by path and (inode, mtime_ns, size).
 
     Entries are grouped per root; a scan of a root drops that root's entries for vanished steps.
-    It also holds, per root, the step-directory memo of ``scan_root(..., memo=True)``.
+    It also holds, per root, the step-directory memo of ``scan_root(..., memo=True)`` (judged by
+    ``clock_ns``, the wall clock in ns) and the last plan a caller made from a memoized scan.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self.clock_ns = clock_ns
         self._lock = threading.Lock()
         self._roots: dict[str, dict[str, tuple[_InfoKey, _InfoResult]]] = {}
         self._steps: dict[str, dict[str, _StepMemo]] = {}
-        self._attached: dict[str, dict[str, Any]] = {}
+        self._plans: dict[str, tuple[RootScan, Plan] | None] = {}
         self.parses = 0  # how many files were actually parsed (for tests and benchmarks)
         self.memo_hits = 0  # step directories a memoized scan did not look inside (for tests)
 
@@ -82,19 +90,22 @@ class InfoCache:
         with self._lock:
             self._roots.pop(str(root), None)
             self._steps.pop(str(root), None)
-            self._attached.pop(str(root), None)
+            self._plans.pop(str(root), None)
 
-    def attached(self, root: Path) -> dict[str, Any]:
-        """A per-root dict where a caller keeps what it derived from this root's scans (the
-        daemon: its last plan); forgotten with the root by `drop_root`."""
+    def last_plan(self, root: Path) -> tuple[RootScan, Plan] | None:
+        """The scan and plan a caller kept with `keep_plan` (forgotten by `drop_root`)."""
         with self._lock:
-            return self._attached.setdefault(str(root), {})
+            return self._plans.get(str(root))
 
-    def _step_memo(self, root: str) -> dict[str, _StepMemo]:
+    def keep_plan(self, root: Path, made: tuple[RootScan, Plan] | None) -> None:
+        with self._lock:
+            self._plans[str(root)] = made
+
+    def step_memo(self, root: str) -> dict[str, _StepMemo]:
         with self._lock:
             return self._steps.get(root, {})
 
-    def _set_step_memo(self, root: str, memo: dict[str, _StepMemo], hits: int) -> None:
+    def set_step_memo(self, root: str, memo: dict[str, _StepMemo], hits: int) -> None:
         with self._lock:
             self._steps[root] = memo  # replaced whole: a concurrent scan of the root reads either
             self.memo_hits += hits

@@ -16,13 +16,15 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .effects import OS_FS, Fs, RootLock
-from .execute import Outcome, apply_plan, purge_trash
+from .effects import OS_FS, Fs
+from .execute import Outcome, apply_plan
+from .layouts import get_layout
 from .plan import APPLIED, RECOVERY, Action, Decision, Plan, plan
 from .policy import Policy
 from .records import RootScan
 from .removal import Removal
-from .scan import InfoCache, scan_root
+from .scan import InfoCache
+from .storage import PosixStorage, Storage
 
 __all__ = ["EVERYTHING", "RECOVERY", "PassResult", "locked_pass", "recovery_needed"]
 
@@ -61,6 +63,7 @@ def locked_pass(
     lock_timeout: float | None = None,
     clock: Callable[[], float] = time.time,
     fs: Fs = OS_FS,
+    storage: Storage | None = None,
     cache: InfoCache | None = None,
     workers: int = 8,
     cancel: threading.Event | None = None,
@@ -79,24 +82,29 @@ def locked_pass(
     itself cannot be listed or locked.
     """
     root = Path(root)
+    store: Storage = storage if storage is not None else PosixStorage(fs)
     result = PassResult(root)
-    lock = RootLock(root, timeout=lock_timeout, fs=fs)
+    lock = store.lock(root, lock_timeout)
     if not lock.acquire():
         result.status = "busy"
         return result
     try:
         policy = source if isinstance(source, Policy) else source()
         now = clock()
-        scan = scan_root(
-            root, marker=policy.complete_marker, cache=cache, stale_before=now - policy.stale_after
+        scan = store.scan(
+            root,
+            layout=get_layout(policy.layout),
+            marker=policy.complete_marker,
+            cache=cache,
+            stale_before=now - policy.stale_after,
         )
         result.scan = select(scan) if select is not None else scan
         result.plan = plan(result.scan, policy, now)
         todo = Plan(root, policy, now, result.plan.by_action(*(set(actions) & APPLIED)))
-        result.outcomes = apply_plan(todo, fs=fs, on_outcome=on_outcome)
+        result.outcomes = apply_plan(todo, storage=store, on_outcome=on_outcome)
     finally:
         lock.release()
-    _remove_trash(result, result.plan.policy, actions, workers, fs, cancel, on_removed)
+    _remove_trash(result, result.plan.policy, actions, store, workers, cancel, on_removed)
     return result
 
 
@@ -104,8 +112,8 @@ def _remove_trash(
     result: PassResult,
     policy: Policy,
     actions: Collection[Action],
+    store: Storage,
     workers: int,
-    fs: Fs,
     cancel: threading.Event | None,
     on_removed: OnRemoved | None,
 ) -> None:
@@ -118,7 +126,7 @@ def _remove_trash(
         todo += [(d.path, d) for d in result.plan.by_action(Action.PURGE)]
     for path, cause in todo:
         started = time.perf_counter()
-        [(_, removal)] = purge_trash(result.root, [path], workers=workers, fs=fs, cancel=cancel)
+        [(_, removal)] = store.remove_trash(result.root, [path], workers=workers, cancel=cancel)
         result.removed.append((path, removal))
         if on_removed is not None:
             on_removed(cause, removal, (time.perf_counter() - started) * 1000)

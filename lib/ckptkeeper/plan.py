@@ -8,11 +8,13 @@ step, purge trash. ``status`` and ``--dry-run`` print a plan; `execute.apply_pla
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .names import step_name
+from .layouts import NEMO_RL, Layout
+from .names import Kind
 from .policy import Policy, metric_value, rules_for
 from .records import Checkpoint, InFlight, Leftover, RootScan
 
@@ -72,6 +74,7 @@ class Plan:
     policy: Policy
     now: float
     decisions: tuple[Decision, ...]
+    layout: Layout = NEMO_RL  # the scan's: how the executor names what it renames
 
     def __iter__(self) -> Iterator[Decision]:
         return iter(self.decisions)
@@ -111,6 +114,7 @@ def _since(idle: float) -> str:
 def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
     """Decide every entry of one root. Pure: the same inputs give the same plan."""
     root = scan.root
+    step_name = functools.partial(scan.layout.format, Kind.STEP)
     decisions: list[Decision] = []
     steps = {c.step: c for c in scan.steps}
     tmps = {t.step: t for t in scan.in_flight}
@@ -140,7 +144,7 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
 
     for tmp in scan.in_flight:
         if tmp.step in scan.ambiguous_steps:
-            why = f"step {tmp.step} is ambiguous (two step_ names): not finalized over"
+            why = f"step {tmp.step} is ambiguous (two names): not finalized over"
             decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, (why,)))
         elif tmp.complete and (what := in_the_way.get(step_name(tmp.step))) is not None:
             why = f"{step_name(tmp.step)} is in the way ({what}): not finalized over it"
@@ -148,7 +152,9 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
                 Decision(tmp.step, tmp.path, Action.WAIT, (why,), blocked=Action.FINALIZE)
             )
         elif tmp.complete:
-            decision, projected[tmp.step] = _finalize(tmp, policy, steps, olds, root)
+            decision, projected[tmp.step] = _finalize(
+                tmp, policy, steps, olds, root / step_name(tmp.step)
+            )
             decisions.append(decision)
         else:
             decisions.append(_unmarked(tmp, policy, now))
@@ -165,7 +171,7 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
             decisions.append(Decision(None, entry.path, Action.HOLD, (why,)))
 
     decisions.sort(key=lambda d: (d.step is None, d.step or 0, str(d.path)))
-    return Plan(root, policy, now, tuple(decisions))
+    return Plan(root, policy, now, tuple(decisions), scan.layout)
 
 
 def _finalize(
@@ -173,7 +179,7 @@ def _finalize(
     policy: Policy,
     steps: dict[int, Checkpoint],
     olds: dict[int, Leftover],
-    root: Path,
+    target: Path,
 ) -> tuple[Decision, Checkpoint]:
     """A complete ``tmp_step_N``: finalized (or replacing its step); the step it becomes."""
     existing = steps.get(tmp.step)
@@ -192,9 +198,7 @@ def _finalize(
         replaces=None if existing is None else existing.path,
         carry_pin=pinned and not tmp.pinned,
     )
-    step = Checkpoint(
-        tmp.step, root / step_name(tmp.step), tmp.info, tmp.info_error, pinned, tmp.identity
-    )
+    step = Checkpoint(tmp.step, target, tmp.info, tmp.info_error, pinned, tmp.identity)
     return decision, step
 
 
@@ -206,12 +210,12 @@ def _leftover(
     in_the_way: dict[str, str],
 ) -> Decision:
     """An ``old_step_N``: garbage beside its step, or half of an interrupted replace."""
-    name = step_name(old.step)
+    name = scan.layout.format(Kind.STEP, old.step)
     if old.step in scan.ambiguous_steps:
-        why = f"step {old.step} is ambiguous (two step_ names): left alone"
+        why = f"step {old.step} is ambiguous (two names): left alone"
         return Decision(old.step, old.path, Action.WAIT, (why,))
     if old.step in steps:
-        why = f"old_step_{old.step} beside step_{old.step}: leftover of a replace"
+        why = f"{old.path.name} beside {name}: leftover of a replace"
         return Decision(old.step, old.path, Action.DISCARD, (why,), old.identity)
     if (what := in_the_way.get(name)) is not None:
         # Neither finishing the replace (the new save cannot be finalized) nor restoring.

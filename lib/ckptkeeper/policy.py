@@ -13,9 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from .info import INFO_FILE
+from .layouts import DEFAULT_LAYOUT, NEMO_RL, Layout, LayoutError, get_layout
 from .records import Checkpoint
-from .scan import PIN_FILE, WRITER_LOCK
 
 __all__ = [
     "PROTOCOL_FILES",
@@ -86,8 +85,9 @@ class Policy:
     keep_every_n_steps: int | None = None
     keep_unranked: bool = False
     stale_after: float = 6 * 3600.0
-    complete_marker: str = ".complete"
+    complete_marker: str = NEMO_RL.default_marker
     trash_grace: float = 0.0
+    layout: str = DEFAULT_LAYOUT
 
     def __post_init__(self) -> None:
         for name in ("keep_top_k", "keep_latest_n"):
@@ -103,7 +103,7 @@ class Policy:
             raise PolicyError(
                 "metric_name", f"expected a non-empty string, got {self.metric_name!r}"
             )
-        _check_marker(self.complete_marker)
+        _check_marker(self.complete_marker, _layout_named(self.layout))
         for name in ("stale_after", "trash_grace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -149,20 +149,35 @@ class Policy:
 #: Names a checkpoint directory's protocol gives a meaning of its own (DESIGN.md section 2): a
 #: completion marker by one of these names would be present before the save is complete (e.g.
 #: ``training_info.json`` is written first), or a pin or lock would read as completion.
-PROTOCOL_FILES: frozenset[str] = frozenset({INFO_FILE, "config.yaml", PIN_FILE, WRITER_LOCK})
+def protocol_files(layout: Layout = NEMO_RL) -> frozenset[str]:
+    names = (layout.info_file, layout.config_file, layout.pin_file, layout.writer_lock)
+    return frozenset(n for n in names if n)
 
 
-def _check_marker(marker: object) -> None:
+PROTOCOL_FILES: frozenset[str] = protocol_files()
+
+
+def _layout_named(name: object) -> Layout:
+    if not isinstance(name, str):
+        raise PolicyError("layout", f"expected a layout name, got {name!r}")
+    try:
+        return get_layout(name)
+    except LayoutError as exc:
+        raise PolicyError("layout", str(exc)) from None
+
+
+def _check_marker(marker: object, layout: Layout) -> None:
     if not isinstance(marker, str) or marker in {"", ".", ".."} or "/" in marker or "\0" in marker:
         raise PolicyError(
             "complete_marker",
             f"expected a plain file name (not empty, '.', '..', no '/' or NUL), got {marker!r}",
         )
-    if marker in PROTOCOL_FILES:
+    used = protocol_files(layout)
+    if marker in used:
         raise PolicyError(
             "complete_marker",
             f"{marker!r} is a file the checkpoint protocol already uses "
-            f"({', '.join(sorted(PROTOCOL_FILES))}): it would mark saves complete too early",
+            f"({', '.join(sorted(used))}): it would mark saves complete too early",
         )
 
 

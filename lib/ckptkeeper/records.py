@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .layouts import NEMO_RL, Layout
+
 __all__ = ["Anomaly", "Checkpoint", "InFlight", "Leftover", "RootScan", "TrashEntry"]
 
 
@@ -83,3 +85,4 @@ class RootScan:
     trash: tuple[TrashEntry, ...] = ()
     anomalies: tuple[Anomaly, ...] = ()
     ambiguous_steps: frozenset[int] = field(default_factory=frozenset)
+    layout: Layout = NEMO_RL  # how the entries were named (the plan and executor name by it)

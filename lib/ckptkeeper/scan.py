@@ -41,7 +41,8 @@ from .info import (
     _StepMemo,
     read_training_info,
 )
-from .names import Kind, parse_name
+from .layouts import NEMO_RL, Layout
+from .names import Kind
 from .records import Anomaly, Checkpoint, InFlight, Leftover, RootScan, TrashEntry
 
 __all__ = [
@@ -63,8 +64,8 @@ __all__ = [
 ]
 
 CKPTKEEPER_DIR = ".ckptkeeper"
-PIN_FILE = "KEEP"
-WRITER_LOCK = ".writer.lock"
+PIN_FILE = NEMO_RL.pin_file  # the nemo-rl layout's (a scan uses its layout's)
+WRITER_LOCK = NEMO_RL.writer_lock
 
 
 def trash_dir(root: Path) -> Path:
@@ -94,8 +95,9 @@ class LockProbe(NamedTuple):
 _NO_LOCK = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
-def probe_writer_lock(directory: Path) -> LockProbe:
-    """Is ``<directory>/.writer.lock`` held? Opened read-only (flock works on any descriptor).
+def probe_writer_lock(directory: Path, lock_file: str = WRITER_LOCK) -> LockProbe:
+    """Is ``<directory>/<lock_file>`` (the layout's writer lock) held? Opened read-only (flock
+    works on any descriptor).
 
     A lock file that cannot be opened or probed (EACCES: another user's 0600 file; EPERM;
     ENOLCK...) may be held: ``LockProbe(True, <why>)``. Only a missing lock file (or a symlink)
@@ -105,7 +107,7 @@ def probe_writer_lock(directory: Path) -> LockProbe:
 
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(directory / WRITER_LOCK, flags)
+        fd = os.open(directory / lock_file, flags)
     except OSError as exc:
         if exc.errno in _NO_LOCK:
             return LockProbe(False)
@@ -121,9 +123,9 @@ def probe_writer_lock(directory: Path) -> LockProbe:
     return LockProbe(False)
 
 
-def writer_lock_held(directory: Path) -> bool:
-    """True when ``<directory>/.writer.lock`` is held, or may be (see `probe_writer_lock`)."""
-    return probe_writer_lock(directory).held
+def writer_lock_held(directory: Path, lock_file: str = WRITER_LOCK) -> bool:
+    """True when the writer lock is held, or may be (see `probe_writer_lock`)."""
+    return probe_writer_lock(directory, lock_file).held
 
 
 def _strerror(exc: OSError) -> str:
@@ -165,12 +167,14 @@ def parse_trash_name(name: str) -> float | None:
 def scan_root(
     root: Path,
     *,
-    marker: str = ".complete",
+    marker: str = "",
     cache: InfoCache | None = None,
     stale_before: float | None = None,
     memo: bool = False,
+    layout: Layout = NEMO_RL,
 ) -> RootScan:
-    """Scan ``root``. ``stale_before`` (epoch seconds): probe unmarked tmp dirs for staleness.
+    """Scan ``root`` as ``layout`` names it. ``marker``: the completion marker ("" for the
+    layout's). ``stale_before`` (epoch seconds): probe unmarked tmp dirs for staleness.
 
     ``memo`` (needs ``cache``): reuse the previous scan's findings inside unchanged ``step_N``
     directories (module docstring). Every scan with a cache refreshes the memo.
@@ -178,10 +182,7 @@ def scan_root(
     Raises OSError only when the root itself cannot be listed.
     """
     root = Path(root)
-    root_key = str(root)
-    started_ns = _now_ns()
-    previous = cache._step_memo(root_key) if cache is not None else {}
-    trusted_memo = previous if memo else {}
+    scanner = _Scanner(root, layout, marker or layout.default_marker, cache, stale_before, memo)
     # Entries are stat'ed relative to a descriptor of the root (a one-component lookup each),
     # which also reaches the trash without following a symlink.
     try:
@@ -191,153 +192,167 @@ def scan_root(
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         direct = False
     try:
-        steps, in_flight, leftovers, anomalies, ambiguous, memo_out, hits = _scan_entries(
-            root, root_fd, marker, cache, stale_before, previous, trusted_memo, started_ns
-        )
-        trash = _scan_trash(root, anomalies, root_fd if direct else None)
+        scanner.read_entries(root_fd)
+        trash = _scan_trash(root, scanner.anomalies, root_fd if direct else None)
     finally:
         os.close(root_fd)
-
-    if cache is not None:
-        cache._set_step_memo(root_key, memo_out, hits)
-    return RootScan(
-        root,
-        tuple(steps),
-        tuple(in_flight),
-        tuple(leftovers),
-        tuple(sorted(trash, key=lambda t: t.path.name)),
-        tuple(anomalies),
-        frozenset(ambiguous),
-    )
+    return scanner.result(trash)
 
 
-_Found = tuple[
-    list[Checkpoint],
-    list[InFlight],
-    list[Leftover],
-    list[Anomaly],
-    set[int],
-    dict[str, "_StepMemo"],
-    int,
-]
+class _Scanner:
+    """One scan of one root: groups the entries by step, then makes a record of each group."""
 
+    def __init__(
+        self,
+        root: Path,
+        layout: Layout,
+        marker: str,
+        cache: InfoCache | None,
+        stale_before: float | None,
+        memo: bool,
+    ) -> None:
+        self.root, self.layout, self.marker = root, layout, marker
+        self.cache, self.stale_before = cache, stale_before
+        self.started_ns = cache.clock_ns() if cache is not None else time.time_ns()
+        self.previous = cache.step_memo(str(root)) if cache is not None else {}
+        self.trusted = self.previous if memo else {}
+        self.info_below = "/" + layout.info_file
+        self.steps: list[Checkpoint] = []
+        self.in_flight: list[InFlight] = []
+        self.leftovers: list[Leftover] = []
+        self.anomalies: list[Anomaly] = []
+        self.ambiguous: set[int] = set()
+        self.memo_out: dict[str, _StepMemo] = {}
+        self.hits = 0
 
-def _scan_entries(
-    root: Path,
-    root_fd: int,
-    marker: str,
-    cache: InfoCache | None,
-    stale_before: float | None,
-    previous: dict[str, _StepMemo],
-    trusted_memo: dict[str, _StepMemo],
-    started_ns: int,
-) -> _Found:
-    # Names keyed by (step, kind order): sorting the keys gives the order of the records.
-    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
-    anomalies: list[Anomaly] = []
-    with os.scandir(root) as it:  # by path: scandir(fd) costs 6 more system calls
-        for entry in it:
-            name = entry.name
-            known = previous.get(name)
-            if known is not None:  # a step_N directory last time: no need to parse its name
-                step, order = known.record.step, _STEP
-            elif (parsed := parse_name(name)) is not None:
-                step, order = parsed.step, _ORDER[parsed.kind]
-            else:
+    def read_entries(self, root_fd: int) -> None:
+        groups = self.group_entries()
+        for (step, order), names in sorted(groups.items()):
+            if len(names) > 1:
+                both = " and ".join(sorted(names))
+                for name in names:
+                    self.odd(name, f"ambiguous: {both} name one step", step)
+                self.ambiguous.add(step)
                 continue
+            name = names[0]
             try:
-                # Not following symlinks, a directory is a real one (d_type; lstat if unknown).
-                if entry.is_dir(follow_symlinks=False):
-                    groups[(step, order)].append(name)
-                    continue
-                odd = "symlink: not followed" if entry.is_symlink() else "not a directory"
+                st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
             except OSError as exc:
-                odd = f"cannot stat: {_errname(exc)}"
-            anomalies.append(Anomaly(root / name, odd, step))
+                self.odd(name, f"cannot stat: {_errname(exc)}", step)
+                continue
+            if order == _STEP:
+                self.steps.append(self.checkpoint(root_fd, name, step, st))
+            else:
+                self.save_or_leftover(name, step, order, st)
+        if self.cache is not None:
+            self.cache.retain(self.root, [name for names in groups.values() for name in names])
 
-    steps: list[Checkpoint] = []
-    in_flight: list[InFlight] = []
-    leftovers: list[Leftover] = []
-    ambiguous: set[int] = set()
-    memo_out: dict[str, _StepMemo] = {}
-    hits = 0
-    for (step, order), names in sorted(groups.items()):
-        if len(names) > 1:
-            both = " and ".join(sorted(names))
-            for name in names:
-                anomalies.append(Anomaly(root / name, f"ambiguous: {both} name one step", step))
-            ambiguous.add(step)
-            continue
-        name = names[0]
-        try:
-            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
-        except OSError as exc:
-            anomalies.append(Anomaly(root / name, f"cannot stat: {_errname(exc)}", step))
-            continue
-        if order == _STEP:
-            known = trusted_memo.get(name)
-            if (
-                known is not None
-                and known.trusted
-                and known.mtime_ns == st.st_mtime_ns
-                and known.ctime_ns == st.st_ctime_ns
-                and known.record.identity == (st.st_dev, st.st_ino)
-            ):
-                # Unchanged since a scan that came MEMO_TRUST_S after its last change: no entry
-                # was created or removed in it since. Only training_info.json may have been
-                # rewritten in place, which changes its own key: look at that alone.
-                try:
-                    ist = os.stat(name + _INFO_BELOW, dir_fd=root_fd, follow_symlinks=False)
-                    same = (ist.st_ino, ist.st_mtime_ns, ist.st_size) == known.info_key
-                except OSError:
-                    same = False
-                if same and stat.S_ISREG(ist.st_mode):
-                    hits += 1
-                    memo_out[name] = known
-                    steps.append(known.record)
+    def group_entries(self) -> dict[tuple[int, int], list[str]]:
+        """Checkpoint-named directories keyed by (step, kind order); the rest are anomalies."""
+        groups: dict[tuple[int, int], list[str]] = defaultdict(list)
+        with os.scandir(self.root) as it:  # by path: scandir(fd) costs 6 more system calls
+            for entry in it:
+                name = entry.name
+                known = self.previous.get(name)
+                if known is not None:  # a step directory last time: no need to parse its name
+                    step, order = known.record.step, _STEP
+                elif (parsed := self.layout.parse(name)) is not None:
+                    step, order = parsed.step, _ORDER[parsed.kind]
+                else:
                     continue
-            path = root / name
-            (info, why), info_key = _read_info(path / INFO_FILE, cache)
-            record = Checkpoint(
-                step,
-                path,
-                info,
-                why,
-                _exists(path / PIN_FILE),
-                (st.st_dev, st.st_ino),
-                _exists(path / "config.yaml"),
-            )
-            steps.append(record)
-            if cache is not None:
-                trusted = started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
-                memo_out[name] = _StepMemo(st, trusted, info_key, record)
-            continue
-        path = root / name
+                try:
+                    # Not following symlinks, a directory is a real one (d_type; lstat if unknown).
+                    if entry.is_dir(follow_symlinks=False):
+                        groups[(step, order)].append(name)
+                        continue
+                    odd = "symlink: not followed" if entry.is_symlink() else "not a directory"
+                except OSError as exc:
+                    odd = f"cannot stat: {_errname(exc)}"
+                self.odd(name, odd, step)
+        return groups
+
+    def checkpoint(self, root_fd: int, name: str, step: int, st: os.stat_result) -> Checkpoint:
+        known = self.trusted.get(name)
+        if known is not None and self.unchanged(root_fd, name, known, st):
+            self.hits += 1
+            self.memo_out[name] = known
+            return known.record
+        path, layout = self.root / name, self.layout
+        (info, why), info_key = _read_info(path / layout.info_file, self.cache)
+        has_config = bool(layout.config_file) and _exists(path / layout.config_file)
         identity = (st.st_dev, st.st_ino)
-        info, why = read_training_info(path, cache)
-        pinned = _exists(path / PIN_FILE)
+        record = Checkpoint(
+            step, path, info, why, _exists(path / layout.pin_file), identity, has_config
+        )
+        if self.cache is not None:
+            trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
+            self.memo_out[name] = _StepMemo(st, trusted, info_key, record)
+        return record
+
+    def unchanged(self, root_fd: int, name: str, known: _StepMemo, st: os.stat_result) -> bool:
+        """Unchanged since a scan that came MEMO_TRUST_S after its last change: no entry was
+        created or removed in it since. Only the metrics file may have been rewritten in place,
+        which changes its own key: look at that alone."""
+        if not (
+            known.trusted
+            and known.mtime_ns == st.st_mtime_ns
+            and known.ctime_ns == st.st_ctime_ns
+            and known.record.identity == (st.st_dev, st.st_ino)
+        ):
+            return False
+        try:
+            ist = os.stat(name + self.info_below, dir_fd=root_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (ist.st_ino, ist.st_mtime_ns, ist.st_size) == known.info_key and stat.S_ISREG(
+            ist.st_mode
+        )
+
+    def save_or_leftover(self, name: str, step: int, order: int, st: os.stat_result) -> None:
+        path, layout = self.root / name, self.layout
+        identity = (st.st_dev, st.st_ino)
+        info, why = _read_info(path / layout.info_file, self.cache)[0]
+        pinned = _exists(path / layout.pin_file)
         if order == _OLD:
-            leftovers.append(Leftover(step, path, identity, info, why, pinned))
-        else:
-            complete = _exists(path / marker)
-            probed = _probe(path, stale_before) if not complete else (None, None, None)
-            locked, newest, unreadable = probed
-            in_flight.append(
-                InFlight(
-                    step, path, complete, info, why, pinned, identity, locked, newest, unreadable
-                )
-            )
-    if cache is not None:
-        cache.retain(root, [name for names in groups.values() for name in names])
-    return steps, in_flight, leftovers, anomalies, ambiguous, memo_out, hits
+            self.leftovers.append(Leftover(step, path, identity, info, why, pinned))
+            return
+        complete = _exists(path / self.marker)
+        probed = (
+            _probe(path, layout.writer_lock, self.stale_before)
+            if not complete
+            else (None, None, None)
+        )
+        locked, newest, unreadable = probed
+        self.in_flight.append(
+            InFlight(step, path, complete, info, why, pinned, identity, locked, newest, unreadable)
+        )
+
+    def odd(self, name: str, why: str, step: int | None) -> None:
+        self.anomalies.append(Anomaly(self.root / name, why, step))
+
+    def result(self, trash: list[TrashEntry]) -> RootScan:
+        if self.cache is not None:
+            self.cache.set_step_memo(str(self.root), self.memo_out, self.hits)
+        return RootScan(
+            self.root,
+            tuple(self.steps),
+            tuple(self.in_flight),
+            tuple(self.leftovers),
+            tuple(sorted(trash, key=lambda t: t.path.name)),
+            tuple(self.anomalies),
+            frozenset(self.ambiguous),
+            layout=self.layout,
+        )
 
 
-def _probe(path: Path, stale_before: float | None) -> tuple[bool | None, float | None, str | None]:
+def _probe(
+    path: Path, lock_file: str, stale_before: float | None
+) -> tuple[bool | None, float | None, str | None]:
     """An unmarked tmp dir: (writer lock held, last change, why the lock is unreadable).
     Nothing is probed without ``stale_before``; the last change only when it can matter."""
     if stale_before is None:
         return None, None, None
-    lock = probe_writer_lock(path)
+    lock = probe_writer_lock(path, lock_file)
     # A lock we cannot probe keeps the save, but the plan says so only when the save would
     # otherwise be stale: that needs the last change too.
     newest: float | None = None
@@ -353,8 +368,6 @@ def _probe(path: Path, stale_before: float | None) -> tuple[bool | None, float |
 _OLD, _STEP, _TMP = 0, 1, 2
 _ORDER = {Kind.OLD: _OLD, Kind.STEP: _STEP, Kind.TMP: _TMP}
 _MEMO_TRUST_NS = int(MEMO_TRUST_S * 1e9)
-_INFO_BELOW = "/" + INFO_FILE
-_now_ns = time.time_ns  # the clock the memo's trust is judged by (tests move it)
 
 
 def _scan_trash(root: Path, anomalies: list[Anomaly], root_fd: int | None) -> list[TrashEntry]:

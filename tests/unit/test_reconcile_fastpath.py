@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from ckptkeeper import InfoCache, Policy, RootLock, RootScan
-from ckptkeeper import passes as passes_mod
 from ckptkeeper import scan as scan_mod
+from ckptkeeper import storage as storage_mod
 from ckptkeeper.effects import Fs
 from ckptkeeperd import reconcile as reconcile_mod
 from ckptkeeperd.reconcile import preview, reconcile
@@ -100,15 +101,15 @@ def scans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
         return real(root, **kwargs)
 
     monkeypatch.setattr(reconcile_mod, "scan_root", spy)  # the unlocked look
-    monkeypatch.setattr(passes_mod, "scan_root", spy)  # the locked pass
+    monkeypatch.setattr(storage_mod, "scan_root", spy)  # the locked pass (PosixStorage.scan)
     return seen
 
 
 @pytest.fixture
-def later(monkeypatch: pytest.MonkeyPatch) -> None:
+def later() -> Callable[[], InfoCache]:
     """The scans judge the memo as if the steps had been written a minute ago."""
     ahead = int((scan_mod.MEMO_TRUST_S + 60) * 1e9)
-    monkeypatch.setattr(scan_mod, "_now_ns", lambda: time.time_ns() + ahead)
+    return lambda: InfoCache(clock_ns=lambda: time.time_ns() + ahead)
 
 
 # -- the lock ----------------------------------------------------------------------------------
@@ -254,9 +255,11 @@ def test_an_acting_pass_logs_the_same_events_with_the_same_keys(tmp_path: Path) 
 # -- the memos -----------------------------------------------------------------------------------
 
 
-def test_an_unchanged_root_is_not_planned_again(tmp_path: Path, later: None) -> None:
+def test_an_unchanged_root_is_not_planned_again(
+    tmp_path: Path, later: Callable[[], InfoCache]
+) -> None:
     root = make_root(tmp_path, 0.1, 0.2, 0.3)
-    cache = InfoCache()
+    cache = later()
     first = reconcile(root, policy(keep_top_k=5), cache=cache, clock=lambda: 1_000.0)
     second = reconcile(root, policy(keep_top_k=5), cache=cache, clock=lambda: 2_000.0)
     assert first.plan is not None and second.plan is not None
@@ -270,10 +273,10 @@ def test_an_unchanged_root_is_not_planned_again(tmp_path: Path, later: None) -> 
 
 
 def test_a_keep_file_added_to_an_unchanged_step_reaches_the_next_plan(
-    tmp_path: Path, later: None
+    tmp_path: Path, later: Callable[[], InfoCache]
 ) -> None:
     root = make_root(tmp_path, 0.1, 0.2, 0.3)
-    cache = InfoCache()
+    cache = later()
     for _ in range(2):
         reconcile(root, policy(keep_top_k=5), cache=cache)
     (root / "step_1" / "KEEP").touch()
@@ -282,10 +285,12 @@ def test_a_keep_file_added_to_an_unchanged_step_reaches_the_next_plan(
     assert report.plan is not None and report.plan.deleted_steps == {2}
 
 
-def test_the_plan_is_made_afresh_while_a_save_is_in_flight(tmp_path: Path, later: None) -> None:
+def test_the_plan_is_made_afresh_while_a_save_is_in_flight(
+    tmp_path: Path, later: Callable[[], InfoCache]
+) -> None:
     root = make_root(tmp_path, 0.1, 0.2)
     (root / "tmp_step_3").mkdir()
-    cache = InfoCache()
+    cache = later()
     first = reconcile(root, policy(), cache=cache, clock=lambda: 1_000.0)
     second = reconcile(root, policy(), cache=cache, clock=lambda: 2_000.0)
     assert first.plan is not None and second.plan is not None
@@ -293,9 +298,11 @@ def test_the_plan_is_made_afresh_while_a_save_is_in_flight(tmp_path: Path, later
     assert second.plan.now == 2_000.0
 
 
-def test_status_and_dry_run_never_use_the_step_memo(tmp_path: Path, later: None) -> None:
+def test_status_and_dry_run_never_use_the_step_memo(
+    tmp_path: Path, later: Callable[[], InfoCache]
+) -> None:
     root = make_root(tmp_path, 0.1, 0.2)
-    cache = InfoCache()
+    cache = later()
     reconcile(root, policy(), cache=cache)
     hits = cache.memo_hits
     report = preview(root, policy(), cache=cache)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -512,9 +513,9 @@ def test_info_cache_keeps_roots_apart(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def later(monkeypatch: pytest.MonkeyPatch) -> None:
+def later() -> Callable[[], InfoCache]:
     ahead = int((scan_mod.MEMO_TRUST_S + 60) * 1e9)
-    monkeypatch.setattr(scan_mod, "_now_ns", lambda: time.time_ns() + ahead)
+    return lambda: InfoCache(clock_ns=lambda: time.time_ns() + ahead)
 
 
 def memo_root(tmp_path: Path, steps: int = 3) -> Path:
@@ -524,9 +525,11 @@ def memo_root(tmp_path: Path, steps: int = 3) -> Path:
     return root
 
 
-def test_an_unchanged_step_is_taken_from_the_memo(tmp_path: Path, later: None) -> None:
+def test_an_unchanged_step_is_taken_from_the_memo(
+    tmp_path: Path, later: Callable[[], InfoCache]
+) -> None:
     root = memo_root(tmp_path)
-    cache = InfoCache()
+    cache = later()
     first = scan_root(root, cache=cache, memo=True)
     assert cache.memo_hits == 0  # nothing to reuse yet
     second = scan_root(root, cache=cache, memo=True)
@@ -536,9 +539,11 @@ def test_an_unchanged_step_is_taken_from_the_memo(tmp_path: Path, later: None) -
     assert cache.parses == 3
 
 
-def test_a_scan_without_memo_reads_every_step_in_full(tmp_path: Path, later: None) -> None:
+def test_a_scan_without_memo_reads_every_step_in_full(
+    tmp_path: Path, later: Callable[[], InfoCache]
+) -> None:
     root = memo_root(tmp_path)
-    cache = InfoCache()
+    cache = later()
     scan_root(root, cache=cache, memo=True)
     again = scan_root(root, cache=cache)
     assert cache.memo_hits == 0
@@ -546,10 +551,10 @@ def test_a_scan_without_memo_reads_every_step_in_full(tmp_path: Path, later: Non
 
 
 def test_a_keep_file_added_to_an_unchanged_step_is_seen_by_the_next_scan(
-    tmp_path: Path, later: None
+    tmp_path: Path, later: Callable[[], InfoCache]
 ) -> None:
     root = memo_root(tmp_path)
-    cache = InfoCache()
+    cache = later()
     scan_root(root, cache=cache, memo=True)
     scan_root(root, cache=cache, memo=True)
     (root / "step_2" / "KEEP").touch()
@@ -561,10 +566,10 @@ def test_a_keep_file_added_to_an_unchanged_step_is_seen_by_the_next_scan(
 
 
 def test_a_config_yaml_added_to_an_unchanged_step_is_seen_by_the_next_scan(
-    tmp_path: Path, later: None
+    tmp_path: Path, later: Callable[[], InfoCache]
 ) -> None:
     root = memo_root(tmp_path)
-    cache = InfoCache()
+    cache = later()
     scan_root(root, cache=cache, memo=True)
     (root / "step_3" / "config.yaml").write_text("checkpointing: {}\n")
     scan = scan_root(root, cache=cache, memo=True)
@@ -572,10 +577,10 @@ def test_a_config_yaml_added_to_an_unchanged_step_is_seen_by_the_next_scan(
 
 
 def test_training_info_rewritten_in_place_is_seen_by_the_next_scan(
-    tmp_path: Path, later: None
+    tmp_path: Path, later: Callable[[], InfoCache]
 ) -> None:
     root = memo_root(tmp_path)
-    cache = InfoCache()
+    cache = later()
     scan_root(root, cache=cache, memo=True)
     step = root / "step_1"
     before = os.stat(step)
@@ -595,10 +600,10 @@ def test_training_info_rewritten_in_place_is_seen_by_the_next_scan(
 
 
 def test_training_info_removed_or_replaced_by_a_symlink_is_seen_by_the_next_scan(
-    tmp_path: Path, later: None
+    tmp_path: Path, later: Callable[[], InfoCache]
 ) -> None:
     root = memo_root(tmp_path)
-    cache = InfoCache()
+    cache = later()
     scan_root(root, cache=cache, memo=True)
     (root / "step_1" / "training_info.json").unlink()
     (root / "step_2" / "training_info.json").unlink()
@@ -611,9 +616,11 @@ def test_training_info_removed_or_replaced_by_a_symlink_is_seen_by_the_next_scan
     ]
 
 
-def test_a_step_replaced_under_the_same_name_is_read_again(tmp_path: Path, later: None) -> None:
+def test_a_step_replaced_under_the_same_name_is_read_again(
+    tmp_path: Path, later: Callable[[], InfoCache]
+) -> None:
     root = memo_root(tmp_path)
-    cache = InfoCache()
+    cache = later()
     scan_root(root, cache=cache, memo=True)
     (root / "step_2").rename(tmp_path / "parked")  # keeps the old inode alive
     make_dir(root / "step_2", {"step": 2, "val": 0.77}, "KEEP")
@@ -627,10 +634,10 @@ def test_a_step_replaced_under_the_same_name_is_read_again(tmp_path: Path, later
 
 
 def test_steps_that_appear_and_vanish_are_seen_by_the_next_scan(
-    tmp_path: Path, later: None
+    tmp_path: Path, later: Callable[[], InfoCache]
 ) -> None:
     root = memo_root(tmp_path)
-    cache = InfoCache()
+    cache = later()
     scan_root(root, cache=cache, memo=True)
     (root / "step_1").rename(tmp_path / "gone")
     make_dir(root / "step_4", {"step": 4})
@@ -638,7 +645,7 @@ def test_steps_that_appear_and_vanish_are_seen_by_the_next_scan(
     scan = scan_root(root, cache=cache, memo=True)
     assert [c.step for c in scan.steps] == [2, 3]
     assert scan.ambiguous_steps == frozenset({4})
-    assert set(cache._steps[str(root)]) == {"step_2", "step_3"}
+    assert set(cache.step_memo(str(root))) == {"step_2", "step_3"}
 
 
 def test_a_step_changed_just_now_is_not_taken_from_the_memo(tmp_path: Path) -> None:
@@ -658,7 +665,7 @@ def test_a_change_within_the_same_timestamp_tick_is_not_missed(tmp_path: Path) -
     cache = InfoCache()
     scan_root(root, cache=cache, memo=True)  # made at once after the directory changed
     (root / "step_1" / "KEEP").touch()
-    entry = cache._steps[str(root)]["step_1"]
+    entry = cache.step_memo(str(root))["step_1"]
     st = os.stat(root / "step_1")
     entry.mtime_ns, entry.ctime_ns = st.st_mtime_ns, st.st_ctime_ns
     assert not entry.trusted
@@ -666,34 +673,34 @@ def test_a_change_within_the_same_timestamp_tick_is_not_missed(tmp_path: Path) -
 
 
 def test_a_memo_entry_is_trusted_once_the_step_is_older_than_the_trust_window(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     root = memo_root(tmp_path, steps=1)
     changed = os.stat(root / "step_1").st_ctime_ns
-    cache = InfoCache()
     window = int(scan_mod.MEMO_TRUST_S * 1e9)
-    monkeypatch.setattr(scan_mod, "_now_ns", lambda: changed + window - 1)
+    clock = [changed + window - 1]
+    cache = InfoCache(clock_ns=lambda: clock[0])
     scan_root(root, cache=cache, memo=True)
-    assert not cache._steps[str(root)]["step_1"].trusted
-    monkeypatch.setattr(scan_mod, "_now_ns", lambda: changed + window)
+    assert not cache.step_memo(str(root))["step_1"].trusted
+    clock[0] = changed + window
     scan_root(root, cache=cache, memo=True)
-    assert cache._steps[str(root)]["step_1"].trusted
+    assert cache.step_memo(str(root))["step_1"].trusted
     assert cache.memo_hits == 0
     scan_root(root, cache=cache, memo=True)
     assert cache.memo_hits == 1
 
 
 def test_in_flight_saves_leftovers_and_trash_are_never_memoized(
-    tmp_path: Path, later: None
+    tmp_path: Path, later: Callable[[], InfoCache]
 ) -> None:
     root = memo_root(tmp_path, steps=1)
     make_dir(root / "tmp_step_2", {"step": 2}, "w.pt")
     make_dir(root / "old_step_1", {"step": 1})
     trash_dir(root).mkdir(parents=True)
-    cache = InfoCache()
+    cache = later()
     scan_root(root, cache=cache, memo=True)
     scan_root(root, cache=cache, memo=True)
-    assert set(cache._steps[str(root)]) == {"step_1"}
+    assert set(cache.step_memo(str(root))) == {"step_1"}
     (root / "tmp_step_2" / ".complete").touch()
     (root / "old_step_1" / "KEEP").touch()
     (trash_dir(root) / "1700000000000000000-step_9").mkdir()
@@ -703,10 +710,12 @@ def test_in_flight_saves_leftovers_and_trash_are_never_memoized(
     assert [t.path.name for t in scan.trash] == ["1700000000000000000-step_9"]
 
 
-def test_the_memo_is_kept_per_root_and_dropped_with_it(tmp_path: Path, later: None) -> None:
+def test_the_memo_is_kept_per_root_and_dropped_with_it(
+    tmp_path: Path, later: Callable[[], InfoCache]
+) -> None:
     a, b = memo_root(tmp_path / "a"), memo_root(tmp_path / "b")
     (b / "step_1" / "KEEP").touch()
-    cache = InfoCache()
+    cache = later()
     for _ in range(2):
         assert [c.pinned for c in scan_root(a, cache=cache, memo=True).steps] == [False] * 3
         assert [c.pinned for c in scan_root(b, cache=cache, memo=True).steps] == [True] + [

@@ -11,6 +11,7 @@ zero-argument factory (or an instance) in the entry-point group ``ckptkeeper.lay
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -98,6 +99,11 @@ def get_layout(name: str) -> Layout:
     """The layout called ``name``: built in, or registered in ``ckptkeeper.layouts``."""
     if name in _BUILTIN:
         return _BUILTIN[name]
+    return _registered(name)
+
+
+@functools.cache  # loaded once per process, as importlib keeps the modules it imports
+def _registered(name: str) -> Layout:
     found = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not found:
         known = ", ".join(available_layouts())
