@@ -69,6 +69,10 @@ def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--trash-grace", help="Keep deleted steps in trash this long before removal."),
         click.option("--complete-marker", help="Completion marker file name (default .complete)."),
+        click.option(
+            "--layout",
+            help="How the trainer names its checkpoints (default nemo-rl; see README Layouts).",
+        ),
         click.option("--sweep-interval", help="Full pass of every root this often (e.g. 60s)."),
         click.option(
             "--observer", type=click.Choice(["auto", "inotify", "polling"]), help="Event source."
@@ -93,6 +97,7 @@ _FLAG_KEYS = (
     "stale_after",
     "trash_grace",
     "complete_marker",
+    "layout",
     "sweep_interval",
     "observer",
 )

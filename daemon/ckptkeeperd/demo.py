@@ -57,8 +57,7 @@ def _trainer(root: Path, steps: int, console: Console, done: threading.Event) ->
             (weights / f"shard_{shard}.pt").write_bytes(os.urandom(64 * 1024))
         if step == steps // 2:
             console.print(
-                f"[yellow]trainer[/]: step {step} crashes mid-save "
-                f"(tmp_step_{step} never completes)"
+                f"[yellow]trainer[/]: step {step} crashes mid-save ({path.name} never completes)"
             )
             old = time.time() - 3600
             os.utime(path, (old, old))

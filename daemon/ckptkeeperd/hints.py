@@ -16,6 +16,7 @@ from pathlib import Path
 
 from watchdog import events as ev
 
+from ckptkeeper.layouts import NEMO_RL
 from ckptkeeperd.config import RUN_FILE
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 OWN_AREA = ".ckptkeeper"
-DEFAULT_MARKER = ".complete"
+DEFAULT_MARKER = NEMO_RL.default_marker
 _logger = logging.getLogger(__name__)  # stdlib, only for exceptions raised by callbacks
 
 # What a watch can need (its event_filter). Root: entries coming and going, its own deletion, and

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ckptkeeper.layouts import NEMO_RL
 from ckptkeeper.names import Kind, parse_name
 from ckptkeeper.policy import PolicyError
 from ckptkeeper.scan import MEMO_TRUST_S
@@ -46,6 +47,8 @@ WALK_LIMIT = 1000
 StatKey = tuple[int, ...]  # () when absent
 _TRUST_NS = int(MEMO_TRUST_S * 1e9)
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+CONFIG_FILE = NEMO_RL.config_file  # the run config NeMo-RL writes into each step
 
 
 def stat_key(path: Path, now_ns: int) -> StatKey | None:
@@ -264,7 +267,7 @@ def walk_config_yaml(root: Path, cache: YamlCache, now_ns: int) -> YamlWalk:
     problems: list[str] = []
     looked: list[tuple[str, StatKey | None]] = []
     for name in names[:WALK_LIMIT]:
-        path = root / name / "config.yaml"
+        path = root / name / CONFIG_FILE
         key = stat_key(path, now_ns)
         looked.append((name, key))
         if key == ():
@@ -285,6 +288,6 @@ def walk_unchanged(root: Path, inputs: YamlWalk, now_ns: int) -> bool:
     if root_key is None or stat_key(root, now_ns) != root_key:
         return False
     for name, key in looked:
-        if key is None or stat_key(root / name / "config.yaml", now_ns) != key:
+        if key is None or stat_key(root / name / CONFIG_FILE, now_ns) != key:
             return False
     return True

@@ -269,7 +269,7 @@ def finalize_complete_saves(root: Path, policy: Policy, timeout: float) -> None:
     leftovers.warn()
     if result.status == "busy":
         warnings.warn(
-            f"ckptkeeper: {root} stayed locked for {timeout:g}s; complete tmp_step_N saves "
+            f"ckptkeeper: {root} stayed locked for {timeout:g}s; complete saves "
             "there were not finalized and are not considered by this lookup.",
             stacklevel=4,
         )

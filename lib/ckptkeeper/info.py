@@ -126,11 +126,11 @@ def _read_info(path: Path, cache: InfoCache | None) -> tuple[_InfoResult, _InfoK
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return (None, "no training_info.json"), None
+        return (None, f"no {path.name}"), None
     except OSError as exc:
-        return (None, f"training_info.json unreadable: {_errname(exc)}"), None
+        return (None, f"{path.name} unreadable: {_errname(exc)}"), None
     if not stat.S_ISREG(st.st_mode):
-        return (None, "training_info.json is not a regular file"), None
+        return (None, f"{path.name} is not a regular file"), None
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
     if cache is not None and (hit := cache.get(path, key)) is not None:
         return hit, key
@@ -142,21 +142,21 @@ def _read_info(path: Path, cache: InfoCache | None) -> tuple[_InfoResult, _InfoK
 
 def _parse_info(path: Path, size: int) -> _InfoResult:
     if size > MAX_INFO_BYTES:
-        return None, f"training_info.json too large ({size} bytes > {MAX_INFO_BYTES})"
+        return None, f"{path.name} too large ({size} bytes > {MAX_INFO_BYTES})"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as fh:
             raw = fh.read(MAX_INFO_BYTES + 1)
     except OSError as exc:
-        return None, f"training_info.json unreadable: {_errname(exc)}"
+        return None, f"{path.name} unreadable: {_errname(exc)}"
     if len(raw) > MAX_INFO_BYTES:
-        return None, f"training_info.json too large (> {MAX_INFO_BYTES} bytes)"
+        return None, f"{path.name} too large (> {MAX_INFO_BYTES} bytes)"
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        return None, f"training_info.json is not valid JSON: {str(exc)[:80]}"
+        return None, f"{path.name} is not valid JSON: {str(exc)[:80]}"
     if not isinstance(data, dict):
-        return None, f"training_info.json is not a JSON object ({type(data).__name__})"
+        return None, f"{path.name} is not a JSON object ({type(data).__name__})"
     return data, None
 
 

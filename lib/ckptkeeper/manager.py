@@ -122,7 +122,7 @@ def _tmp_dir(checkpoint_path: PathLike) -> Path:
     path = Path(checkpoint_path)
     parsed = NEMO_RL.parse(path.name)
     if parsed is None or parsed.kind is not Kind.TMP:
-        raise ValueError(f"not a tmp_step_<N> checkpoint directory: {path}")
+        raise ValueError(f"not a save directory ({NEMO_RL.glob(Kind.TMP)}): {path}")
     return path
 
 
@@ -190,7 +190,7 @@ class CheckpointManager:
         with open(save_dir / INFO_FILE, "w") as fh:
             json.dump(compat.plain_training_info(training_info), fh)
         if run_config is not None:
-            with open(save_dir / "config.yaml", "w") as fh:
+            with open(save_dir / NEMO_RL.config_file, "w") as fh:
                 yaml.safe_dump(compat.run_config_data(run_config), fh)
         return Path(os.path.abspath(save_dir))
 

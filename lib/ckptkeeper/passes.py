@@ -100,7 +100,8 @@ def locked_pass(
         )
         result.scan = select(scan) if select is not None else scan
         result.plan = plan(result.scan, policy, now)
-        todo = Plan(root, policy, now, result.plan.by_action(*(set(actions) & APPLIED)))
+        chosen = result.plan.by_action(*(set(actions) & APPLIED))
+        todo = Plan(root, policy, now, chosen, result.plan.layout)
         result.outcomes = apply_plan(todo, storage=store, on_outcome=on_outcome)
     finally:
         lock.release()

@@ -159,7 +159,7 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
         else:
             decisions.append(_unmarked(tmp, policy, now))
 
-    decisions.extend(_retention(list(projected.values()), policy))
+    decisions.extend(_retention(list(projected.values()), policy, scan.layout))
 
     for entry in scan.trash:
         age = max(now - entry.trashed_at, 0.0)  # a skewed clock on another host: not negative
@@ -252,21 +252,21 @@ def _unmarked(tmp: InFlight, policy: Policy, now: float) -> Decision:
     return Decision(tmp.step, tmp.path, Action.WAIT, (f"in flight: last write {_since(idle)}",))
 
 
-def _retention(checkpoints: list[Checkpoint], policy: Policy) -> list[Decision]:
+def _retention(checkpoints: list[Checkpoint], policy: Policy, layout: Layout) -> list[Decision]:
     participants = [c for c in checkpoints if c.info is not None]
     out: list[Decision] = []
     for c in checkpoints:
         if c.info is None:
             unusable = (
-                c.info_error or "training_info.json unusable",
+                c.info_error or "metrics file unusable",
                 "kept: not ranked without it",
             )
-            reasons = (("pinned (KEEP file)",) if c.pinned else ()) + unusable
+            reasons = ((f"pinned ({layout.pin_file} file)",) if c.pinned else ()) + unusable
             out.append(Decision(c.step, c.path, Action.KEEP, reasons, c.identity))
 
     kept: dict[int, list[str]] = {c.step: [] for c in participants}
     dropped: dict[int, list[str]] = {c.step: [] for c in participants}
-    for rule in rules_for(policy):
+    for rule in rules_for(policy, layout):
         verdicts = rule(participants)
         for step, why in verdicts.kept.items():
             kept[step].append(why)

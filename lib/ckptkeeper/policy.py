@@ -303,8 +303,11 @@ class KeepEveryN:
 
 @dataclass(frozen=True, slots=True)
 class KeepPinned:
+    pin_file: str = NEMO_RL.pin_file
+
     def __call__(self, checkpoints: Sequence[Checkpoint]) -> Verdicts:
-        return Verdicts({c.step: "pinned (KEEP file)" for c in checkpoints if c.pinned}, {})
+        why = f"pinned ({self.pin_file} file)"
+        return Verdicts({c.step: why for c in checkpoints if c.pinned}, {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,8 +323,8 @@ class KeepUnranked:
         return Verdicts(kept, {})
 
 
-def rules_for(policy: Policy) -> tuple[Rule, ...]:
-    rules: list[Rule] = [KeepPinned()]
+def rules_for(policy: Policy, layout: Layout = NEMO_RL) -> tuple[Rule, ...]:
+    rules: list[Rule] = [KeepPinned(layout.pin_file)]
     if policy.keep_latest:
         rules.append(KeepLatest())
     if policy.keep_top_k is not None:
