@@ -29,6 +29,7 @@ from typing import Any, Literal, Self, get_args
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from ckptkeeper.errors import strerror
 from ckptkeeper.policy import Policy, PolicyError, parse_duration
 
 __all__ = [
@@ -275,7 +276,7 @@ def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
     try:
         text = source.read_bytes().decode("utf-8")
     except OSError as exc:
-        why = f"cannot read config file: {exc.strerror or exc}"
+        why = f"cannot read config file: {strerror(exc)}"
         raise ConfigError(name, [(None, why)]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(name, [(None, f"not valid UTF-8 (byte {exc.start})")]) from None

@@ -18,7 +18,6 @@ uses the settings as they are then. Each plan uses one policy for its scan and i
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading
@@ -41,11 +40,13 @@ from ckptkeeper import (
     plan,
     scan_root,
 )
+from ckptkeeper.errors import errno_name, strerror
 from ckptkeeper.layouts import get_layout
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.plan import Decision
 
 from .logs import ProblemLog, emit, get_logger
+from .problems import problems_of
 
 __all__ = ["EVENT_FOR", "PolicySource", "Report", "preview", "reconcile"]
 
@@ -94,7 +95,7 @@ def _check_root(root: Path) -> str | None:
     except FileNotFoundError:
         return "root does not exist"
     except OSError as exc:
-        return f"cannot stat root: {errno.errorcode.get(exc.errno or 0, exc)}"
+        return f"cannot stat root: {errno_name(exc)}"
     if stat.S_ISLNK(st.st_mode):
         return "root is a symlink: not followed"
     if not stat.S_ISDIR(st.st_mode):
@@ -153,7 +154,7 @@ def _scan_and_plan(
         )
     except OSError as exc:
         report.status = "error"
-        report.problems.append(f"cannot list root: {errno.errorcode.get(exc.errno or 0, exc)}")
+        report.problems.append(f"cannot list root: {errno_name(exc)}")
         return False
     report.scan = scan
     if memo and cache is not None:
@@ -168,67 +169,7 @@ def _report_problems(report: Report, log: Any, problems: ProblemLog | None) -> N
     every pass is logged once, and again only after it went away and came back."""
     if report.status == "busy":
         return  # nothing was looked at: what was wrong before still is, as far as we know
-    current: dict[tuple[str, str], dict[str, Any]] = {}
-    if report.status == "error":
-        for why in report.problems:
-            current[(str(report.root), why)] = {"event": "root_problem", "reason": why}
-    if report.scan is not None:
-        for a in report.scan.anomalies:
-            current[(str(a.path), a.reason)] = {
-                "event": "ignored",
-                "step": a.step,
-                "path": str(a.path),
-                "reason": a.reason,
-            }
-        for c in report.scan.steps:
-            if c.info_error is not None:
-                current[(str(c.path), c.info_error)] = {
-                    "event": "unranked",
-                    "step": c.step,
-                    "path": str(c.path),
-                    "reason": f"{c.info_error}; kept",
-                }
-    if report.plan is not None:  # held back until someone acts: keyed by the stable reasons[0]
-        for d in report.plan.decisions:
-            if d.blocked is not None:
-                current[(str(d.path), d.reasons[0])] = {
-                    "event": "skipped",
-                    "action": d.blocked.value,
-                    "step": d.step,
-                    "path": str(d.path),
-                    "reason": "; ".join(d.reasons),
-                }
-    if report.plan is not None and report.plan.policy.metric_name:
-        for d in report.plan.by_action(Action.KEEP):
-            if isinstance(d.metric, str) and (str(d.path), d.metric) not in current:
-                current[(str(d.path), d.metric)] = {
-                    "event": "unranked",
-                    "step": d.step,
-                    "path": str(d.path),
-                    "reason": f"{d.metric}: ranked last; kept ({'; '.join(d.reasons)})",
-                }
-    for o in report.outcomes:
-        if not o.ok:
-            d = o.decision
-            current[(str(d.path), o.errno_name or o.detail)] = {
-                "event": "action_failed",
-                "level": "error",
-                "action": d.action.value,
-                "step": d.step,
-                "path": str(d.path),
-                "errno": o.errno_name,
-                "error": o.detail,
-                "reason": "; ".join(d.reasons),
-            }
-    for path, removal in report.removed:
-        if removal.left:
-            current[(str(path), removal.left[0][1])] = {
-                "event": "removal_incomplete",
-                "path": str(path),
-                "left": len(removal.left),
-                "reason": "; ".join(f"{p}: {why}" for p, why in removal.left[:5]),
-                "bytes": removal.bytes,
-            }
+    current = problems_of(report)
     if problems is None:
         for fields in current.values():
             emit(log, fields)
@@ -284,8 +225,8 @@ def reconcile(
         )
     except OSError as exc:  # e.g. the root vanished or turned read-only mid-pass
         report.status = "error"
-        name = errno.errorcode.get(exc.errno or 0, "OSError")
-        report.problems.append(f"{name}: {exc.strerror or exc} ({exc.filename})")
+        name = errno_name(exc)
+        report.problems.append(f"{name}: {strerror(exc)} ({exc.filename})")
     _report_problems(report, log, problems)
     report.duration_ms = (time.perf_counter() - started) * 1000
     return report

@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ckptkeeper.errors import strerror
 from ckptkeeper.names import parse_name
 from ckptkeeper.policy import PolicyError
 from ckptkeeper.scan import CKPTKEEPER_DIR
@@ -334,5 +335,5 @@ def _holds_checkpoints(directory: Path, problems: list[str]) -> bool:
         with os.scandir(directory) as it:
             return any(parse_name(entry.name) is not None for entry in it)
     except OSError as exc:
-        problems.append(f"{directory}: not examined: {exc.strerror}")
+        problems.append(f"{directory}: not examined: {strerror(exc)}")
         return False

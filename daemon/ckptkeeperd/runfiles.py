@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ckptkeeper.errors import strerror
 from ckptkeeper.layouts import NEMO_RL
 from ckptkeeper.names import Kind, parse_name
 from ckptkeeper.policy import PolicyError
@@ -81,7 +82,7 @@ def _read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result] | _Unu
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return _Unusable("a symlink, not a regular file")
-        return _Unusable(f"cannot read: {exc.strerror}", _beside_searchable(path))
+        return _Unusable(f"cannot read: {strerror(exc)}", _beside_searchable(path))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -89,7 +90,7 @@ def _read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result] | _Unu
         with open(fd, "rb", closefd=False) as fh:
             raw = fh.read(limit + 1)
     except OSError as exc:
-        return _Unusable(f"cannot read: {exc.strerror}")
+        return _Unusable(f"cannot read: {strerror(exc)}")
     finally:
         os.close(fd)
     if len(raw) > limit:

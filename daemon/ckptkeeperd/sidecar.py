@@ -23,6 +23,8 @@ from concurrent.futures import Executor, Future, wait
 from pathlib import Path
 from typing import Any
 
+from ckptkeeper.errors import strerror
+
 from .reconcile import Report
 
 __all__ = ["FINAL_LOCK_WAIT", "FINAL_PASS_INCOMPLETE", "FinalPass", "Sidecar", "SidecarError"]
@@ -63,7 +65,7 @@ class Sidecar:
             why = "No such file or directory" if os.sep in cmd[0] else "command not found"
             raise SidecarError(f"{cmd[0]}: {why}", 127) from exc
         except OSError as exc:  # EACCES (no x bit, a directory), ENOEXEC, ...
-            raise SidecarError(f"{cmd[0]}: {exc.strerror or exc}", 126) from exc
+            raise SidecarError(f"{cmd[0]}: {strerror(exc)}", 126) from exc
         # Our unreaped child: its pid cannot be reused before we wait for it.
         return cls(trainer.pid, os.pidfd_open(trainer.pid), trainer)
 
@@ -74,7 +76,7 @@ class Sidecar:
         except ProcessLookupError:
             raise SidecarError(f"--watch-pid {pid}: no such process", 2) from None
         except OSError as exc:
-            raise SidecarError(f"--watch-pid {pid}: {exc.strerror or exc}", 2) from None
+            raise SidecarError(f"--watch-pid {pid}: {strerror(exc)}", 2) from None
         return cls(pid, pidfd, None)
 
     def fileno(self) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .effects import OS_FS, Fs
+from .errors import errno_name, strerror
 from .names import Kind
 from .plan import APPLIED, Action, Decision, Plan
 from .storage import PosixStorage, Storage, purge_trash
@@ -79,12 +80,12 @@ def apply_plan(
             outcome = Outcome(decision, "skipped", str(skip))
         except FileNotFoundError as exc:
             if moved or store.lstat(decision.path) is not None:  # ENOENT for something else
-                outcome = Outcome(decision, "failed", f"{exc.strerror} ({exc.filename})", "ENOENT")
+                outcome = Outcome(decision, "failed", f"{strerror(exc)} ({exc.filename})", "ENOENT")
             else:  # someone else already did it: a lost race is success
                 outcome = Outcome(decision, "gone", f"already gone: {exc.filename}", "ENOENT")
         except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, "OSError")
-            outcome = Outcome(decision, "failed", f"{exc.strerror or exc} ({exc.filename})", name)
+            detail = f"{strerror(exc)} ({exc.filename})"
+            outcome = Outcome(decision, "failed", detail, errno_name(exc))
         outcome = _timed(outcome, started)
         outcomes.append(outcome)
         if on_outcome is not None:

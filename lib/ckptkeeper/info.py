@@ -4,7 +4,6 @@ look inside no unchanged step directory (see `scan.scan_root`). Reads only, neve
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -14,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import errno_text
 from .layouts.nemo_rl import NEMO_RL
 from .records import Checkpoint
 
@@ -128,7 +128,7 @@ def _read_info(path: Path, cache: InfoCache | None) -> tuple[_InfoResult, _InfoK
     except FileNotFoundError:
         return (None, f"no {path.name}"), None
     except OSError as exc:
-        return (None, f"{path.name} unreadable: {_errname(exc)}"), None
+        return (None, f"{path.name} unreadable: {errno_text(exc)}"), None
     if not stat.S_ISREG(st.st_mode):
         return (None, f"{path.name} is not a regular file"), None
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -148,7 +148,7 @@ def _parse_info(path: Path, size: int) -> _InfoResult:
         with os.fdopen(fd, "rb") as fh:
             raw = fh.read(MAX_INFO_BYTES + 1)
     except OSError as exc:
-        return None, f"{path.name} unreadable: {_errname(exc)}"
+        return None, f"{path.name} unreadable: {errno_text(exc)}"
     if len(raw) > MAX_INFO_BYTES:
         return None, f"{path.name} too large (> {MAX_INFO_BYTES} bytes)"
     try:
@@ -158,8 +158,3 @@ def _parse_info(path: Path, size: int) -> _InfoResult:
     if not isinstance(data, dict):
         return None, f"{path.name} is not a JSON object ({type(data).__name__})"
     return data, None
-
-
-def _errname(exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno or 0, "error")
-    return f"{name} ({exc.strerror})" if exc.strerror else name

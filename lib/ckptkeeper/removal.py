@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .dirfd import DIR_FLAGS, mount_points_below
 from .effects import OS_FS, Fs
+from .errors import errno_text
 
 __all__ = ["MOUNTED", "Removal", "remove_tree"]
 
@@ -266,7 +267,7 @@ class _Remover:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a symlink or a file
                     self.unlink(node.parent_fd, node.name, node.path)
                 else:
-                    self.result.leave(node.path, _errtext(exc))
+                    self.result.leave(node.path, errno_text(exc))
                 return
             opened = True
             if self.dev >= 0 and os.fstat(node.fd).st_dev != self.dev:
@@ -300,7 +301,7 @@ class _Remover:
                 # journals its inode table in order (some 5 % less kernel time per file).
                 entries = sorted(it, key=lambda entry: entry.inode())
         except OSError as exc:
-            self.result.leave(node.path, _errtext(exc))
+            self.result.leave(node.path, errno_text(exc))
             return
         unlink, cancel, count_bytes, ops = self.fs.unlink, self.cancel, self.count_bytes, self.ops
         mounts = self.mounts
@@ -351,7 +352,7 @@ class _Remover:
             except OSError as again:
                 exc = again
         if exc.errno != errno.ENOENT:  # already gone: someone else removed it, fine
-            self.result.leave(shown, _errtext(exc))
+            self.result.leave(shown, errno_text(exc))
         return False
 
     def rmdir(self, node: _Node) -> None:
@@ -374,7 +375,7 @@ class _Remover:
                         self.result.leave(node.path, "cancelled")
                         return
                     if exc.errno != errno.ENOTEMPTY or attempt or not self.clear_nfs(node):
-                        self.result.leave(node.path, _errtext(exc))
+                        self.result.leave(node.path, errno_text(exc))
                         return
         except BaseException as exc:
             self.failed(node.path, exc)
@@ -437,7 +438,7 @@ def remove_tree(
     try:
         parent_fd = os.open(path.parent, DIR_FLAGS) if parent_fd is None else os.dup(parent_fd)
     except OSError as exc:
-        result.leave(str(path), _errtext(exc))
+        result.leave(str(path), errno_text(exc))
         return result
     remover = _Remover(result, fs, busy_retries, cancel, count_bytes)
     safe_to_close = True
@@ -447,7 +448,7 @@ def remove_tree(
         except FileNotFoundError:
             return result
         except OSError as exc:
-            result.leave(str(path), _errtext(exc))
+            result.leave(str(path), errno_text(exc))
             return result
         if not stat.S_ISDIR(st.st_mode):
             remover.unlink(parent_fd, path.name, str(path), st.st_size if count_bytes else 0)
@@ -465,8 +466,3 @@ def remove_tree(
         if safe_to_close or remover.finished:
             os.close(parent_fd)
     return result
-
-
-def _errtext(exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno or 0, "error")
-    return f"{name}: {exc.strerror}" if exc.strerror else name

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .dirfd import DIR_FLAGS, open_below
+from .errors import errno_text, strerror
 from .info import (
     INFO_FILE,
     MAX_INFO_BYTES,
     MEMO_TRUST_S,
     InfoCache,
-    _errname,
     _read_info,
     _StepMemo,
     read_training_info,
@@ -111,13 +111,13 @@ def probe_writer_lock(directory: Path, lock_file: str = WRITER_LOCK) -> LockProb
     except OSError as exc:
         if exc.errno in _NO_LOCK:
             return LockProbe(False)
-        return LockProbe(True, _strerror(exc))
+        return LockProbe(True, strerror(exc))
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return LockProbe(True)
     except OSError as exc:
-        return LockProbe(True, _strerror(exc))
+        return LockProbe(True, strerror(exc))
     finally:
         os.close(fd)  # closing releases our probe lock
     return LockProbe(False)
@@ -126,10 +126,6 @@ def probe_writer_lock(directory: Path, lock_file: str = WRITER_LOCK) -> LockProb
 def writer_lock_held(directory: Path, lock_file: str = WRITER_LOCK) -> bool:
     """True when the writer lock is held, or may be (see `probe_writer_lock`)."""
     return probe_writer_lock(directory, lock_file).held
-
-
-def _strerror(exc: OSError) -> str:
-    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def newest_mtime(directory: Path, stop_above: float | None = None) -> float:
@@ -238,7 +234,7 @@ class _Scanner:
             try:
                 st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
             except OSError as exc:
-                self.odd(name, f"cannot stat: {_errname(exc)}", step)
+                self.odd(name, f"cannot stat: {errno_text(exc)}", step)
                 continue
             if order == _STEP:
                 self.steps.append(self.checkpoint(root_fd, name, step, st))
@@ -267,7 +263,7 @@ class _Scanner:
                         continue
                     odd = "symlink: not followed" if entry.is_symlink() else "not a directory"
                 except OSError as exc:
-                    odd = f"cannot stat: {_errname(exc)}"
+                    odd = f"cannot stat: {errno_text(exc)}"
                 self.odd(name, odd, step)
         return groups
 
@@ -399,7 +395,7 @@ def _scan_trash(root: Path, anomalies: list[Anomaly], root_fd: int | None) -> li
         )
         return []
     except OSError as exc:
-        anomalies.append(Anomaly(trash_dir(root), f"cannot list trash: {_errname(exc)}"))
+        anomalies.append(Anomaly(trash_dir(root), f"cannot list trash: {errno_text(exc)}"))
         return []
     finally:
         if fd >= 0:

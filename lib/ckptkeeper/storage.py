@@ -9,13 +9,13 @@ hook, so tests wrap `Fs` exactly as before.
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from pathlib import Path
 from typing import Protocol
 
 from .effects import OS_FS, Fs, RootLock, fsync_dir, move_to_trash, open_area
+from .errors import errno_text
 from .layouts import NEMO_RL, Layout
 from .records import RootScan
 from .removal import Removal, remove_tree
@@ -194,6 +194,5 @@ def purge_trash(
 
 def _refused(trash: Path, exc: OSError) -> Removal:
     refused = Removal()
-    name = errno.errorcode.get(exc.errno or 0, "OSError")
-    refused.leave(str(trash), f"{name}: {exc.strerror or exc}")
+    refused.leave(str(trash), errno_text(exc))
     return refused
