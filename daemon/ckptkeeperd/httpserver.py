@@ -13,13 +13,15 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from .address import parse_address
 
 __all__ = ["Endpoint", "open_endpoint", "serve"]
 
 Page = Callable[[], bytes]
+#: The classic text format: every name we export is valid in it, and every scraper reads it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Server(ThreadingHTTPServer):
@@ -43,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+                self._send(200, CONTENT_TYPE, generate_latest(self.server.registry))
             elif path == "/" and self.server.page is not None:
                 self._send(200, "text/html; charset=utf-8", self.server.page())
             elif path == "/":
