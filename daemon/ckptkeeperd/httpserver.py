@@ -1,8 +1,9 @@
 """The daemon's HTTP endpoint: ``GET /metrics`` (Prometheus text format) and ``GET /`` (a page).
 
-``serve(address, registry, page)`` binds ``host:port`` (`address.parse_address`) and answers on a
-thread of its own until `Endpoint.close`. ``page`` renders ``GET /`` (HTML bytes) at each request;
-without one, ``/`` says where the metrics are. Nothing else is served (404), nothing is written.
+``serve(address, metrics, page)`` binds ``host:port`` (`address.parse_address`) and answers on a
+thread of its own until `Endpoint.close`. ``metrics`` renders the text format (e.g.
+`KeeperMetrics.render`) and ``page`` the HTML of ``GET /``, both at each request; without a page,
+``/`` says where the metrics are. Nothing else is served (404), nothing is written.
 """
 
 from __future__ import annotations
@@ -13,21 +14,18 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-
 from .address import parse_address
+from .exposition import CONTENT_TYPE
 
 __all__ = ["Endpoint", "open_endpoint", "serve"]
 
 Page = Callable[[], bytes]
-#: The classic text format: every name we export is valid in it, and every scraper reads it.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
-    registry: CollectorRegistry
+    metrics: Page
     page: Page | None
     log: Any
 
@@ -45,7 +43,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE, generate_latest(self.server.registry))
+                self._send(200, CONTENT_TYPE, self.server.metrics())
             elif path == "/" and self.server.page is not None:
                 self._send(200, "text/html; charset=utf-8", self.server.page())
             elif path == "/":
@@ -93,12 +91,12 @@ class Endpoint:
 
 def serve(
     address: str,
-    registry: CollectorRegistry,
+    metrics: Page,
     page: Page | None = None,
     *,
     log: Any = None,
 ) -> Endpoint:
-    """Serve ``registry`` on ``address`` (``"host:port"``); ``page`` answers ``GET /``.
+    """Serve ``metrics()`` on ``address`` (``"host:port"``); ``page()`` answers ``GET /``.
 
     Raises ValueError for a malformed address, OSError when it cannot be bound."""
     parsed = parse_address(address)
@@ -107,19 +105,17 @@ def serve(
     host, port = parsed
     kind = _V6Server if ":" in host else _Server
     server = kind((host, port), _Handler)
-    server.registry, server.page, server.log = registry, page, log
+    server.metrics, server.page, server.log = metrics, page, log
     return Endpoint(server)
 
 
-def open_endpoint(
-    address: str, registry: CollectorRegistry, page: Page | None, log: Any
-) -> Endpoint | None:
+def open_endpoint(address: str, metrics: Page, page: Page | None, log: Any) -> Endpoint | None:
     """`serve` for the daemon: None when turned off (``""``) or when the address cannot be bound
     (logged as ``metrics_unavailable``: the keeper keeps checkpoints without it)."""
     if not address:
         return None
     try:
-        endpoint = serve(address, registry, page, log=log)
+        endpoint = serve(address, metrics, page, log=log)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         log.warning("metrics_unavailable", address=address, reason=reason)

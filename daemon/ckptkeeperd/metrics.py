@@ -24,17 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.metrics_core import Metric
 
 import ckptkeeper
 from ckptkeeper import Action, Outcome
 from ckptkeeper.names import step_name
 
+from .exposition import Family, Labels, render, to_metric
 from .reconcile import Report
 
 __all__ = [
@@ -85,13 +81,17 @@ class Histogram:
             self.counts[bisect.bisect_left(self.bounds, value)] += 1
             self.sum += value
 
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+    def family(self, name: str, doc: str) -> Family:
+        out = Family(name, "histogram", doc)
         with self._lock:
-            total, buckets = 0.0, []
+            total = 0.0
             for bound, n in zip(self.bounds, self.counts, strict=True):
                 total += n
-                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
-            return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+                le = "+Inf" if bound == float("inf") else repr(float(bound))
+                out.add((("le", le),), total, "_bucket")
+            out.add((), total, "_count")
+            out.add((), self.sum, "_sum")
+        return out
 
     def seed(self, cumulative: Mapping[float, float], total: float) -> None:
         """Add a previous run's buckets (``le`` -> cumulative count) when the bounds are ours."""
@@ -209,77 +209,87 @@ class KeeperMetrics:
         return []  # families are built at collect time; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
+        """For a prometheus_client registry (``generate_latest``); `render` is the fast way."""
+        return iter([to_metric(f) for f in self.families()])
+
+    def render(self) -> bytes:
+        """The text format of every family (what ``GET /metrics`` and the text file hold)."""
+        return render(self.families())
+
+    def families(self) -> list[Family]:
         now = self.clock()
         with self._lock:
             roots = {str(p): r for p, r in sorted(self._roots.items())}
-            retired = self._retired
-            yield from self._per_root(roots, retired, now)
-        yield self.pass_duration.family(
-            PREFIX + "pass_duration_seconds", "Duration of one pass over one root."
+            out = self._per_root(roots, self._retired, now)
+        out.append(
+            self.pass_duration.family(
+                PREFIX + "pass_duration_seconds", "Duration of one pass over one root."
+            )
         )
-        yield self.finalize_latency.family(
-            PREFIX + "finalize_latency_seconds",
-            "From a save's completion marker (its mtime) to its step_N being visible.",
+        out.append(
+            self.finalize_latency.family(
+                PREFIX + "finalize_latency_seconds",
+                "From a save's completion marker (its mtime) to its step_N being visible.",
+            )
         )
-        info = GaugeMetricFamily(
-            PREFIX + "build_info", "The running ckptkeeper's version.", labels=["version"]
-        )
-        info.add_metric([self.version], 1)
-        yield info
+        info = Family(PREFIX + "build_info", "gauge", "The running ckptkeeper's version.")
+        info.add((("version", self.version),), 1)
+        out.append(info)
+        return out
 
-    def _per_root(self, roots: dict[str, _Root], retired: _Root, now: float) -> Iterator[Metric]:
-        by_root = self.root_labels
-        lab = ["root"] if by_root else []
+    def _per_root(self, roots: dict[str, _Root], retired: _Root, now: float) -> list[Family]:
+        def gauge(name: str, doc: str) -> Family:
+            return Family(PREFIX + name, "gauge", doc)
 
-        def gauge(name: str, doc: str, *extra: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(PREFIX + name, doc, labels=[*lab, *extra])
+        def counter(name: str, doc: str) -> Family:
+            return Family(PREFIX + name, "counter", doc)
 
-        def counter(name: str, doc: str, *extra: str) -> CounterMetricFamily:
-            return CounterMetricFamily(PREFIX + name, doc, labels=[*lab, *extra])
-
-        ckpt = gauge("checkpoints", "Checkpoint-named entries by state.", "state")
-        acts = counter("actions", "Actions done.", "action")
-        fails = counter("action_failures", "Actions that failed.", "action")
+        ckpt = gauge("checkpoints", "Checkpoint-named entries by state.")
+        acts = counter("actions", "Actions done.")
+        fails = counter("action_failures", "Actions that failed.")
         freed = counter("freed_bytes", "Bytes removed from trash.")
         last = gauge("last_pass_timestamp_seconds", "End of the last full pass.")
         age = gauge("oldest_in_flight_age_seconds", "Age of the oldest save in flight.")
         paused = gauge("deletions_paused", "1: a run's ckptkeeper.toml is invalid.")
         free = gauge("filesystem_free_bytes", "Free bytes (statvfs f_bavail).")
         size = gauge("filesystem_size_bytes", "Size of the root's filesystem.")
-        if by_root:
+        if self.root_labels:
             for name, r in roots.items():
+                at: Labels = (("root", name),)
                 for state in STATES:
-                    ckpt.add_metric([name, state], r.checkpoints.get(state, 0))
+                    ckpt.add((*at, ("state", state)), r.checkpoints.get(state, 0))
                 for action in ACTIONS:
-                    acts.add_metric([name, action], r.actions.get(action, 0))
-                    fails.add_metric([name, action], r.failures.get(action, 0))
-                freed.add_metric([name], r.freed)
+                    acts.add((*at, ("action", action)), r.actions.get(action, 0))
+                    fails.add((*at, ("action", action)), r.failures.get(action, 0))
+                freed.add(at, r.freed)
                 if r.last_pass is not None:
-                    last.add_metric([name], r.last_pass)
-                age.add_metric([name], _age(r, now))
-                paused.add_metric([name], int(r.paused))
+                    last.add(at, r.last_pass)
+                age.add(at, _age(r, now))
+                paused.add(at, int(r.paused))
                 if r.fs is not None:
-                    free.add_metric([name], r.fs[1])
-                    size.add_metric([name], r.fs[2])
+                    free.add(at, r.fs[1])
+                    size.add(at, r.fs[2])
         else:
             everyone = [*roots.values(), retired]
             for state in STATES:
-                ckpt.add_metric([state], sum(r.checkpoints.get(state, 0) for r in roots.values()))
+                ckpt.add(
+                    (("state", state),), sum(r.checkpoints.get(state, 0) for r in roots.values())
+                )
             for action in ACTIONS:
-                acts.add_metric([action], sum(r.actions.get(action, 0) for r in everyone))
-                fails.add_metric([action], sum(r.failures.get(action, 0) for r in everyone))
-            freed.add_metric([], sum(r.freed for r in everyone))
+                acts.add((("action", action),), sum(r.actions.get(action, 0) for r in everyone))
+                fails.add((("action", action),), sum(r.failures.get(action, 0) for r in everyone))
+            freed.add((), sum(r.freed for r in everyone))
             passes = [r.last_pass for r in roots.values() if r.last_pass is not None]
             if passes:
-                last.add_metric([], min(passes))
-            age.add_metric([], max((_age(r, now) for r in roots.values()), default=0.0))
-            paused.add_metric([], sum(int(r.paused) for r in roots.values()))
+                last.add((), min(passes))
+            age.add((), max((_age(r, now) for r in roots.values()), default=0.0))
+            paused.add((), sum(int(r.paused) for r in roots.values()))
             filesystems = [r.fs for r in roots.values() if r.fs is not None]
             if filesystems:
                 tightest = min(filesystems, key=lambda f: f[1])
-                free.add_metric([], tightest[1])
-                size.add_metric([], tightest[2])
-        yield from (ckpt, acts, fails, freed, last, age, paused, free, size)
+                free.add((), tightest[1])
+                size.add((), tightest[2])
+        return [ckpt, acts, fails, freed, last, age, paused, free, size]
 
 
 def _add(into: dict[str, float], more: Mapping[str, float]) -> None:

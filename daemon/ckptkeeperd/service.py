@@ -415,7 +415,7 @@ class Keeper:
 
     def _open_http(self) -> None:
         address = self.config.daemon.metrics_address
-        self._http = open_endpoint(address, self.metrics.registry, self.page, self.log)
+        self._http = open_endpoint(address, self.metrics.render, self.page, self.log)
 
     def _close_http(self) -> None:
         if self._http is not None:

@@ -17,7 +17,6 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .config import DaemonConfig
@@ -33,7 +32,7 @@ MAX_PREVIOUS_BYTES = 16 * 1024 * 1024
 def write_textfile(metrics: KeeperMetrics, path: Path) -> None:
     """Write ``metrics`` to ``path`` atomically (mode 0644: the collector may be another user)."""
     path = Path(path)
-    body = generate_latest(metrics.registry)
+    body = metrics.render()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -204,8 +204,24 @@ def test_sweep_metrics_file_from_the_command_line(tmp_path: Path) -> None:
     proc = subprocess.run([*args, "--metrics-file", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
-    assert f'ckptkeeper_actions_total{{action="finalize",root="{root}"}} 3.0' in text
-    assert f'ckptkeeper_checkpoints{{root="{root}",state="kept"}} 2.0' in text
+    found = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert (
+        found[
+            (
+                "ckptkeeper_actions_total",
+                frozenset({"root": str(root), "action": "finalize"}.items()),
+            )
+        ]
+        == 3
+    )
+    assert (
+        found[("ckptkeeper_checkpoints", frozenset({"root": str(root), "state": "kept"}.items()))]
+        == 2
+    )
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool (Debian's prometheus) is not installed: format not linted")
@@ -258,3 +274,32 @@ def test_run_rejects_a_bad_metrics_address_flag(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "--metrics-address" in proc.stderr and "host:port" in proc.stderr
+
+
+@pytest.mark.parametrize("root_labels", [True, False])
+def test_fast_render_is_the_same_text_as_prometheus_client(
+    tmp_path: Path, root_labels: bool
+) -> None:
+    metrics = KeeperMetrics(root_labels=root_labels)
+    odd = tmp_path / 'a "quoted"\\back\nslash run'  # label values that need escaping
+    for root in (tmp_path / "plain", odd):
+        write_checkpoint(root, 1, {"r": 1.0})
+        write_checkpoint(root, 2, {"r": 2.0})
+        one_pass(metrics, root)
+    ours = metrics.render().decode()
+    reference = generate_latest(metrics.registry).decode()
+
+    def parsed(text: str) -> list[tuple[str, str, frozenset[tuple[str, str]], float]]:
+        return sorted(
+            (f.type, s.name, frozenset(s.labels.items()), s.value)
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        )
+
+    assert parsed(ours) == parsed(reference)
+    assert len(parsed(ours)) > 40
+    if root_labels:
+        assert (
+            "ckptkeeper_freed_bytes_total",
+            frozenset({("root", str(odd))}),
+        ) in samples(metrics)
