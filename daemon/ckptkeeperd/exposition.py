@@ -8,7 +8,6 @@ feeds a prometheus_client registry, and a test checks the two texts parse to the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -43,26 +42,19 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(float(value))
-
-
 def render(families: list[Family]) -> bytes:
     out: list[str] = []
     for f in families:
         head = f.name + ("_total" if f.kind == "counter" else "")
         doc = f.doc.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {head} {doc}\n# TYPE {head} {f.kind}\n")
+        # float's repr ("1.0", "1e+20", "inf", "nan") is what Prometheus' parsers read.
         for suffix, labels, value in f.samples:
             if labels:
                 text = ",".join([f'{k}="{_escape(v)}"' for k, v in labels])
-                out.append(f"{f.name}{suffix}{{{text}}} {_number(value)}\n")
+                out.append(f"{f.name}{suffix}{{{text}}} {float(value)!r}\n")
             else:
-                out.append(f"{f.name}{suffix} {_number(value)}\n")
+                out.append(f"{f.name}{suffix} {float(value)!r}\n")
     return "".join(out).encode()
 
 
