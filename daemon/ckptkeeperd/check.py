@@ -12,7 +12,7 @@ settings. Exit codes and output follow the Nagios/Icinga plugin convention: 0 OK
 | a root that does not exist, is not a directory, or cannot be listed | CRITICAL |
 | a root the probe is not permitted to read (EACCES/EPERM: it cannot judge) | UNKNOWN |
 | trash not removed `TRASH_WARN_S` after ``trash_grace`` (`TRASH_CRIT_S`: CRITICAL) | WARNING |
-| a stale save not collected `stale_after + sweep_interval` after its last write | WARNING |
+| a stale save not collected `stale_after + sweep_interval` after its last change | WARNING |
 | deletions paused (the run's ``ckptkeeper.toml`` is invalid) | WARNING |
 """
 

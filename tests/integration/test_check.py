@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import CKPTKEEPER, Daemon, write_checkpoint
+from tests.helpers import CKPTKEEPER, Daemon, wait_until, write_checkpoint
 
 POLICY = ["--keep-top-k", "2", "--metric", "r", "--higher-is-better"]
 NOBODY = 65534
@@ -136,13 +137,17 @@ def test_paused_deletions_warn(root: Path) -> None:
 
 
 def test_stale_save_not_collected_warns(root: Path) -> None:
+    """Staleness counts ctimes too (they cannot be set back), so the save really ages here:
+    stale after 2 s, not collected 2 s + sweep_interval (1 s) after its last change."""
     tmp = write_checkpoint(root, 9, {"r": 0.0}, complete=False)
-    for p in [*tmp.rglob("*"), tmp]:
-        age(p, 2 * 3600)
-    assert check(str(root), *POLICY, "--stale-after", "6h")[0] == 0  # not stale yet
-    code, line = check(str(root), *POLICY, "--stale-after", "1h")
+    flags = (*POLICY, "--stale-after", "2s", "--sweep-interval", "1s")
+    assert check(str(root), *flags)[0] == 0  # just written
+    changed = max(max(st.st_mtime, st.st_ctime) for st in map(os.lstat, [tmp, *tmp.rglob("*")]))
+    wait_until(lambda: time.time() > changed + 3.5, timeout=15, what="the save to age 3.5 s")
+    assert check(str(root), *POLICY, "--stale-after", "1h")[0] == 0  # not stale under 1h
+    code, line = check(str(root), *flags)
     assert code == 1, line
-    assert "stale save tmp_step_9 not collected (untouched 2h)" in line
+    assert re.search(r"stale save tmp_step_9 not collected \(untouched [34]s\)", line), line
 
 
 def test_missing_root_is_critical_and_roots_are_counted(root: Path, tmp_path: Path) -> None:
