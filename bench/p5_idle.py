@@ -14,6 +14,10 @@ starts just before the first pass, so its first sweep falls 59-60 s after ``read
 
 The periodic full sweep of the 100 roots (plus the root refresh job, scheduled at the same
 interval) shows as the busiest second of the samples; its cost is reported beside the total.
+
+The daemon runs as configured by default, metrics endpoint on (on a free loopback port here).
+``P5-metrics`` runs the same measurement twice more, with the endpoint off and with it on and
+scraped every 15 s (``GET /metrics``, as Prometheus would), and reports the difference.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +49,10 @@ IN_FLIGHT = 0
 GOAL_CPU_S = 0.2
 GOAL_RSS_MB = 80.0
 GOAL_WATCH_SLACK = 10
+GOAL_METRICS_CPU_S = 0.05  # metrics may add this much CPU per minute to the idle daemon ...
+GOAL_METRICS_RSS_MB = 10.0  # ... and this much memory
+SCRAPE_FULL_S = 15.0  # a common Prometheus scrape_interval (its default is 1m)
+SCRAPE_QUICK_S = 1.0
 
 
 @dataclass
@@ -62,6 +71,32 @@ class IdleRun:
     startup_s: float = 0.0  # spawn -> ready
     cpu_at_ready: float = 0.0
     observer_kinds: list[str] = field(default_factory=list)
+    scrapes: int = 0
+    scrape_bytes: int = 0
+
+
+class _Scraper:
+    """GET /metrics every ``every`` s (from ``ready``), as Prometheus would; None: never."""
+
+    def __init__(self, daemon: Any, every: float | None) -> None:
+        self.every = every
+        self.next = 0.0
+        self.count = self.size = 0
+        self.url = ""
+        if every is not None:
+            address = daemon.wait_for("metrics_serving")[0]["address"]
+            self.url = f"http://{address}/metrics"
+
+    def due(self, now: float) -> float:
+        return SAMPLE_S if self.every is None else max(self.next - now, 0.0)
+
+    def maybe(self, now: float) -> None:
+        if self.every is None or now < self.next:
+            return
+        with urllib.request.urlopen(self.url, timeout=10) as resp:  # noqa: S310 (loopback)
+            self.size = len(resp.read())
+        self.count += 1
+        self.next += self.every
 
 
 def cpu_seconds(pid: int) -> float:
@@ -104,24 +139,34 @@ def _make_roots(base: Path, roots: int) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _daemon(args: list[str]) -> Iterator[Any]:
+def _daemon(args: list[str], metrics_address: str) -> Iterator[Any]:
     from tests.helpers import Daemon  # the repository's subprocess wrapper (JSON events)
 
-    daemon = Daemon(args)
+    daemon = Daemon(args, metrics_address=metrics_address)
     try:
         yield daemon
     finally:
         daemon.stop()
 
 
-def measure(roots: int, until: float) -> IdleRun:
-    """Start the daemon on ``roots`` fresh roots; sample it from ``ready`` to ``until`` s after."""
+def measure(
+    roots: int,
+    until: float,
+    *,
+    metrics_address: str = "127.0.0.1:0",
+    scrape_every: float | None = None,
+) -> IdleRun:
+    """Start the daemon on ``roots`` fresh roots; sample it from ``ready`` to ``until`` s after.
+
+    ``metrics_address``: the endpoint (``""``: metrics off); ``scrape_every``: GET /metrics this
+    often, as Prometheus would (None: never)."""
     base = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-p5-"))
     result = IdleRun()
     try:
         dirs = _make_roots(base, roots)
         t_spawn = time.perf_counter()
-        with _daemon([*map(str, dirs), "--keep-top-k", "3"]) as daemon:
+        args = [*map(str, dirs), "--keep-top-k", "3"]
+        with _daemon(args, metrics_address) as daemon:
             ready = daemon.wait_for("ready", timeout=120.0)[0]
             t_ready = time.perf_counter()
             result.startup_s = t_ready - t_spawn
@@ -129,17 +174,21 @@ def measure(roots: int, until: float) -> IdleRun:
             pid = daemon.proc.pid
             result.cpu_at_ready = cpu_seconds(pid)
             result.samples.append(Sample(0.0, result.cpu_at_ready, status_kib(pid, "VmRSS")))
+            scraper = _Scraper(daemon, scrape_every)
             while (now := time.perf_counter() - t_ready) < until:
-                time.sleep(min(SAMPLE_S, until - now))
+                time.sleep(min(SAMPLE_S, until - now, scraper.due(now)))
                 t = time.perf_counter() - t_ready
+                scraper.maybe(t)
                 result.samples.append(Sample(t, cpu_seconds(pid), status_kib(pid, "VmRSS")))
+            result.scrapes, result.scrape_bytes = scraper.count, scraper.size
             result.watches = inotify_watches(pid)
             result.hwm_kib = status_kib(pid, "VmHWM")
             result.threads = status_kib(pid, "Threads")
             unexpected = [
                 e
                 for e in daemon.events
-                if e.get("event") not in ("root_added", "ready") and e.get("level") != "debug"
+                if e.get("event") not in ("root_added", "ready", "metrics_serving")
+                and e.get("level") != "debug"
             ]
             if unexpected:
                 raise RuntimeError(f"P5: the idle daemon acted or complained: {unexpected[:3]}")
@@ -161,6 +210,44 @@ def _sweep_share(samples: list[Sample]) -> tuple[float, float, float]:
         if cpu > best:
             best_t, best = deltas[i][0], cpu
     return max(best, 0.0), best_t, idle
+
+
+def _window(res: IdleRun, skip: float) -> tuple[float, float, float]:
+    """(CPU seconds over the window, its span in seconds, VmRSS MB at its end)."""
+    inside = [s for s in res.samples if s.t >= skip - 1e-3]
+    first, last = inside[0], inside[-1]
+    return last.cpu - first.cpu, last.t - first.t, last.rss_kib / 1024
+
+
+def _metrics_row(quick: bool, skip: float, window: float) -> Row:
+    """The cost of metrics: the same idle daemon with the endpoint off, and on with a scraper."""
+    every = SCRAPE_QUICK_S if quick else SCRAPE_FULL_S
+    off = measure(ROOTS, skip + window, metrics_address="")
+    on = measure(ROOTS, skip + window, scrape_every=every)
+    (cpu_off, span, rss_off), (cpu_on, _, rss_on) = _window(off, skip), _window(on, skip)
+    per_min = 60.0 / span if span > 0 else 0.0
+    d_cpu, d_rss = (cpu_on - cpu_off) * per_min, rss_on - rss_off
+    return Row(
+        id="P5-metrics",
+        what=f"idle daemon, {ROOTS} roots: metrics on and scraped every {every:.0f} s vs off",
+        ours=f"{d_cpu:+.3f} CPU-s/min, {d_rss:+.1f} MB",
+        baseline=f"off: {cpu_off * per_min:.3f} CPU-s/min, {rss_off:.1f} MB",
+        ratio="—",
+        goal=f"<= +{GOAL_METRICS_CPU_S} CPU-s per 60 s and <= +{GOAL_METRICS_RSS_MB:.0f} MB",
+        met=None if quick else d_cpu <= GOAL_METRICS_CPU_S and d_rss <= GOAL_METRICS_RSS_MB,
+        notes=[
+            f'Two more runs of this benchmark: `[daemon] metrics_address = ""` (off) and '
+            f"on with GET /metrics every {every:.0f} s ({on.scrapes} scrapes of "
+            f"{on.scrape_bytes / 1024:.0f} KiB: {ROOTS} roots with `root` labels); on: "
+            f"{cpu_on * per_min:.3f} CPU-s/min, {rss_on:.1f} MB. CPU per minute of the "
+            f"window ({span:.0f} s), each run's own periodic sweep included."
+            + (
+                " Quick: scraped far more often than a real scraper would; not judged."
+                if quick
+                else ""
+            )
+        ],
+    )
 
 
 def run(quick: bool) -> list[Row]:
@@ -238,4 +325,5 @@ def run(quick: bool) -> list[Row]:
                 f"Counted from /proc/PID/fdinfo (`inotify wd:` lines); {IN_FLIGHT} saves in flight."
             ],
         ),
+        _metrics_row(quick, skip, window),
     ]

@@ -83,12 +83,20 @@ class Daemon:
     """``ckptkeeper run ...`` as a real subprocess; JSON log lines are collected as they arrive."""
 
     def __init__(
-        self, args: Iterable[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+        self,
+        args: Iterable[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        metrics_address: str | None = "127.0.0.1:0",
     ) -> None:
+        """``metrics_address``: ``run --metrics-address`` (default: a free loopback port, so
+        daemons running at once never contend for 9464); None passes no flag."""
         full_env = dict(os.environ)
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update(env or {})
-        self.args = [CKPTKEEPER, "run", *args]
+        flag = [] if metrics_address is None else ["--metrics-address", metrics_address]
+        self.args = [CKPTKEEPER, "run", *flag, *args]  # before any `-- TRAINER CMD`
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,

@@ -1,7 +1,8 @@
-"""The ``ckptkeeper`` command: ``run``, ``sweep``, ``status``, ``demo``.
+"""The ``ckptkeeper`` command: ``run``, ``sweep``, ``status``, ``check``, ``demo``.
 
 Exit codes: 0 success, 1 a pass had errors, 2 bad usage or config; the sidecar's are in
-``sidecar`` (the trainer's code, 75 when the final pass could not finish, 126/127 as a shell).
+``sidecar`` (the trainer's code, 75 when the final pass could not finish, 126/127 as a shell);
+``check`` uses the Nagios codes (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from rich.console import Console
 
 from ckptkeeper import Policy
 
-from .config import ConfigError, DaemonConfig, config_from_flags, load_config, merge_flags
+from .config import (
+    ConfigError,
+    DaemonConfig,
+    config_from_flags,
+    load_config,
+    merge_flags,
+    with_metrics_address,
+)
 from .logs import LEVELS, ProblemLog, configure_logging, get_logger
 from .reconcile import EVENT_FOR, PolicySource, Report, preview, reconcile
 from .roots import SettingsResolver, expand_roots
+from .textfile import sweep_metrics, write_sweep_metrics
 
 __all__ = ["main"]
 
@@ -111,6 +120,7 @@ def _build_config(roots: Sequence[str], opts: dict[str, Any]) -> DaemonConfig:
             config = merge_flags(load_config(path), flags, extra_roots=list(roots))
         else:
             config = config_from_flags(list(roots), flags)
+        config = with_metrics_address(config, opts.get("metrics_address"))
     except ConfigError as exc:
         click.echo(f"ckptkeeper: {exc}", err=True)
         raise SystemExit(2) from None
@@ -177,10 +187,18 @@ def _policy_source(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON document of every root's result."
 )
-def sweep(roots: tuple[str, ...], dry_run: bool, as_json: bool, **opts: Any) -> None:
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write Prometheus metrics here (atomically) for node_exporter's textfile collector.",
+)
+def sweep(
+    roots: tuple[str, ...], dry_run: bool, as_json: bool, metrics_file: Path | None, **opts: Any
+) -> None:
     """One pass over every root, then exit (cron, systemd timer)."""
     config = _build_config(roots, opts)
     _setup_logs(opts, config, to_stderr=as_json)
+    metrics = sweep_metrics(config, metrics_file)
 
     def one(root: Path, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
         if dry_run:
@@ -202,9 +220,12 @@ def sweep(roots: tuple[str, ...], dry_run: bool, as_json: bool, **opts: Any) -> 
             problems=problems,
             lock_timeout=30.0,
             delete_workers=config.daemon.delete_workers,
+            on_outcome=None if metrics is None else metrics.finalize_hook(root, marker(policy)),
         )
 
     results = _passes(config, one)
+    if metrics is not None and metrics_file is not None:
+        write_sweep_metrics(config, metrics, [r for r, _ in results], metrics_file)
     if as_json:
         from .render import report_to_dict
 
@@ -214,6 +235,11 @@ def sweep(roots: tuple[str, ...], dry_run: bool, as_json: bool, **opts: Any) -> 
             )
         )
     raise SystemExit(1 if any(r.errors for r, _ in results) else 0)
+
+
+def marker(policy: PolicySource) -> Callable[[], str]:
+    """The completion marker's name in the policy in effect (resolved when asked)."""
+    return lambda: (policy if isinstance(policy, Policy) else policy()).complete_marker
 
 
 @cli.command()
@@ -240,6 +266,41 @@ def status(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     raise SystemExit(1 if unshown or any(r.status == "error" for r, _ in results) else 0)
 
 
+class _ProbeUsageError(click.UsageError):
+    exit_code = 3  # UNKNOWN: a monitoring system reads 2 as CRITICAL
+
+
+class _ProbeCommand(click.Command):
+    """A monitoring plugin: a usage error is UNKNOWN (3), not 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _ProbeUsageError(exc.format_message(), exc.ctx) from None
+
+
+@cli.command(cls=_ProbeCommand)
+@click.argument("roots", nargs=-1)
+@_policy_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead.")
+def check(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
+    """Monitoring probe (Nagios/Icinga): judge every root from what is on disk; no keeper needed.
+
+    Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; one summary line (or --json)."""
+    from .check import run_check
+
+    try:
+        config = _build_config(roots, opts)
+    except SystemExit:  # the reason is on stderr
+        click.echo("CKPTKEEPER UNKNOWN - bad usage or configuration (see stderr)")
+        raise SystemExit(3) from None
+    configure_logging(opts.get("log_level") or "error", stream=sys.stderr)
+    code, line, doc = run_check(config)
+    click.echo(json.dumps(doc, indent=2) if as_json else line)
+    raise SystemExit(code)
+
+
 @cli.command(context_settings={"allow_interspersed_args": True})
 @click.argument("roots", nargs=-1)
 @_policy_options
@@ -247,6 +308,10 @@ def status(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     "--watch-pid",
     type=click.IntRange(min=1),
     help="Sidecar: exit after this process exits (after one final pass).",
+)
+@click.option(
+    "--metrics-address",
+    help='Serve /metrics on HOST:PORT (default [daemon] metrics_address, 127.0.0.1:9464; "" off).',
 )
 @click.pass_context
 def run(ctx: click.Context, /, roots: tuple[str, ...], watch_pid: int | None, **opts: Any) -> None:
@@ -285,7 +350,10 @@ def _reloader(roots: Sequence[str], opts: dict[str, Any]) -> Callable[[], Daemon
     if path is None:
         return None
     flags = {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None}
-    return lambda: merge_flags(load_config(path), flags, extra_roots=list(roots))
+    address = opts.get("metrics_address")
+    return lambda: with_metrics_address(
+        merge_flags(load_config(path), flags, extra_roots=list(roots)), address
+    )
 
 
 @cli.command()

@@ -7,7 +7,9 @@ The file (DESIGN.md section 5)::
     [[root]]        path (absolute, or relative to the config file's directory) + any defaults key
     [[discover]]    glob (same; not recursive: ``**`` acts as ``*``) + any defaults key
     [daemon]        workers (roots reconciled in parallel, 4), delete_workers (threads per
-                    removal, 8), log_level (debug | info | warning | error, "info"); optional
+                    removal, 8), log_level (debug | info | warning | error, "info"),
+                    metrics_address ("host:port" of the Prometheus endpoint, "127.0.0.1:9464";
+                    "" turns it off), root_labels (a ``root`` label on metrics, true); optional
 
 Policy values are validated by `Policy.from_mapping` alone; nothing here repeats its rules.
 TOML cannot express "unset", so a table cannot remove a bound set by a lower level; to keep every
@@ -26,11 +28,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from ckptkeeper.errors import strerror
 from ckptkeeper.policy import Policy, PolicyError, parse_duration
+
+from .address import DEFAULT_METRICS_ADDRESS, parse_address
 
 __all__ = [
     "DAEMON_KEYS",
@@ -50,6 +62,7 @@ __all__ = [
     "config_from_flags",
     "load_config",
     "merge_flags",
+    "with_metrics_address",
 ]
 
 ObserverMode = Literal["auto", "inotify", "polling"]
@@ -135,6 +148,8 @@ class DaemonOptions:
     workers: int = 4
     delete_workers: int = 8
     log_level: LogLevel = "info"
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    root_labels: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +228,14 @@ class _DaemonTable(BaseModel):
     workers: int = Field(default=4, ge=1, strict=True)
     delete_workers: int = Field(default=8, ge=1, strict=True)
     log_level: LogLevel = "info"
+    metrics_address: StrictStr = DEFAULT_METRICS_ADDRESS
+    root_labels: bool = Field(default=True, strict=True)
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_address(value)  # ValueError names what is wrong
+        return value
 
 
 class _File(BaseModel):
@@ -251,6 +274,8 @@ def _reason(err: ErrorDetails) -> str:
         return f"expected a table, got {got}"
     if kind == "list_type":
         return f"expected an array of tables ([[{loc[-1]}]]), got {got}"
+    if kind == "value_error":
+        return f"{ctx.get('error')}, got {value!r}"
     if kind == "greater_than_equal":
         return f"must be >= {ctx['ge']}, got {value!r}"
     msg = str(err["msg"])
@@ -317,7 +342,9 @@ def _from_data(data: Mapping[str, Any], *, name: str, source: Path) -> DaemonCon
     if problems:
         raise ConfigError(name, problems)
     d = parsed.daemon
-    options = DaemonOptions(d.workers, d.delete_workers, d.log_level)
+    options = DaemonOptions(
+        d.workers, d.delete_workers, d.log_level, d.metrics_address, d.root_labels
+    )
     return DaemonConfig(source, defaults, roots, discovers, options, defaults_values)
 
 
@@ -352,6 +379,17 @@ def merge_flags(
     except PolicyError as exc:
         raise ConfigError(COMMAND_LINE, [(exc.key, exc.reason)]) from None
     return replace(config, defaults=defaults, default_overrides=values)
+
+
+def with_metrics_address(config: DaemonConfig, address: str | None) -> DaemonConfig:
+    """``config`` with ``run --metrics-address`` (None: not given) over ``[daemon]``."""
+    if address is None:
+        return config
+    try:
+        parse_address(address)
+    except ValueError as exc:
+        raise ConfigError(COMMAND_LINE, [("--metrics-address", str(exc))]) from None
+    return replace(config, daemon=replace(config.daemon, metrics_address=address))
 
 
 def add_roots(config: DaemonConfig, roots: Sequence[str | os.PathLike[str]]) -> DaemonConfig:

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ckptkeeper import CheckpointManager, scan_root
 
-from .config import config_from_flags
+from .config import config_from_flags, with_metrics_address
 from .logs import configure_logging
 from .reconcile import preview
 from .render import print_reports
@@ -96,7 +96,7 @@ def run_demo(steps: int = 12) -> int:
                 "sweep_interval": "1s",
             },
         )
-        keeper = Keeper(config)
+        keeper = Keeper(with_metrics_address(config, ""))  # the demo serves no metrics
         keeper.start()
         done = threading.Event()
         trainer = threading.Thread(target=_trainer, args=(root, steps, console, done), daemon=True)

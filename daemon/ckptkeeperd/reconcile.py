@@ -213,15 +213,28 @@ def reconcile(
     log: Any = None,
     problems: ProblemLog | None = None,
     cancel: threading.Event | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
 ) -> Report:
-    """One idempotent pass over ``root``. Never raises for a bad root or a bad checkpoint."""
+    """One idempotent pass over ``root``. Never raises for a bad root or a bad checkpoint.
+
+    ``on_outcome`` sees each action's outcome as it happens, under the lock (metrics)."""
     root = Path(root)
     log = log or get_logger(root=str(root))
     report = Report(root)
     started = time.perf_counter()
     try:
         _reconcile(
-            root, policy, cache, clock, lock_timeout, delete_workers, fs, log, report, cancel
+            root,
+            policy,
+            cache,
+            clock,
+            lock_timeout,
+            delete_workers,
+            fs,
+            log,
+            report,
+            cancel,
+            on_outcome,
         )
     except OSError as exc:  # e.g. the root vanished or turned read-only mid-pass
         report.status = "error"
@@ -243,6 +256,7 @@ def _reconcile(
     log: Any,
     report: Report,
     cancel: threading.Event | None,
+    observe: Callable[[Outcome], None] | None = None,
 ) -> None:
     if (why := _check_root(root)) is not None:
         report.status = "error"
@@ -266,6 +280,8 @@ def _reconcile(
         return now_policy
 
     def on_outcome(o: Outcome) -> None:
+        if observe is not None:
+            observe(o)
         if not (deferred[-1] and o.trash_path is not None):
             _log_outcome(o, log)
 

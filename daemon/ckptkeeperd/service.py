@@ -24,7 +24,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from ckptkeeper import InfoCache, Policy
 
 from .config import ConfigError, DaemonConfig, Resolved, Settings
+from .httpserver import Endpoint, open_endpoint
 from .logs import ProblemLog, get_logger
+from .metrics import KeeperMetrics, deletions_paused
 from .reconcile import Report, reconcile
 from .roots import SettingsResolver, expand_roots
 from .sdnotify import Notifier, watchdog_interval
@@ -82,6 +84,9 @@ class Keeper:
         self._last_action = "none yet"
         self._checkpoints: dict[Path, int] = {}
         self.pass_errors = 0
+        self.metrics = KeeperMetrics(root_labels=config.daemon.root_labels)
+        self.page: Callable[[], bytes] | None = None  # GET / on the metrics address; set it first
+        self._http: Endpoint | None = None
 
     # -- root set ---------------------------------------------------------------------------
 
@@ -105,6 +110,7 @@ class Keeper:
         for root in sorted(removed):
             self.log.info("root_removed", root=str(root))
             self.cache.drop_root(root)
+            self.metrics.forget_root(root)
             self._scheduler_remove(f"sweep:{root}")
         self._watcher.set_roots(
             {r: s.observer for r, s in found.items()},
@@ -202,8 +208,11 @@ class Keeper:
             return Report(root, status="error", problems=["not a configured root"])
         log = self.log.bind(root=str(root))
 
+        seen: list[Resolved] = []
+
         def policy() -> Policy:  # each plan of the pass resolves afresh: an edit applies at once
-            return self._resolve(root, state.overrides).settings.policy
+            seen.append(self._resolve(root, state.overrides))
+            return seen[-1].settings.policy
 
         report = reconcile(
             root,
@@ -214,7 +223,12 @@ class Keeper:
             delete_workers=self.config.daemon.delete_workers,
             cancel=self._cancel,
             lock_timeout=lock_timeout,
+            on_outcome=self.metrics.finalize_hook(
+                root, lambda: seen[-1].settings.policy.complete_marker
+            ),
         )
+        problems = seen[-1].problems if seen else state.problems
+        self.metrics.observe_pass(report, paused=deletions_paused(problems))
         self.pass_errors += report.errors
         done = [o for o in report.outcomes if o.status == "done"]
         if report.scan is not None:
@@ -267,6 +281,7 @@ class Keeper:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._open_http()
         self.refresh_roots()
         self._scheduler.add_job(
             self._tick,
@@ -313,7 +328,11 @@ class Keeper:
         except ConfigError as exc:
             self.log.error("config_reload_failed", reason=str(exc), kept="previous config")
             return
-        self.config = new
+        old, self.config = self.config, new
+        self.metrics.root_labels = new.daemon.root_labels
+        if new.daemon.metrics_address != old.daemon.metrics_address:
+            self._close_http()
+            self._open_http()
         self._scheduler.reschedule_job(
             "refresh", trigger="interval", seconds=new.defaults.sweep_interval
         )
@@ -389,9 +408,19 @@ class Keeper:
         self._cancel.set()  # long removals stop early; the next pass finishes them
         self.wait_idle(STOP_TIMEOUT)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._close_http()
         self.log.info("stopped", errors=self.pass_errors)
         self.notifier.close()
         return complete
+
+    def _open_http(self) -> None:
+        address = self.config.daemon.metrics_address
+        self._http = open_endpoint(address, self.metrics.render, self.page, self.log)
+
+    def _close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
     # -- the sidecar's final pass -----------------------------------------------------------
 
