@@ -31,6 +31,7 @@ from typing import Any
 from ckptkeeper import (
     OS_FS,
     Action,
+    FreeSpace,
     Fs,
     InfoCache,
     Outcome,
@@ -43,8 +44,10 @@ from ckptkeeper import (
 )
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.plan import Decision
+from ckptkeeper.space import disk_facts
 
 from .logs import ProblemLog, emit, get_logger
+from .spacelog import space_problems
 
 __all__ = ["EVENT_FOR", "PolicySource", "Report", "preview", "reconcile"]
 
@@ -101,17 +104,20 @@ def _check_root(root: Path) -> str | None:
     return None
 
 
-def _plan_memoized(scan: RootScan, policy: Policy, now: float, cache: InfoCache) -> Plan:
+def _plan_memoized(
+    scan: RootScan, policy: Policy, now: float, cache: InfoCache, free: FreeSpace | None
+) -> Plan:
     """`plan`, reusing the root's last decisions when the inputs are the same: the same policy
     over the very same (immutable) step records, the same anomalies, and nothing in flight, no
-    leftovers, no trash (the only inputs whose decisions depend on ``now``). `plan` is pure, so
-    the decisions are those it would make."""
+    leftovers, no trash (the only inputs whose decisions depend on ``now``), and no ``min_free``
+    (its decisions depend on the free space). `plan` is pure, so the decisions are those it would
+    make."""
     slot = cache.attached(scan.root)
     last: tuple[RootScan, Plan] | None = slot.get("plan")
     if last is not None and _same_inputs(last[0], last[1].policy, scan, policy):
-        return Plan(scan.root, policy, now, last[1].decisions)
-    fresh = plan(scan, policy, now)
-    slot["plan"] = (scan, fresh) if _timeless(scan) else None
+        return Plan(scan.root, policy, now, last[1].decisions, free)
+    fresh = plan(scan, policy, now, free)
+    slot["plan"] = (scan, fresh) if _timeless(scan) and policy.min_free is None else None
     return fresh
 
 
@@ -155,10 +161,11 @@ def _scan_and_plan(
         report.problems.append(f"cannot list root: {errno.errorcode.get(exc.errno or 0, exc)}")
         return False
     report.scan = scan
+    free = disk_facts(scan, policy, now, cache)  # statvfs; sizes only with min_free
     if memo and cache is not None:
-        report.plan = _plan_memoized(scan, policy, now, cache)
+        report.plan = _plan_memoized(scan, policy, now, cache, free)
     else:
-        report.plan = plan(scan, policy, now)
+        report.plan = plan(scan, policy, now, free)
     return True
 
 
@@ -206,6 +213,8 @@ def _report_problems(report: Report, log: Any, problems: ProblemLog | None) -> N
                     "path": str(d.path),
                     "reason": f"{d.metric}: ranked last; kept ({'; '.join(d.reasons)})",
                 }
+    if report.plan is not None:
+        current.update(space_problems(report.plan))
     for o in report.outcomes:
         if not o.ok:
             d = o.decision

@@ -23,6 +23,7 @@ from .policy import Policy
 from .records import RootScan
 from .removal import Removal
 from .scan import InfoCache, scan_root
+from .space import disk_facts
 
 __all__ = ["EVERYTHING", "RECOVERY", "PassResult", "locked_pass", "recovery_needed"]
 
@@ -91,7 +92,8 @@ def locked_pass(
             root, marker=policy.complete_marker, cache=cache, stale_before=now - policy.stale_after
         )
         result.scan = select(scan) if select is not None else scan
-        result.plan = plan(result.scan, policy, now)
+        free = disk_facts(result.scan, policy, now, cache)  # statvfs; sizes only with min_free
+        result.plan = plan(result.scan, policy, now, free)
         todo = Plan(root, policy, now, result.plan.by_action(*(set(actions) & APPLIED)))
         result.outcomes = apply_plan(todo, fs=fs, on_outcome=on_outcome)
     finally:
