@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+from tests.smallfs import small_tmpfs
 
 from ckptkeeper import InfoCache, Policy, scan_root
 from ckptkeeper.space import disk_facts, filesystem_space, tree_bytes
 from ckptkeeperd.logs import ProblemLog
 from ckptkeeperd.reconcile import preview, reconcile
-from tests.smallfs import small_tmpfs
 
 MiB = 1024 * 1024
 
@@ -56,9 +56,9 @@ def test_sizes_only_with_min_free_newest_only_without_pressure(tmp_path: Path) -
     for step in (1, 2, 3):
         make_step(root, step, MiB, 0.5)
     scan = scan_root(root)
-    free, total = filesystem_space(root)
-    assert disk_facts(scan, Policy(), 0.0) is not None
-    assert disk_facts(scan, Policy(), 0.0).sizes == {}  # type: ignore[union-attr]
+    total = filesystem_space(root)[1]
+    plain = disk_facts(scan, Policy(), 0.0)
+    assert plain is not None and plain.sizes == {}
     calm = disk_facts(scan, Policy(min_free="1"), 0.0)
     assert calm is not None and calm.total_bytes == total
     newest = next(c for c in scan.steps if c.step == 3)
