@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from tests.chromium import find_chromium, run_chromium
 from tests.helpers import CKPTKEEPER
 
 from ckptkeeperd.chart import COLOURS
@@ -28,29 +28,13 @@ Image = pytest.importorskip(
 )
 
 HOSTILE_METRIC = 'val<script>alert(1)</script>"&]]>'
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-)
 
 
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
-
-
-def browse(page: Path, tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'profile'}", *args]
-    proc = subprocess.run([*cmd, page.as_uri()], capture_output=True, text=True, timeout=120)
+def browse(page: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+    proc = run_chromium(exe, page, *args)
     if proc.returncode != 0:
         pytest.skip(f"chromium cannot run here (exit {proc.returncode}): {proc.stderr[-300:]}")
     return proc
@@ -101,7 +85,7 @@ def test_the_page_in_chromium_shows_the_chart_and_the_rows(tmp_path: Path) -> No
     page = tmp_path / "status.html"
     status_html(root, page, HOSTILE_METRIC)
 
-    dom = browse(page, tmp_path, "--dump-dom").stdout
+    dom = browse(page, "--dump-dom").stdout
     assert "<script" not in dom  # the hostile name stayed text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     rows = re.findall(r'<tr class="a-(\w+)', dom)
@@ -110,7 +94,7 @@ def test_the_page_in_chromium_shows_the_chart_and_the_rows(tmp_path: Path) -> No
     assert dom.count("<title>") >= 25  # a tooltip per marker (and the legend's)
 
     shot = tmp_path / "shot.png"
-    browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1200,2000")
+    browse(page, f"--screenshot={shot}", "--window-size=1200,2000")
     seen = colour_counts(shot)
     for what in ("kept", "deleted", "pinned", "in-flight", "threshold"):
         assert seen[hex_rgb(COLOURS[what])] >= 4, f"no {what} marker in the screenshot"
@@ -125,7 +109,7 @@ def test_a_thousand_checkpoints_in_chromium(tmp_path: Path) -> None:
     page = tmp_path / "status.html"
     status_html(root, page, "val_reward")
     assert os.path.getsize(page) < 2_000_000
-    dom = browse(page, tmp_path, "--dump-dom").stdout
+    dom = browse(page, "--dump-dom").stdout
     assert len(re.findall(r'<tr class="a-', dom)) == 1001
     svg = dom[dom.index("<svg") : dom.index("</svg>")]
     assert svg.count("<title>") == 1001 + 4  # every checkpoint and the save, plus the legend

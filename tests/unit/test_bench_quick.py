@@ -25,6 +25,7 @@ from bench.common import Row  # noqa: E402
 #: ids passed to ``--only`` -> row ids the run must report.
 QUICK_RUNS: dict[str, tuple[str, ...]] = {
     "P1,P2,P5": ("P1", "P2-inotify", "P2-polling", "P5-cpu", "P5-rss", "P5-watches"),
+    "P6": ("P6-render", "P6-browser", "P6-size"),
 }
 
 
