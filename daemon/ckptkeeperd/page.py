@@ -141,6 +141,18 @@ def _summary(reports: Sequence[tuple[Report, Policy]]) -> str:
     return _table("summary", head, rows)
 
 
+def _pressure_text(plan: Plan) -> str:
+    assert plan.pressure is not None
+    p = plan.pressure
+    if not p.satisfied:
+        what = f"{len(p.deleted)} more deleted for it; only protected checkpoints remain"
+    elif p.deleted:
+        what = f"{len(p.deleted)} more deleted for it (worst first)"
+    else:
+        what = "what the other rules delete is enough"
+    return f"{p.reason}: {what}"
+
+
 def _table(cls: str, head: str, rows: list[str]) -> str:
     body = "".join(rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -159,12 +171,7 @@ def _section(i: int, report: Report, policy: Policy) -> str:
     if free := _free_text(plan):
         out.append(f'<p class="meta">{text(free)}</p>')
     if plan.pressure is not None:
-        note = "" if plan.pressure.satisfied else "; only protected checkpoints remain"
-        deleted = len(plan.pressure.deleted)
-        out.append(
-            f'<p class="pressure">{text(plan.pressure.reason)}: {deleted} deleted for it'
-            f"{text(note)}</p>"
-        )
+        out.append(f'<p class="pressure">{text(_pressure_text(plan))}</p>')
     if plan.next_save_may_not_fit:
         out.append(
             '<p class="pressure">next save may not fit: the newest checkpoint is larger than '
@@ -195,8 +202,8 @@ def render_page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{text(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{text(title)}</h1>",
-        f'<p class="meta">generated {when:%Y-%m-%d %H:%M:%S} UTC; {len(reports)} roots, '
-        f"{total} checkpoints; markers: {legend}</p>",
+        f'<p class="meta">generated {when:%Y-%m-%d %H:%M:%S} UTC; {len(reports)} '
+        f"root{'' if len(reports) == 1 else 's'}, {total} checkpoints; markers: {legend}</p>",
         _summary(reports),
     ]
     parts += [_section(i, report, policy) for i, (report, policy) in enumerate(reports)]

@@ -36,7 +36,12 @@ def browse(page: Path, *args: str) -> subprocess.CompletedProcess[str]:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
     proc = run_chromium(exe, page, *args)
     if proc.returncode != 0:
-        pytest.skip(f"chromium cannot run here (exit {proc.returncode}): {proc.stderr[-300:]}")
+        empty = page.with_name("empty.html")
+        empty.write_text("<!DOCTYPE html><html><body></body></html>")
+        probe = run_chromium(exe, empty, "--dump-dom")
+        if probe.returncode != 0:  # the browser itself cannot start here: not the page's fault
+            pytest.skip(f"chromium cannot run here ({probe.returncode}): {probe.stderr[-300:]}")
+        raise AssertionError(f"chromium failed on the page: {proc.returncode} {proc.stderr[-500:]}")
     return proc
 
 
