@@ -332,7 +332,7 @@ def _relieve(
     threshold = policy.pressure_threshold
     assert threshold is not None
     target = threshold.bytes_for(free.total_bytes)
-    if free.free_bytes >= target:
+    if free.free_bytes >= target or free.total_bytes <= 0:  # no size reported: nothing judged
         return None
     why = f"disk pressure: {threshold.describe(free.free_bytes, free.total_bytes)}"
     for i, d in enumerate(decisions):

@@ -104,10 +104,13 @@ def _newest(scan: RootScan) -> list[Tree]:
 def disk_facts(
     scan: RootScan, policy: Policy, now: float, cache: InfoCache | None = None
 ) -> FreeSpace | None:
-    """What the planner needs to know about the root's filesystem; None if ``statvfs`` fails."""
+    """What the planner needs to know about the root's filesystem; None if ``statvfs`` fails or
+    reports a filesystem of no size (no pressure can be judged there)."""
     try:
         free, total = filesystem_space(scan.root)
     except OSError:
+        return None
+    if total <= 0:  # a filesystem that reports no size (some FUSE servers): free space unknown
         return None
     threshold = policy.pressure_threshold
     if threshold is None:

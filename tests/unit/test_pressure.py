@@ -218,6 +218,12 @@ def test_trash_within_its_grace_is_purged_first_and_counted() -> None:
     assert p.deleted_steps == set()  # 10G free + 25G from the trash is enough
 
 
+def test_a_filesystem_that_reports_no_size_is_never_under_pressure() -> None:
+    steps = [ck(s, s / 10) for s in range(1, 4)]
+    p = plan(scan(steps), Policy(min_free="1G"), NOW, FreeSpace(0, 0))
+    assert p.pressure is None and p.deleted_steps == set()
+
+
 def test_min_free_alone_deletes_only_under_pressure() -> None:
     steps = [ck(s, s / 10) for s in range(1, 4)]
     p = plan(scan(steps), POLICY, NOW, space(90 * GB))
