@@ -161,9 +161,11 @@ def _table(cls: str, head: str, rows: list[str]) -> str:
 def _section(i: int, report: Report, policy: Policy) -> str:
     out = [f'<section class="root" id="root-{i}"><h2>{text(report.root)}</h2>']
     out.append(f'<p class="policy">policy: {text(_policy_text(policy))}</p>')
+    if report.status != "ok":
+        out.append(f'<p class="bad">{text(report.status)}</p>')
     if report.problems:
         items = "".join(f"<li>{text(p)}</li>" for p in report.problems)
-        out.append(f'<p class="bad">{text(report.status)}</p><ul class="problems">{items}</ul>')
+        out.append(f'<ul class="problems">{items}</ul>')
     plan = report.plan
     if plan is None:
         out.append("</section>")
@@ -220,15 +222,16 @@ class _Silent:
 
 
 def page_for(keeper: Keeper) -> bytes:
-    """``GET /`` of the daemon: a fresh read-only preview of every root, rendered (UTF-8)."""
+    """``GET /`` of the daemon: a fresh read-only preview of every root, rendered (UTF-8). Each
+    root's settings are resolved now, as its next pass would (its config problems are shown)."""
     roots = dict(keeper.roots)  # replaced whole by refresh_roots: a consistent snapshot
-    reports = [
-        (
-            preview(root, state.settings.policy, cache=keeper.cache, log=_Silent()),
-            state.settings.policy,
-        )
-        for root, state in sorted(roots.items())
-    ]
+    reports: list[tuple[Report, Policy]] = []
+    for root, state in sorted(roots.items()):
+        resolved = keeper.settings.resolve(keeper.config, root, state.overrides)
+        policy = resolved.settings.policy
+        report = preview(root, policy, cache=keeper.cache, log=_Silent())
+        report.problems[:0] = resolved.problems
+        reports.append((report, policy))
     return render_page(reports).encode("utf-8")
 
 

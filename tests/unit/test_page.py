@@ -124,17 +124,19 @@ def test_write_page_replaces_the_file_whole(tmp_path: Path) -> None:
 
 
 def test_page_for_a_keeper_previews_every_root_without_acting(tmp_path: Path) -> None:
-    roots = [tmp_path / "a", tmp_path / "b"]
+    roots = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
     for root in roots:
         for step in (1, 2, 3, 4):
             d = root / f"step_{step}"
             d.mkdir(parents=True)
             (d / "training_info.json").write_text(f'{{"loss": {step}}}')
     (roots[1] / "ckptkeeper.toml").write_text("keep_top_k = 2\n")  # its own policy
+    (roots[2] / "ckptkeeper.toml").write_text("keep_topk = 2\n")  # a typo: deletions paused
     config = config_from_flags([str(r) for r in roots], {"keep_top_k": 1, "metric_name": "loss"})
     keeper = Keeper(config)
     try:
         keeper.start()  # the first pass acts: a keeps 1 (best) and 4 (latest), b keeps 1, 2, 4
+        (roots[1] / "ckptkeeper.toml").write_text("keep_top_k = 1\n")  # edited since
         before = sorted(str(p) for r in roots for p in r.rglob("*"))
         page = page_for(keeper).decode("utf-8")
         assert sorted(str(p) for r in roots for p in r.rglob("*")) == before  # read only
@@ -142,5 +144,7 @@ def test_page_for_a_keeper_previews_every_root_without_acting(tmp_path: Path) ->
         keeper.shutdown()
     sections = page.split('<section class="root"')[1:]
     assert [re.search(r"<h2>(.*?)</h2>", s)[1] for s in sections] == [str(r) for r in roots]  # type: ignore[index]
-    assert [len(re.findall(r'<tr class="a-keep', s)) for s in sections] == [2, 3]
-    assert "top-2 by loss=2" in sections[1]
+    # b as its edited file says now: step 2 would go; c keeps everything and says why
+    assert [len(re.findall(r'<tr class="a-keep', s)) for s in sections] == [2, 2, 4]
+    assert "outside top-1 by loss=2" in sections[1]
+    assert "keep_topk: unknown key" in sections[2] and "paused" in sections[2]
