@@ -4,11 +4,11 @@
   real scan and plan (the median of several renders; the scan and plan are not counted).
 - P6-browser: headless Chromium loading that page (``--dump-dom``: parse, style, layout, and the
   DOM written out), minus the same browser loading an empty page (its start-up), medians of runs
-  with a fresh profile each. Skipped with the
-  reason when no ``chromium`` is on PATH.
-- P6-size: what ``min_free`` costs a pass: a cold size walk (`tree_bytes`) of one checkpoint of
-  1,000 files next to the scan of a root, and the cached pass afterwards (`disk_facts` with the
-  keeper's cache: one ``lstat`` per checkpoint, no walk).
+  with a fresh profile each. Skipped with the reason when no ``chromium`` is on PATH.
+- P6-size: what ``min_free`` costs a pass: the first size walk (`tree_bytes`; the OS's caches
+  are warm, as after a save) of one checkpoint of 1,000 files next to the scan of a root, and
+  the cached pass afterwards (`disk_facts` with the keeper's cache: one ``lstat`` per
+  checkpoint, no walk).
 
 ``python -m bench.p6_page [--quick]`` runs it alone.
 """
@@ -153,7 +153,7 @@ def run(quick: bool = False) -> list[Row]:
     rows.append(
         Row(
             "P6-size",
-            f"min_free sizing: walk of one {files:,}-file checkpoint (cold); then a cached pass",
+            f"min_free sizing: first walk of one {files:,}-file checkpoint, then a cached pass",
             f"walk {walk_s * 1000:.1f} ms; cached {cached_s * 1000:.2f} ms",
             f"scan of the root: {scan_s * 1000:.1f} ms",
             "—",
