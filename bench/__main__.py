@@ -48,6 +48,7 @@ MODULES: tuple[tuple[str, str, str], ...] = (
     ("P3", "bench.p3_pass", "pass time and peak RSS over many checkpoints"),
     ("P4", "bench.p4_delete", "deleting a checkpoint"),
     ("P5", "bench.p5_idle", "idle daemon cost"),
+    ("P6", "bench.p6_page", "status page rendering and disk-pressure sizing"),
 )
 BENCHMARKS_MD = _REPO / "BENCHMARKS.md"
 _DATA_RE = re.compile(r"<!-- bench-data\n(.*?)\n-->", re.S)

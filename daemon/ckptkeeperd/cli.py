@@ -63,6 +63,15 @@ def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Keep steps with step % n == 0 forever.",
         ),
         click.option(
+            "--min-free",
+            help="Under this free space (15% or 500G), delete beyond the other rules.",
+        ),
+        click.option(
+            "--min-keep",
+            type=click.IntRange(min=1),
+            help="Under disk pressure, keep at least this many checkpoints (default 1).",
+        ),
+        click.option(
             "--save-period",
             type=click.IntRange(min=1),
             help="Only steps with step % p == 0 are top-k candidates.",
@@ -101,6 +110,8 @@ _FLAG_KEYS = (
     "higher_is_better",
     "keep_latest_n",
     "keep_every_n_steps",
+    "min_free",
+    "min_keep",
     "save_period",
     "keep_latest",
     "stale_after",
@@ -246,7 +257,13 @@ def marker(policy: PolicySource) -> Callable[[], str]:
 @click.argument("roots", nargs=-1)
 @_policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def status(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the status page (HTML with the metric chart) to this file instead of tables.",
+)
+def status(roots: tuple[str, ...], as_json: bool, html_path: Path | None, **opts: Any) -> None:
     """What is on disk and what the policy decides for each step, with reasons. Changes nothing."""
     from .render import print_reports, report_to_dict
 
@@ -258,10 +275,18 @@ def status(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
         return preview(root, now, log=log, problems=problems)
 
     results = _passes(config, one)
+    if html_path is not None:
+        from .page import write_page
+
+        try:
+            write_page(html_path, results)
+        except OSError as exc:
+            click.echo(f"ckptkeeper: cannot write {html_path}: {exc.strerror or exc}", err=True)
+            raise SystemExit(2) from None
     unshown = 0
     if as_json:
         click.echo(json.dumps({"roots": [report_to_dict(r, p) for r, p in results]}, indent=2))
-    else:
+    elif html_path is None:
         unshown = print_reports(results, Console(soft_wrap=False, width=max(Console().width, 120)))
     raise SystemExit(1 if unshown or any(r.status == "error" for r, _ in results) else 0)
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from ckptkeeper import Action
 
+from .spacelog import space_problems
+
 if TYPE_CHECKING:
     from .reconcile import Report
 
@@ -58,6 +60,7 @@ def _plan_problems(report: Report, current: Problems) -> None:
                 "path": str(d.path),
                 "reason": "; ".join(d.reasons),
             }
+    current.update(space_problems(report.plan))
     if not report.plan.policy.metric_name:
         return
     for d in report.plan.by_action(Action.KEEP):

@@ -30,6 +30,7 @@ from typing import Any
 from ckptkeeper import (
     OS_FS,
     Action,
+    FreeSpace,
     Fs,
     InfoCache,
     Outcome,
@@ -44,6 +45,7 @@ from ckptkeeper.errors import errno_name, strerror
 from ckptkeeper.layouts import get_layout
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.plan import Decision
+from ckptkeeper.space import disk_facts
 
 from .logs import ProblemLog, emit, get_logger
 from .problems import problems_of
@@ -103,16 +105,20 @@ def _check_root(root: Path) -> str | None:
     return None
 
 
-def _plan_memoized(scan: RootScan, policy: Policy, now: float, cache: InfoCache) -> Plan:
+def _plan_memoized(
+    scan: RootScan, policy: Policy, now: float, cache: InfoCache, free: FreeSpace | None
+) -> Plan:
     """`plan`, reusing the root's last decisions when the inputs are the same: the same policy
     over the very same (immutable) step records, the same anomalies, and nothing in flight, no
-    leftovers, no trash (the only inputs whose decisions depend on ``now``). `plan` is pure, so
-    the decisions are those it would make."""
+    leftovers, no trash (the only inputs whose decisions depend on ``now``), and no ``min_free``
+    (its decisions depend on the free space). `plan` is pure, so the decisions are those it would
+    make."""
     last = cache.last_plan(scan.root)
     if last is not None and _same_inputs(last[0], last[1].policy, scan, policy):
-        return Plan(scan.root, policy, now, last[1].decisions, last[1].layout)
-    fresh = plan(scan, policy, now)
-    cache.keep_plan(scan.root, (scan, fresh) if _timeless(scan) else None)
+        return Plan(scan.root, policy, now, last[1].decisions, last[1].layout, free=free)
+    fresh = plan(scan, policy, now, free)
+    timeless = _timeless(scan) and policy.min_free is None
+    cache.keep_plan(scan.root, (scan, fresh) if timeless else None)
     return fresh
 
 
@@ -157,10 +163,11 @@ def _scan_and_plan(
         report.problems.append(f"cannot list root: {errno_name(exc)}")
         return False
     report.scan = scan
+    free = disk_facts(scan, policy, now, cache)  # statvfs; sizes only with min_free
     if memo and cache is not None:
-        report.plan = _plan_memoized(scan, policy, now, cache)
+        report.plan = _plan_memoized(scan, policy, now, cache, free)
     else:
-        report.plan = plan(scan, policy, now)
+        report.plan = plan(scan, policy, now, free)
     return True
 
 

@@ -14,6 +14,7 @@ from rich.text import Text
 from ckptkeeper import Action, Policy
 
 from .reconcile import Report
+from .spacelog import space_to_dict
 
 __all__ = ["print_reports", "report_to_dict"]
 
@@ -63,6 +64,7 @@ def report_to_dict(report: Report, policy: Policy | None = None) -> dict[str, An
             }
             for d in report.plan.decisions
         ]
+        doc.update(space_to_dict(report.plan))
     if report.outcomes:
         doc["outcomes"] = [
             {
@@ -126,6 +128,8 @@ def _title(report: Report, policy: Policy) -> Text:
         bounds.append(f"keep_latest_n={policy.keep_latest_n}")
     if policy.keep_every_n_steps is not None:
         bounds.append(f"keep_every_n_steps={policy.keep_every_n_steps}")
+    if policy.min_free is not None:
+        bounds.append(f"min_free={policy.min_free}")
     return Text(f"{report.root}  [{', '.join(bounds) or 'no bound: nothing is deleted'}]")
 
 

@@ -158,8 +158,8 @@ class SettingsResolver:
         if walk is not None:
             problems.extend(_yaml_problems(root, walk, configured, doubt))
         if not run_file_ok or doubt:
-            # Until what the owner or the run meant is known, delete nothing.
-            policy = replace(settings.policy, keep_top_k=None, keep_latest_n=None)
+            # Until what the owner or the run meant is known, delete nothing (pressure included).
+            policy = replace(settings.policy, keep_top_k=None, keep_latest_n=None, min_free=None)
             settings = replace(settings, policy=policy)
         if not run_file_ok:
             prefix = str(root / RUN_FILE)

@@ -21,6 +21,7 @@ from .manager import CheckpointingConfig, CheckpointManager, PathLike, _load_che
 from .names import Kind, ParsedName, parse_name
 from .plan import Action, Decision, Plan, plan
 from .policy import Policy, PolicyError, parse_duration
+from .pressure import FreeSpace, Pressure
 from .records import Anomaly, Checkpoint, InFlight, Leftover, RootScan, TrashEntry
 from .removal import Removal, remove_tree
 from .scan import InfoCache, read_training_info, scan_root
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointingConfig",
     "Decision",
+    "FreeSpace",
     "Fs",
     "InFlight",
     "InfoCache",
@@ -44,6 +46,7 @@ __all__ = [
     "Plan",
     "Policy",
     "PolicyError",
+    "Pressure",
     "Removal",
     "RootLock",
     "RootScan",

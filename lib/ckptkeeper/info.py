@@ -65,6 +65,7 @@ class InfoCache:
         self._roots: dict[str, dict[str, tuple[_InfoKey, _InfoResult]]] = {}
         self._steps: dict[str, dict[str, _StepMemo]] = {}
         self._plans: dict[str, tuple[RootScan, Plan] | None] = {}
+        self._sizes: dict[str, dict[tuple[int, int, int], int]] = {}
         self.parses = 0  # how many files were actually parsed (for tests and benchmarks)
         self.memo_hits = 0  # step directories a memoized scan did not look inside (for tests)
 
@@ -91,6 +92,7 @@ class InfoCache:
             self._roots.pop(str(root), None)
             self._steps.pop(str(root), None)
             self._plans.pop(str(root), None)
+            self._sizes.pop(str(root), None)
 
     def last_plan(self, root: Path) -> tuple[RootScan, Plan] | None:
         """The scan and plan a caller kept with `keep_plan` (forgotten by `drop_root`)."""
@@ -100,6 +102,15 @@ class InfoCache:
     def keep_plan(self, root: Path, made: tuple[RootScan, Plan] | None) -> None:
         with self._lock:
             self._plans[str(root)] = made
+
+    def tree_sizes(self, root: Path) -> dict[tuple[int, int, int], int]:
+        """Bytes of the checkpoint trees measured in ``root``, by (st_dev, st_ino, st_ctime_ns)."""
+        with self._lock:
+            return self._sizes.get(str(root), {})
+
+    def keep_tree_sizes(self, root: Path, sizes: dict[tuple[int, int, int], int]) -> None:
+        with self._lock:
+            self._sizes[str(root)] = sizes  # replaced whole
 
     def step_memo(self, root: str) -> dict[str, _StepMemo]:
         with self._lock:

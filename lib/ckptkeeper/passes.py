@@ -24,6 +24,7 @@ from .policy import Policy
 from .records import RootScan
 from .removal import Removal
 from .scan import InfoCache
+from .space import disk_facts
 from .storage import PosixStorage, Storage
 
 __all__ = ["EVERYTHING", "RECOVERY", "PassResult", "locked_pass", "recovery_needed"]
@@ -99,7 +100,8 @@ def locked_pass(
             stale_before=now - policy.stale_after,
         )
         result.scan = select(scan) if select is not None else scan
-        result.plan = plan(result.scan, policy, now)
+        free = disk_facts(result.scan, policy, now, cache)  # statvfs; sizes only with min_free
+        result.plan = plan(result.scan, policy, now, free)
         chosen = result.plan.by_action(*(set(actions) & APPLIED))
         todo = Plan(root, policy, now, chosen, result.plan.layout)
         result.outcomes = apply_plan(todo, storage=store, on_outcome=on_outcome)

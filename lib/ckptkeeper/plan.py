@@ -1,8 +1,10 @@
-"""The pure planner: ``plan(scan, policy, now) -> Plan``. No I/O, time is an input.
+"""The pure planner: ``plan(scan, policy, now, free) -> Plan``. No I/O: time and free space are
+inputs.
 
 It decides, with reasons, what happens to every checkpoint-named entry of one root: finalize
 complete saves, finish or undo interrupted replaces, collect stale saves, keep or delete each
-step, purge trash. ``status`` and ``--dry-run`` print a plan; `execute.apply_plan` carries it out.
+step, purge trash, and under disk pressure (``min_free``, `ckptkeeper.pressure`) delete beyond
+the other rules. ``status`` and ``--dry-run`` print a plan; `execute.apply_plan` carries it out.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .layouts import NEMO_RL, Layout
 from .names import Kind
 from .policy import Policy, metric_value, rules_for
+from .pressure import FreeSpace, Pressure, pressure_order, protected_steps
 from .records import Checkpoint, InFlight, Leftover, RootScan
 
-__all__ = ["APPLIED", "RECOVERY", "Action", "Decision", "Plan", "plan"]
+__all__ = ["APPLIED", "RECOVERY", "Action", "Decision", "FreeSpace", "Plan", "Pressure", "plan"]
 
 
 class Action(enum.StrEnum):
@@ -75,6 +78,9 @@ class Plan:
     now: float
     decisions: tuple[Decision, ...]
     layout: Layout = NEMO_RL  # the scan's: how the executor names what it renames
+    free: FreeSpace | None = None  # what the pass measured (None: not measured)
+    pressure: Pressure | None = None  # set while free space is below min_free
+    next_save_may_not_fit: bool = False  # the newest checkpoint is larger than the free space
 
     def __iter__(self) -> Iterator[Decision]:
         return iter(self.decisions)
@@ -111,8 +117,11 @@ def _since(idle: float) -> str:
     return f"{_age(idle)} ago"
 
 
-def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
-    """Decide every entry of one root. Pure: the same inputs give the same plan."""
+def plan(scan: RootScan, policy: Policy, now: float, free: FreeSpace | None = None) -> Plan:
+    """Decide every entry of one root. Pure: the same inputs give the same plan.
+
+    ``free``: the root's filesystem as the pass measured it; with ``min_free`` in the policy it
+    turns on disk-pressure deletions, and with sizes in it ``next_save_may_not_fit``."""
     root = scan.root
     step_name = functools.partial(scan.layout.format, Kind.STEP)
     decisions: list[Decision] = []
@@ -124,6 +133,7 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
 
     # What the step set will be once saves are finalized and interrupted replaces are resolved.
     projected: dict[int, Checkpoint] = dict(steps)
+    finalizing: list[int] = []
     olds = {o.step: o for o in scan.leftovers}
     # A step_N that is not a directory (a symlink, a file) stands where a save would be
     # finalized or restored: nothing is renamed over it; the plan says so, every pass alike.
@@ -156,6 +166,7 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
                 tmp, policy, steps, olds, root / step_name(tmp.step)
             )
             decisions.append(decision)
+            finalizing.append(tmp.step)
         else:
             decisions.append(_unmarked(tmp, policy, now))
 
@@ -170,8 +181,21 @@ def plan(scan: RootScan, policy: Policy, now: float) -> Plan:
             why = f"in trash for {_age(age)}, grace {_age(policy.trash_grace)}"
             decisions.append(Decision(None, entry.path, Action.HOLD, (why,)))
 
+    pressure = None
+    if free is not None and policy.min_free is not None:
+        pressure = _relieve(decisions, list(projected.values()), finalizing, policy, free)
     decisions.sort(key=lambda d: (d.step is None, d.step or 0, str(d.path)))
-    return Plan(root, policy, now, tuple(decisions), scan.layout)
+    tight = free is not None and _next_save_may_not_fit(decisions, projected, free)
+    return Plan(
+        root,
+        policy,
+        now,
+        tuple(decisions),
+        scan.layout,
+        free=free,
+        pressure=pressure,
+        next_save_may_not_fit=tight,
+    )
 
 
 def _finalize(
@@ -281,8 +305,75 @@ def _retention(checkpoints: list[Checkpoint], policy: Policy, layout: Layout) ->
             )
         elif not policy.bounded:
             why = "no keep_top_k or keep_latest_n: nothing is deleted"
+            if policy.min_free is not None:
+                why = "no keep_top_k or keep_latest_n: deleted only under disk pressure"
             out.append(Decision(c.step, c.path, Action.KEEP, (why,), c.identity, metric))
         else:
             reasons = tuple(dropped[c.step]) or ("no rule keeps it",)
             out.append(Decision(c.step, c.path, Action.DELETE, reasons, c.identity, metric))
     return out
+
+
+_FREEING = (Action.DELETE, Action.COLLECT, Action.DISCARD)
+
+
+def _expected_free(decisions: list[Decision], free: FreeSpace) -> int:
+    """Free space once this plan is carried out, counting only the sizes the pass measured."""
+    freed = sum(free.sizes.get(d.identity, 0) for d in decisions if d.action in _FREEING)
+    held = any(d.action is Action.HOLD for d in decisions)
+    return free.free_bytes + freed + (0 if held else free.trash_bytes)
+
+
+def _next_save_may_not_fit(
+    decisions: list[Decision], projected: dict[int, Checkpoint], free: FreeSpace
+) -> bool:
+    if not projected:
+        return False
+    size = free.sizes.get(projected[max(projected)].identity)
+    return size is not None and size > _expected_free(decisions, free)
+
+
+def _relieve(
+    decisions: list[Decision],
+    checkpoints: list[Checkpoint],
+    finalizing: list[int],
+    policy: Policy,
+    free: FreeSpace,
+) -> Pressure | None:
+    """Below ``min_free``: purge trash within its grace, then turn the worst unprotected KEEP
+    decisions into DELETE (in place) until the expected free space reaches ``min_free``."""
+    threshold = policy.pressure_threshold
+    assert threshold is not None
+    target = threshold.bytes_for(free.total_bytes)
+    if free.free_bytes >= target or free.total_bytes <= 0:  # no size reported: nothing judged
+        return None
+    why = f"disk pressure: {threshold.describe(free.free_bytes, free.total_bytes)}"
+    for i, d in enumerate(decisions):
+        if d.action is Action.HOLD:
+            cut = f"{why}: trash grace cut short"
+            decisions[i] = replace(d, action=Action.PURGE, reasons=(*d.reasons, cut))
+    expected = _expected_free(decisions, free)
+    at = {d.step: i for i, d in enumerate(decisions) if d.action in (Action.KEEP, Action.DELETE)}
+    remaining = sum(1 for i in at.values() if decisions[i].action is Action.KEEP)
+    protected = protected_steps(checkpoints, policy, finalizing)
+    candidates = [
+        c
+        for c in checkpoints
+        if c.step not in protected and decisions[at[c.step]].action is Action.KEEP
+    ]
+    deleted: list[int] = []
+    unsized = None
+    for c in pressure_order(candidates, policy):
+        if expected >= target or remaining <= policy.min_keep:
+            break
+        d = decisions[at[c.step]]
+        was = tuple(f"otherwise kept: {r}" for r in d.reasons)
+        decisions[at[c.step]] = replace(d, action=Action.DELETE, reasons=(why, *was))
+        deleted.append(c.step)
+        remaining -= 1
+        size = free.sizes.get(c.identity)
+        if size is None:  # unknown: this one alone; the next pass measures the free space again
+            unsized = c.step
+            break
+        expected += size
+    return Pressure(why, target, expected, tuple(deleted), unsized)

@@ -1,8 +1,9 @@
 """Retention policy: validated settings and small composable keep rules.
 
 A step is kept if any rule keeps it. Deletion needs a bounding rule (``keep_top_k`` or
-``keep_latest_n``); without one nothing is deleted. Every rule returns reasons, so every decision
-can be explained. No I/O here.
+``keep_latest_n``); without one nothing is deleted. ``min_free`` bounds by free disk space instead
+(`ckptkeeper.pressure`, DESIGN section 13). Every rule returns reasons, so every decision can be
+explained. No I/O here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 from .layouts import DEFAULT_LAYOUT, NEMO_RL, Layout, LayoutError, get_layout
 from .records import Checkpoint
+from .sizes import MinFree, parse_min_free
 
 __all__ = [
     "PROTOCOL_FILES",
@@ -88,6 +90,8 @@ class Policy:
     complete_marker: str = NEMO_RL.default_marker
     trash_grace: float = 0.0
     layout: str = DEFAULT_LAYOUT
+    min_free: str | None = None  # "15%" or "500G": delete beyond the rules below it (pressure)
+    min_keep: int = 1  # under disk pressure, at least this many checkpoints remain
 
     def __post_init__(self) -> None:
         for name in ("keep_top_k", "keep_latest_n"):
@@ -110,10 +114,25 @@ class Policy:
                 raise PolicyError(name, f"expected seconds as a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise PolicyError(name, f"must be a finite number >= 0, got {value!r}")
+        if self.min_free is not None:
+            try:
+                parse_min_free(self.min_free)
+            except ValueError as exc:
+                raise PolicyError("min_free", str(exc)) from None
+            if isinstance(self.min_free, int):  # bytes, as TOML can write them: kept as text
+                object.__setattr__(self, "min_free", str(self.min_free))
+        _check_count("min_keep", self.min_keep, minimum=1, optional=False)
+
+    @property
+    def pressure_threshold(self) -> MinFree | None:
+        """``min_free`` parsed; None when disk pressure is not watched."""
+        return None if self.min_free is None else parse_min_free(self.min_free)
 
     @property
     def bounded(self) -> bool:
-        """True when some rule limits how many steps are kept, so deletion can happen."""
+        """True when some rule limits how many steps are kept, so deletion can happen.
+
+        ``min_free`` is not counted: it deletes only while the filesystem is short of space."""
         return self.keep_top_k is not None or self.keep_latest_n is not None
 
     @classmethod

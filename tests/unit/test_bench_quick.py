@@ -33,6 +33,7 @@ QUICK_RUNS: dict[str, tuple[str, ...]] = {
         "P5-watches",
         "P5-metrics",
     ),
+    "P6": ("P6-render", "P6-browser", "P6-size"),
 }
 
 
