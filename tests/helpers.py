@@ -81,12 +81,18 @@ class Daemon:
     """``ckptkeeper run ...`` as a real subprocess; JSON log lines are collected as they arrive."""
 
     def __init__(
-        self, args: Iterable[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+        self,
+        args: Iterable[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        prefix: Iterable[str] = (),
     ) -> None:
+        """``prefix``: a command that runs the daemon (e.g. ``prlimit ...``, ``setpriv ...``)."""
         full_env = dict(os.environ)
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update(env or {})
-        self.args = [CKPTKEEPER, "run", *args]
+        self.args = [*prefix, CKPTKEEPER, "run", *args]
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,

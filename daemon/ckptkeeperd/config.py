@@ -7,7 +7,8 @@ The file (DESIGN.md section 5)::
     [[root]]        path (absolute, or relative to the config file's directory) + any defaults key
     [[discover]]    glob (same; not recursive: ``**`` acts as ``*``) + any defaults key
     [daemon]        workers (roots reconciled in parallel, 4), delete_workers (threads per
-                    removal, 8), log_level (debug | info | warning | error, "info"); optional
+                    removal, 8), log_level (debug | info | warning | error, "info"),
+                    max_tmp_watches (in-flight saves watched by inotify, 8192); optional
 
 Policy values are validated by `Policy.from_mapping` alone; nothing here repeats its rules.
 TOML cannot express "unset", so a table cannot remove a bound set by a lower level; to keep every
@@ -134,6 +135,7 @@ class DaemonOptions:
     workers: int = 4
     delete_workers: int = 8
     log_level: LogLevel = "info"
+    max_tmp_watches: int = 8192  # beyond: in-flight saves are polled (ckptkeeperd.watch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +214,7 @@ class _DaemonTable(BaseModel):
     workers: int = Field(default=4, ge=1, strict=True)
     delete_workers: int = Field(default=8, ge=1, strict=True)
     log_level: LogLevel = "info"
+    max_tmp_watches: int = Field(default=8192, ge=0, strict=True)
 
 
 class _File(BaseModel):
@@ -316,7 +319,7 @@ def _from_data(data: Mapping[str, Any], *, name: str, source: Path) -> DaemonCon
     if problems:
         raise ConfigError(name, problems)
     d = parsed.daemon
-    options = DaemonOptions(d.workers, d.delete_workers, d.log_level)
+    options = DaemonOptions(d.workers, d.delete_workers, d.log_level, d.max_tmp_watches)
     return DaemonConfig(source, defaults, roots, discovers, options, defaults_values)
 
 

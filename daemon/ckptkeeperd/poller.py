@@ -21,7 +21,6 @@ import logging
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -134,7 +133,7 @@ class Polled:
 
 
 class DirPoller:
-    """One thread looking at every ``add()``-ed directory each ``interval`` seconds."""
+    """One thread looking at every ``add()``-ed directory, a round every ``interval`` seconds."""
 
     def __init__(self, interval: float, *, name: str = "ckptkeeper-poller") -> None:
         self._interval = interval
@@ -184,9 +183,9 @@ class DirPoller:
             self._thread.join()
 
     def _run(self) -> None:
-        due = time.monotonic() + self._interval
-        while not self._stop.wait(max(0.0, due - time.monotonic())):
-            due = time.monotonic() + self._interval
+        # ``interval`` is the pause between rounds: however long a round takes (thousands of
+        # dirs on a slow NFS server), this thread and the server get that much rest.
+        while not self._stop.wait(self._interval):
             with self._lock:
                 dirs = list(self._dirs.values())
             for polled in dirs:
