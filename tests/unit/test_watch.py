@@ -39,7 +39,18 @@ from ckptkeeper import write_marker
 from ckptkeeper.scan import writer_lock_held
 from ckptkeeperd import fstype as fstype_mod
 from ckptkeeperd.fstype import filesystem_type, is_network_fs
-from ckptkeeperd.hints import Debouncer, Hint, event_hint
+from ckptkeeperd.hints import Debouncer, Hint, event_hint, from_inotify
+from ckptkeeperd.inotify import (
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+)
 from ckptkeeperd.watch import RootWatcher, resolve_observer
 
 KINDS = ["inotify", "polling"]
@@ -266,6 +277,25 @@ def test_in_a_tmp_dir_only_the_marker_arriving_is_a_hint_and_it_is_immediate(
     # the root's own marker name counts, no other
     assert event_hint(root, tmp, FileCreatedEvent(str(tmp / "DONE")), "DONE") is Hint.NOW
     assert event_hint(root, tmp, FileCreatedEvent(str(tmp / ".complete")), "DONE") is Hint.NONE
+
+
+def test_inotify_events_stand_for_the_events_event_hint_reads(tmp_path: Path) -> None:
+    w = tmp_path / "run"
+    f, d = str(w / "x"), str(w / "x")
+    cases = [
+        (IN_CREATE, "x", FileCreatedEvent(f)),
+        (IN_CREATE | IN_ISDIR, "x", DirCreatedEvent(d)),
+        (IN_MOVED_TO, "x", FileCreatedEvent(f)),  # a rename's new name
+        (IN_MOVED_TO | IN_ISDIR, "x", DirCreatedEvent(d)),
+        (IN_MOVED_FROM | IN_ISDIR, "x", DirDeletedEvent(d)),  # a rename's old name
+        (IN_DELETE, "x", FileDeletedEvent(f)),
+        (IN_CLOSE_WRITE, "x", FileClosedEvent(f)),
+        (IN_DELETE_SELF, "", DirDeletedEvent(str(w))),  # the watched dir: its watch is dead
+        (IN_MOVE_SELF, "", DirDeletedEvent(str(w))),
+        (IN_IGNORED, "", DirDeletedEvent(str(w))),
+        (IN_CLOSE_WRITE | IN_ISDIR, "x", None),
+    ]
+    assert [from_inotify(w, mask, name) for mask, name, _ in cases] == [e for _, _, e in cases]
 
 
 def test_without_the_marker_name_any_new_file_in_a_tmp_dir_is_a_debounced_hint(
@@ -558,6 +588,19 @@ def test_root_replaced_in_a_flash_converges_to_a_live_watch(
             assert changed.wait_for(lambda: root in changes, TIMEOUT)
     finally:
         w.stop()
+
+
+def test_root_renamed_away_is_unwatched_at_once_and_reported(
+    tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    w = make_watcher()
+    w.set_roots({root: "inotify"})
+    root.rename(tmp_path / "run.old")  # its watch would follow the inode to run.old
+    assert rec.wait_change(root)
+    assert wait_for(lambda: w.watch_count() == 0)  # without waiting for set_roots
+    assert [reason for _, reason in rec.problems] == ["missing (not watched until it appears)"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
