@@ -89,14 +89,16 @@ class Daemon:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         metrics_address: str | None = "127.0.0.1:0",
+        prefix: Iterable[str] = (),
     ) -> None:
         """``metrics_address``: ``run --metrics-address`` (default: a free loopback port, so
-        daemons running at once never contend for 9464); None passes no flag."""
+        daemons running at once never contend for 9464); None passes no flag. ``prefix``: a
+        command that runs the daemon (e.g. ``prlimit ...``, ``setpriv ...``)."""
         full_env = dict(os.environ)
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update(env or {})
         flag = [] if metrics_address is None else ["--metrics-address", metrics_address]
-        self.args = [CKPTKEEPER, "run", *flag, *args]  # before any `-- TRAINER CMD`
+        self.args = [*prefix, CKPTKEEPER, "run", *flag, *args]  # before any `-- TRAINER CMD`
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,

@@ -9,7 +9,8 @@ The file (DESIGN.md section 5)::
     [daemon]        workers (roots reconciled in parallel, 4), delete_workers (threads per
                     removal, 8), log_level (debug | info | warning | error, "info"),
                     metrics_address ("host:port" of the Prometheus endpoint, "127.0.0.1:9464";
-                    "" turns it off), root_labels (a ``root`` label on metrics, true); optional
+                    "" turns it off), root_labels (a ``root`` label on metrics, true),
+                    max_tmp_watches (in-flight saves watched by inotify, 8192); optional
 
 Policy values are validated by `Policy.from_mapping` alone; nothing here repeats its rules.
 TOML cannot express "unset", so a table cannot remove a bound set by a lower level; to keep every
@@ -150,6 +151,7 @@ class DaemonOptions:
     log_level: LogLevel = "info"
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     root_labels: bool = True
+    max_tmp_watches: int = 8192  # beyond: in-flight saves are polled (ckptkeeperd.watch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,8 @@ class _DaemonTable(BaseModel):
     def _address(cls, value: str) -> str:
         parse_address(value)  # ValueError names what is wrong
         return value
+
+    max_tmp_watches: int = Field(default=8192, ge=0, strict=True)
 
 
 class _File(BaseModel):
@@ -343,7 +347,12 @@ def _from_data(data: Mapping[str, Any], *, name: str, source: Path) -> DaemonCon
         raise ConfigError(name, problems)
     d = parsed.daemon
     options = DaemonOptions(
-        d.workers, d.delete_workers, d.log_level, d.metrics_address, d.root_labels
+        d.workers,
+        d.delete_workers,
+        d.log_level,
+        d.metrics_address,
+        d.root_labels,
+        d.max_tmp_watches,
     )
     return DaemonConfig(source, defaults, roots, discovers, options, defaults_values)
 

@@ -1,7 +1,8 @@
 """Which filesystem a path lives on, read from ``/proc/self/mountinfo``.
 
-The daemon uses this to choose an observer: inotify sees nothing that another host does on a
-network filesystem (NFS, Lustre, GPFS, CIFS, FUSE-based ones, ...), so those get polling.
+The daemon uses this to choose an observer (`resolve_observer`): inotify sees nothing that another
+host does on a network filesystem (NFS, Lustre, GPFS, CIFS, FUSE-based ones, ...), so those get
+polling.
 
 Format of a mountinfo line (proc(5)); the optional fields end at a lone ``-``::
 
@@ -18,17 +19,21 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "NETWORK_FS_TYPES",
+    "OBSERVER_SETTINGS",
     "MountEntry",
     "filesystem_type",
     "find_mount",
     "is_network_fs",
     "parse_mountinfo",
+    "resolve_observer",
 ]
 
 MOUNTINFO_PATH = "/proc/self/mountinfo"
+OBSERVER_SETTINGS = ("auto", "inotify", "polling")
 
 NETWORK_FS_TYPES: frozenset[str] = frozenset(
     {
@@ -141,3 +146,39 @@ def is_network_fs(fstype: str) -> bool:
     if name in NETWORK_FS_TYPES:
         return True
     return name in ("fuse", "fuseblk") or name.startswith("fuse.")
+
+
+_FSTYPES: dict[tuple[Path, int], str] = {}  # (root, st_dev) -> fstype; bounded by clearing
+
+
+def _filesystem_type(root: Path) -> str:
+    """Mountinfo is parsed once per (root, st_dev): a mount on a root changes its st_dev."""
+    try:
+        key = (root, os.stat(root).st_dev)
+    except OSError:
+        return filesystem_type(root)  # no directory to key on yet: not cached
+    if key not in _FSTYPES:
+        if len(_FSTYPES) >= 4096:  # discovered roots come and go
+            _FSTYPES.clear()
+        _FSTYPES[key] = filesystem_type(root)
+    return _FSTYPES[key]
+
+
+def resolve_observer(root: Path, setting: str) -> str:
+    """``auto``/``inotify``/``polling`` -> ``inotify`` or ``polling`` for ``root``.
+
+    ``auto`` polls roots on network, cluster and FUSE filesystems (inotify does not see what other
+    hosts do there), and also when the filesystem cannot be determined. Cheap to call again for a
+    known root: one ``stat``; mountinfo is only read for a new (root, st_dev).
+    """
+    if setting not in OBSERVER_SETTINGS:
+        raise ValueError(f"observer must be one of {', '.join(OBSERVER_SETTINGS)}, not {setting!r}")
+    if setting == "polling":
+        return "polling"
+    if setting == "inotify":
+        return "inotify"
+    try:
+        fstype = _filesystem_type(root)
+    except (OSError, LookupError):
+        return "polling"
+    return "polling" if is_network_fs(fstype) else "inotify"

@@ -1,7 +1,8 @@
 """What a filesystem event means for its root, and the debouncer that turns hints into passes.
 
 Handlers only classify an event (`event_hint`) and trigger the `Debouncer`; the scheduled pass is
-the truth. The event filters below are the inotify masks the watches ask for.
+the truth. Events are watchdog's event classes, whichever source saw them: the polling of
+`ckptkeeperd.poller`, or inotify (`from_inotify`, with the masks below that the watches ask for).
 """
 
 from __future__ import annotations
@@ -18,29 +19,39 @@ from watchdog import events as ev
 
 from ckptkeeper.layouts import NEMO_RL
 from ckptkeeperd.config import RUN_FILE
+from ckptkeeperd.inotify import (
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+)
 
 __all__ = [
     "DEFAULT_MARKER",
     "OWN_AREA",
-    "ROOT_EVENTS",
-    "TMP_EVENTS",
+    "ROOT_MASK",
+    "TMP_MASK",
     "Debouncer",
     "Hint",
     "event_hint",
+    "from_inotify",
 ]
 
 OWN_AREA = ".ckptkeeper"
 DEFAULT_MARKER = NEMO_RL.default_marker
 _logger = logging.getLogger(__name__)  # stdlib, only for exceptions raised by callbacks
 
-# What a watch can need (its event_filter). Root: entries coming and going, its own deletion, and
-# edits of the run's policy file (inotify: a close after writing; polling: mtime/size changed).
-# Tmp dir: the marker arriving, its own deletion. DirModified only repeats those (or, polled,
-# reports writes below): never news, nor are reads and attribute changes.
-ROOT_EVENTS = [ev.FileCreatedEvent, ev.DirCreatedEvent, ev.FileMovedEvent, ev.DirMovedEvent]
-ROOT_EVENTS += [ev.FileDeletedEvent, ev.DirDeletedEvent]
-EDIT_EVENT = {"inotify": ev.FileClosedEvent, "polling": ev.FileModifiedEvent}
-TMP_EVENTS = [ev.FileCreatedEvent, ev.FileMovedEvent, ev.DirDeletedEvent]
+# What a watch asks inotify for. Root: entries coming and going, itself deleted or renamed away,
+# and the run's policy file closed after writing. Tmp dir: the marker arriving, itself deleted.
+# Never reads, opens, attribute changes, or writes in progress: none of them is news.
+ROOT_MASK = IN_CREATE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+ROOT_MASK |= IN_CLOSE_WRITE
+TMP_MASK = IN_CREATE | IN_MOVED_TO | IN_DELETE_SELF
 _NOT_NEWS: tuple[type[ev.FileSystemEvent], ...] = (ev.FileOpenedEvent, ev.FileClosedNoWriteEvent)
 _NOT_NEWS += (ev.DirModifiedEvent, ev.FileAttribEvent, ev.DirAttribEvent)
 
@@ -115,6 +126,29 @@ class Hint(enum.Enum):
     NONE = "none"  # not news: reads, metadata, our own area, a save being written
     SOON = "soon"  # something changed: a debounced pass
     NOW = "now"  # the completion marker arrived in an in-flight tmp dir: a pass at once
+
+
+def from_inotify(watched: Path, mask: int, name: str) -> ev.FileSystemEvent | None:
+    """The event an inotify event on ``watched`` stands for; None: nothing `event_hint` reads.
+
+    A rename is seen as its halves: the old name deleted (IN_MOVED_FROM), the new one created
+    (IN_MOVED_TO); `event_hint` takes a move in a root as news whatever its names, and the marker
+    renamed into place as its creation. The watched directory deleted, renamed away (its watch
+    follows the inode elsewhere) or dropped by the kernel (IN_IGNORED: also after an unmount) is
+    ``DirDeletedEvent(watched)``: its watch is dead."""
+    if not name:
+        if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
+            return ev.DirDeletedEvent(os.fspath(watched))
+        return None
+    path = os.fspath(watched / name)
+    is_dir = bool(mask & IN_ISDIR)
+    if mask & (IN_CREATE | IN_MOVED_TO):
+        return ev.DirCreatedEvent(path) if is_dir else ev.FileCreatedEvent(path)
+    if mask & (IN_DELETE | IN_MOVED_FROM):
+        return ev.DirDeletedEvent(path) if is_dir else ev.FileDeletedEvent(path)
+    if mask & IN_CLOSE_WRITE and not is_dir:
+        return ev.FileClosedEvent(path)
+    return None
 
 
 def _name(path: bytes | str) -> str:

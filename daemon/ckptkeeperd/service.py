@@ -79,7 +79,11 @@ class Keeper:
         self._scheduler = BackgroundScheduler(
             timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
         )
-        self._watcher = RootWatcher(self.request, on_problem=self._watch_problem)
+        self._watcher = RootWatcher(
+            self.request,
+            on_problem=self._watch_problem,
+            max_tmp_watches=config.daemon.max_tmp_watches,
+        )
         self._idle = threading.Condition(self._state_lock)
         self._last_action = "none yet"
         self._checkpoints: dict[Path, int] = {}

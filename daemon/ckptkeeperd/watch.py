@@ -1,109 +1,59 @@
 """Filesystem watches on checkpoint roots: events are hints that enqueue a reconcile of a root.
 
 Watched: each root non-recursively, plus each in-flight ``tmp_step_N`` non-recursively while it
-exists (so its marker is seen); never a checkpoint tree. inotify watches, watchdog emitter threads
-(one per watch) and polling cost are O(roots + in-flight saves), not O(files). The completion
-marker arriving in a tmp dir (created, or renamed into place) makes its root's pass due at once;
-other changes in a root are debounced; anything else in a tmp dir is a save being written (no
-hint, once ``set_roots`` is told the root's marker name).
+exists (so its marker is seen); never a checkpoint tree. The completion marker arriving in a tmp
+dir (created, or renamed into place) makes its root's pass due at once; other changes in a root
+are debounced; anything else in a tmp dir is a save being written (no hint, once ``set_roots``
+is told the root's marker name). A new tmp dir watch makes the pass due at once if the marker is
+there already (what happened before the watch was not seen), soon if its name is not known.
 
-watchdog 7.1, as read in its installed source:
-
-* Handlers run in an observer's dispatcher thread *holding the observer's lock*: ours takes no
-  lock of ours, it triggers the debouncer and posts watch changes to our worker thread.
-* On a running observer ``schedule()`` adds the inotify watch, or takes the first snapshot, before
-  it returns: ENOENT/ENOSPC raise there, and a look right after it misses nothing.
-  ``event_filter`` sets the inotify mask (IN_DELETE_SELF always on): no opens, reads, writes.
-* A watched dir deleted, or gone at a poll: the emitter queues ``DirDeletedEvent(dir)`` and ends
-  its thread (poll errors such as ESTALE are logged by watchdog and retried). A renamed dir
-  (IN_MOVE_SELF) emits nothing and the inotify watch follows the inode: hence the
-  (st_dev, st_ino) and emitter-liveness checks.
-* A poll is ``DirectorySnapshot(path, recursive=False, stat=, listdir=)``: ``stat(path)``, then a
-  ``stat`` of each name ``listdir`` gives (only ``entry.name`` is read; a failed stat skips it).
-  For a polled tmp dir ours gives only the marker's name: two stats per poll whatever the save
-  holds (a full snapshot of 20,000 files took 100 ms here; on NFS it is a GETATTR per file).
+Threads do not grow with roots or saves: one inotify fd and its reader thread
+(`ckptkeeperd.inotify`), one poller thread (`ckptkeeperd.poller`), one worker updating watches,
+one debouncer. Kernel watches: one per root and per in-flight save, up to ``max_tmp_watches`` of
+those; past it saves are polled (one ``lstat`` of the marker per poll), as is any directory that
+inotify refuses for want of watches (ENOSPC: ``fs.inotify.max_user_watches``); each logged once.
+A watched dir deleted (IN_DELETE_SELF, IN_IGNORED), a root renamed (IN_MOVE_SELF), a polled dir
+gone or replaced: its watch is dead and the worker re-syncs it; an inode number alone does not
+tell a live watch (ext4 and tmpfs reuse it at once). IN_Q_OVERFLOW (events lost): every root
+gets a pass, and each pass re-syncs its tmp watches (``set_in_flight``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
-from typing import cast
 
 from watchdog import events as ev
-from watchdog.observers.api import BaseObserver, EventEmitter, ObservedWatch
-from watchdog.observers.polling import PollingObserverVFS
 
 from ckptkeeper.names import Kind, parse_name
-from ckptkeeperd.fstype import filesystem_type, is_network_fs
+from ckptkeeperd.config import RUN_FILE
+from ckptkeeperd.fstype import OBSERVER_SETTINGS, resolve_observer
 from ckptkeeperd.hints import (
     DEFAULT_MARKER,
-    EDIT_EVENT,
-    ROOT_EVENTS,
-    TMP_EVENTS,
+    ROOT_MASK,
+    TMP_MASK,
     Debouncer,
     Hint,
     event_hint,
+    from_inotify,
 )
+from ckptkeeperd.inotify import InotifyReader, Watch
+from ckptkeeperd.logs import get_logger
+from ckptkeeperd.poller import DirPoller, Polled
 
-__all__ = ["OBSERVER_SETTINGS", "RootWatcher", "resolve_observer"]
+__all__ = ["DEFAULT_MAX_TMP_WATCHES", "OBSERVER_SETTINGS", "RootWatcher", "resolve_observer"]
 
-OBSERVER_SETTINGS = ("auto", "inotify", "polling")
+DEFAULT_MAX_TMP_WATCHES = 8192  # a watch pins ~1 KiB of kernel memory; a poll costs CPU
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 _logger = logging.getLogger(__name__)  # stdlib, only for exceptions raised by callbacks
-
-
-def _inotify_observer_class() -> Callable[[], BaseObserver] | None:
-    try:
-        from watchdog.observers.inotify import InotifyObserver
-    except Exception:  # ImportError off Linux; UnsupportedLibcError (an Exception) without inotify
-        return None
-    return InotifyObserver
-
-
-_FSTYPES: dict[tuple[Path, int], str] = {}  # (root, st_dev) -> fstype; bounded by clearing
-
-
-def _filesystem_type(root: Path) -> str:
-    """Mountinfo is parsed once per (root, st_dev): a mount on a root changes its st_dev."""
-    try:
-        key = (root, os.stat(root).st_dev)
-    except OSError:
-        return filesystem_type(root)  # no directory to key on yet: not cached
-    if key not in _FSTYPES:
-        if len(_FSTYPES) >= 4096:  # discovered roots come and go
-            _FSTYPES.clear()
-        _FSTYPES[key] = filesystem_type(root)
-    return _FSTYPES[key]
-
-
-def resolve_observer(root: Path, setting: str) -> str:
-    """``auto``/``inotify``/``polling`` -> ``inotify`` or ``polling`` for ``root``.
-
-    ``auto`` polls roots on network, cluster and FUSE filesystems (inotify does not see what other
-    hosts do there), and also when the filesystem cannot be determined. Cheap to call again for a
-    known root: one ``stat``; mountinfo is only read for a new (root, st_dev).
-    """
-    if setting not in OBSERVER_SETTINGS:
-        raise ValueError(f"observer must be one of {', '.join(OBSERVER_SETTINGS)}, not {setting!r}")
-    if setting == "polling" or _inotify_observer_class() is None:
-        return "polling"
-    if setting == "inotify":
-        return "inotify"
-    try:
-        fstype = _filesystem_type(root)
-    except (OSError, LookupError):
-        return "polling"
-    return "polling" if is_network_fs(fstype) else "inotify"
 
 
 def _probe(path: Path) -> tuple[tuple[int, int] | None, str]:
@@ -123,18 +73,18 @@ def _probe(path: Path) -> tuple[tuple[int, int] | None, str]:
 
 @dataclass
 class _Watch:
-    observer: BaseObserver
-    watch: ObservedWatch
-    emitter: EventEmitter | None
+    handle: Watch | Polled
     identity: tuple[int, int]
-    kind: str
+    counted: bool = False  # one of the max_tmp_watches inotify watches of tmp dirs
+
+    @property
+    def kind(self) -> str:
+        return "inotify" if isinstance(self.handle, Watch) else "polling"
 
     def current(self, identity: tuple[int, int] | None) -> bool:
-        """Still watching the directory that has this identity now? The inode number alone is
-        not enough: ext4 and tmpfs hand a freed one to the next mkdir, so a root deleted and
-        recreated often keeps (st_dev, st_ino); its old watch is dead, and so is its emitter."""
-        alive = self.emitter is not None and self.emitter.is_alive()
-        return alive and identity == self.identity
+        """Still watching the directory that has this identity now (and not a dead watch of a
+        directory deleted and recreated with the same (st_dev, st_ino))?"""
+        return self.handle.alive and identity == self.identity
 
 
 @dataclass
@@ -144,22 +94,11 @@ class _Root:
     tmp: dict[Path, _Watch] = field(default_factory=dict)
 
 
-class _Handler(ev.FileSystemEventHandler):
-    """Runs in an observer's dispatcher thread (observer lock held): no locks of ours here."""
-
-    def __init__(self, owner: RootWatcher, root: Path, watched: Path) -> None:
-        self._owner = owner
-        self._root = root
-        self._watched = watched
-
-    def dispatch(self, event: ev.FileSystemEvent) -> None:
-        self._owner._on_event(self._root, self._watched, event)
-
-
 class RootWatcher:
-    """Keeps watchdog watches on roots and their in-flight tmp dirs; calls ``on_change(root)``
-    (from one thread) when something may have changed there: at once for a completion marker,
-    debounced for anything else."""
+    """Keeps watches on roots and their in-flight tmp dirs; calls ``on_change(root)`` (from one
+    thread) when something may have changed there: at once for a completion marker, debounced
+    for anything else. ``max_tmp_watches``: in-flight saves watched by inotify at most (beyond
+    it they are polled every ``polling_interval`` seconds)."""
 
     def __init__(
         self,
@@ -168,20 +107,28 @@ class RootWatcher:
         debounce: float = 0.15,
         polling_interval: float = 1.0,
         on_problem: Callable[[Path, str], None] | None = None,
+        max_tmp_watches: int = DEFAULT_MAX_TMP_WATCHES,
     ) -> None:
+        if max_tmp_watches < 0:
+            raise ValueError(f"max_tmp_watches must be >= 0, got {max_tmp_watches}")
         self._on_change = on_change
         self._on_problem = on_problem
         self._polling_interval = polling_interval
+        self._max_tmp_watches = max_tmp_watches
         self._debouncer = Debouncer(self._fire, delay=debounce, max_delay=max(1.0, debounce))
         self._lock = threading.RLock()
         self._roots: dict[Path, _Root] = {}
-        self._observers: dict[str, BaseObserver] = {}
+        self._inotify: InotifyReader | None = None
+        self._poller: DirPoller | None = None
+        self._tmp_inotify = 0  # tmp dirs watched by inotify now
+        self._noticed: set[str] = set()  # process-wide notices already logged
         self._reported: dict[Path, str] = {}  # root -> last reported problem (reported once)
-        # Read without our lock by handlers and polling emitters (a dict get is atomic).
+        # Read without our lock by the inotify and poller threads (attribute and dict reads).
         self._markers: dict[Path, str | None] = {}  # root -> its marker's name, None: not told
-        self._polled_tmp: dict[str, Path] = {}  # polled tmp dir -> its root: probe the marker
+        self._wanted: tuple[Path, ...] = ()  # roots of the last set_roots
         self._problems: list[tuple[Path, str]] = []  # to deliver once the lock is released
         self._stopped = False
+        self._closing = False  # set by stop() before it takes the lock
         self._jobs: queue.SimpleQueue[tuple[Path, Callable[[], None]] | None] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._work, name="ckptkeeper-watch", daemon=True)
         self._worker.start()
@@ -207,6 +154,7 @@ class RootWatcher:
                 del self._markers[root]
             names: Mapping[Path, str | None] = dict.fromkeys(roots) if markers is None else markers
             self._markers.update({r: names.get(r, DEFAULT_MARKER) for r in roots})
+            self._wanted = tuple(roots)
             for root, kind in roots.items():
                 try:
                     self._sync_root(root, kind)
@@ -228,6 +176,8 @@ class RootWatcher:
             for tmp in [t for t in state.tmp if t not in wanted]:
                 self._unschedule(state.tmp.pop(tmp))
             for tmp in sorted(wanted):
+                if self._closing:  # stop() waits for this lock: let it have it now
+                    break
                 self._sync_tmp(root, state, tmp)
         self._deliver_problems()
 
@@ -236,22 +186,21 @@ class RootWatcher:
             return sum(1 + len(state.tmp) for state in self._roots.values())
 
     def stop(self) -> None:
-        """Stop observers, worker and debouncer; join all their threads."""
+        """Stop the inotify reader, the poller, the worker and the debouncer; join their threads."""
+        self._closing = True
         with self._lock:
             already, self._stopped = self._stopped, True
-            observers = list(self._observers.values())
-            self._observers.clear()
+            sources = [s for s in (self._inotify, self._poller) if s is not None]
+            self._inotify = self._poller = None
             self._roots.clear()
-            self._polled_tmp.clear()
+            self._tmp_inotify = 0
         if already:
             return
         self._jobs.put(None)
         if threading.current_thread() is not self._worker:  # e.g. stop() from on_problem
             self._worker.join()
-        for observer in observers:
-            observer.stop()  # unschedules (joins) every emitter, closes the inotify fd
-        for observer in observers:
-            observer.join()
+        for source in sources:
+            source.stop()  # the reader's fd closes: the kernel drops every watch at once
         self._debouncer.stop()
 
     # -- watch bookkeeping (callers hold self._lock) ----------------------------------------
@@ -276,7 +225,7 @@ class RootWatcher:
         try:
             main = self._schedule(root, root, kind, identity)
         except OSError as exc:
-            gone = exc.errno in _GONE  # went between lstat and schedule
+            gone = exc.errno in _GONE  # went between lstat and the watch
             self._report(root, _probe(root)[1] if gone else f"cannot watch: {exc.strerror}")
             return
         self._roots[root] = _Root(kind, main)
@@ -298,9 +247,13 @@ class RootWatcher:
             if exc.errno not in _GONE:
                 self._report(root, f"cannot watch {tmp.name}: {exc.strerror or exc}")
             return
-        # What happened before this watch was not seen: look once, at once if the marker is there.
-        marker = tmp / (self._markers.get(root) or DEFAULT_MARKER)
-        self._debouncer.trigger(root, now=os.path.lexists(marker))
+        # What happened before this watch was not seen, and in a tmp dir only the marker matters:
+        # there already, a pass at once; its name not known (any new file may be it), a pass soon.
+        name = self._markers.get(root)
+        if os.path.lexists(tmp / (name or DEFAULT_MARKER)):
+            self._debouncer.trigger(root, now=True)
+        elif name is None:
+            self._debouncer.trigger(root)
 
     def _drop_root(self, root: Path) -> None:
         state = self._roots.pop(root, None)
@@ -309,57 +262,57 @@ class RootWatcher:
                 self._unschedule(watch)
 
     def _schedule(self, root: Path, path: Path, kind: str, identity: tuple[int, int]) -> _Watch:
-        if kind == "inotify":
+        """An inotify watch if ``kind`` says so and one can be had, else a polled one."""
+        tmp = path != root
+        if kind == "inotify" and tmp and self._tmp_inotify >= self._max_tmp_watches:
+            limit, interval = self._max_tmp_watches, self._polling_interval
+            self._notice("limit", "watch_limit_reached", max_tmp_watches=limit, interval=interval)
+        elif kind == "inotify":
             try:
-                return self._schedule_on("inotify", root, path, identity)
+                return self._add_inotify(root, path, identity)
             except OSError as exc:
                 if exc.errno in _GONE:
                     raise
-                self._report(root, f"inotify unusable ({exc.strerror or exc}); polling instead")
-        return self._schedule_on("polling", root, path, identity)
+                if exc.errno != errno.ENOSPC:
+                    self._report(root, f"inotify unusable ({exc.strerror or exc}); polling instead")
+                else:  # fs.inotify.max_user_watches, shared by every process of our uid
+                    self._notice("enospc", "inotify_watches_exhausted", path=str(path))
+        return self._add_polled(root, path, identity)
 
-    def _schedule_on(self, kind: str, root: Path, path: Path, identity: tuple[int, int]) -> _Watch:
-        observer = self._observer(kind)
-        if kind == "polling" and path != root:  # before schedule(): it takes the first snapshot
-            self._polled_tmp[os.fspath(path)] = root
-        event_filter = [*ROOT_EVENTS, EDIT_EVENT[kind]] if path == root else TMP_EVENTS
-        handler = _Handler(self, root, path)
-        watch = observer.schedule(handler, os.fspath(path), event_filter=event_filter)
-        # Emitters are only added or removed under our lock, so iterating them here is safe.
-        emitter = next((e for e in observer.emitters if e.watch == watch), None)
-        return _Watch(observer, watch, emitter, identity, kind)
+    def _add_inotify(self, root: Path, path: Path, identity: tuple[int, int]) -> _Watch:
+        if self._inotify is None:  # OSError: EMFILE (fs.inotify.max_user_instances)
+            self._inotify = InotifyReader(self._on_overflow, name="ckptkeeper-inotify")
+        tmp = path != root
+        callback = partial(self._on_inotify, root, path)
+        handle = self._inotify.add(os.fspath(path), TMP_MASK if tmp else ROOT_MASK, callback)
+        self._tmp_inotify += tmp
+        return _Watch(handle, identity, counted=tmp)
 
-    def _observer(self, kind: str) -> BaseObserver:
-        observer = self._observers.get(kind)
-        if observer is None:
-            if kind == "inotify":
-                cls = _inotify_observer_class()
-                if cls is None:
-                    raise OSError(errno.ENOSYS, "inotify is not available on this system")
-                observer = cls()  # may raise OSError (EMFILE: inotify instance limit)
-            else:  # lstat: never follow a symlink, even to look at it
-                observer = PollingObserverVFS(
-                    os.lstat, self._listdir, polling_interval=self._polling_interval
-                )
-            observer.name = f"ckptkeeper-{kind}-observer"
-            observer.start()
-            self._observers[kind] = observer
-        return observer
+    def _add_polled(self, root: Path, path: Path, identity: tuple[int, int]) -> _Watch:
+        if self._poller is None:
+            self._poller = DirPoller(self._polling_interval, name="ckptkeeper-poller")
+        callback = partial(self._on_polled, root, path)
+        if path == root:  # every entry, and the run's policy file's mtime and size
+            handle = self._poller.add(os.fspath(path), callback, stamp=frozenset({RUN_FILE}))
+        else:  # only the marker, if the root's marker name is known: two lstat per poll
+            only = partial(self._markers.get, root)
+            handle = self._poller.add(os.fspath(path), callback, only=only)
+        return _Watch(handle, identity)
 
     def _unschedule(self, watch: _Watch) -> None:
-        with contextlib.suppress(KeyError):  # already gone with its observer
-            watch.observer.unschedule(watch.watch)
-        if watch.kind == "polling":
-            self._polled_tmp.pop(watch.watch.path, None)
+        if isinstance(watch.handle, Watch):
+            if self._inotify is not None:
+                self._inotify.remove(watch.handle)
+            self._tmp_inotify -= watch.counted
+            watch.counted = False
+        elif self._poller is not None:
+            self._poller.remove(watch.handle)
 
-    def _listdir(self, path: str | None) -> Iterator[os.DirEntry[str]]:
-        """``listdir`` of the polling emitters: a polled tmp dir lists only its marker's name
-        (absent: its stat fails and the snapshot skips it), so a poll costs two stats."""
-        root = None if path is None else self._polled_tmp.get(path)
-        marker = None if root is None else self._markers.get(root)
-        if marker is None:
-            return os.scandir(path)
-        return iter([cast("os.DirEntry[str]", SimpleNamespace(name=marker))])  # all it reads
+    def _notice(self, key: str, event: str, **fields: object) -> None:
+        """Log a process-wide condition once (not once per directory it concerns)."""
+        if key not in self._noticed:
+            self._noticed.add(key)
+            get_logger().warning(event, fallback="polling", **fields)
 
     def _report(self, root: Path, reason: str) -> None:
         if self._reported.get(root) != reason:
@@ -378,33 +331,48 @@ class RootWatcher:
             except Exception:
                 _logger.exception("on_problem callback failed for %s", root)
 
-    # -- event path -------------------------------------------------------------------------
+    # -- event path: inotify reader and poller threads, no lock of ours -----------------------
 
-    def _on_event(self, root: Path, watched: Path, event: ev.FileSystemEvent) -> None:
+    def _on_inotify(self, root: Path, watched: Path, watch: Watch, mask: int, name: str) -> None:
+        event = from_inotify(watched, mask, name)
+        if event is not None:
+            self._on_event(root, watched, watch, event)
+
+    def _on_polled(
+        self, root: Path, watched: Path, polled: Polled, found: list[ev.FileSystemEvent]
+    ) -> None:
+        for event in found:
+            self._on_event(root, watched, polled, event)
+
+    def _on_overflow(self) -> None:
+        roots = self._wanted
+        get_logger().warning("inotify_overflow", roots=len(roots), reason="events lost")
+        for root in roots:  # a pass of every root
+            self._debouncer.trigger(root)
+
+    def _on_event(
+        self, root: Path, watched: Path, handle: Watch | Polled, event: ev.FileSystemEvent
+    ) -> None:
         hint = event_hint(root, watched, event, self._markers.get(root))
         if hint is not Hint.NONE:
             self._debouncer.trigger(root, now=hint is Hint.NOW)
-        if not isinstance(event, ev.DirDeletedEvent | ev.DirMovedEvent | ev.DirCreatedEvent):
+        if not isinstance(event, ev.DirDeletedEvent | ev.DirCreatedEvent):
             return
         src = Path(os.fsdecode(event.src_path))
         if isinstance(event, ev.DirDeletedEvent) and src == watched:
             # The watched dir itself went: its watch is dead even if the path exists again, maybe
-            # with the same inode number, and even if the emitter thread has not ended yet.
+            # with the same inode number.
             tmp = None if watched == root else watched
-            self._post(root, lambda: self._job(root, tmp, force=True, only_if_watched=True))
-            return
-        if watched != root:
-            return
-        if isinstance(event, ev.DirDeletedEvent | ev.DirMovedEvent) and src.parent == root:
-            self._post(root, lambda: self._job(root, src, force=False, only_if_watched=True))
-        new = Path(os.fsdecode(event.dest_path)) if isinstance(event, ev.DirMovedEvent) else src
-        parsed = parse_name(new.name)
-        is_tmp = parsed is not None and parsed.kind is Kind.TMP and new.parent == root
-        if isinstance(event, ev.DirCreatedEvent | ev.DirMovedEvent) and is_tmp:
-            self._post(root, lambda: self._job(root, new, force=False, only_if_watched=False))
+            self._post(root, partial(self._rewatch, root, tmp, handle))
+        elif watched == root and src.parent == root:
+            parsed = parse_name(src.name)
+            if isinstance(event, ev.DirDeletedEvent):  # deleted or renamed away: drop its watch
+                self._post(root, partial(self._sync_entry, root, src, only_if_watched=True))
+            elif parsed is not None and parsed.kind is Kind.TMP:  # a new save: watch it now
+                self._post(root, partial(self._sync_entry, root, src, only_if_watched=False))
 
     def _post(self, root: Path, job: Callable[[], None]) -> None:
-        """Run ``job`` on the worker thread, which may take our lock and the observers'."""
+        """Run ``job`` on the worker thread, which may take our lock."""
         self._jobs.put((root, job))
 
     def _work(self) -> None:
@@ -419,14 +387,22 @@ class RootWatcher:
                     self._problems.append((root, f"watch update failed: {exc!r}"))
             self._deliver_problems()
 
-    def _job(self, root: Path, tmp: Path | None, *, force: bool, only_if_watched: bool) -> None:
+    def _rewatch(self, root: Path, tmp: Path | None, dead: Watch | Polled) -> None:
+        """Replace the dead watch ``dead`` of ``root`` or its ``tmp``, unless it went already (an
+        inotify watch reports its end twice: IN_DELETE_SELF, then IN_IGNORED)."""
         state = self._roots.get(root)
-        if state is None:
+        current = None if state is None else state.main if tmp is None else state.tmp.get(tmp)
+        if state is None or current is None or current.handle is not dead:
             return
         if tmp is None:
-            self._sync_root(root, state.requested, force=force)
-        elif tmp in state.tmp or not only_if_watched:
-            self._sync_tmp(root, state, tmp, force=force)
+            self._sync_root(root, state.requested, force=True)
+        else:
+            self._sync_tmp(root, state, tmp, force=True)
+
+    def _sync_entry(self, root: Path, tmp: Path, *, only_if_watched: bool) -> None:
+        state = self._roots.get(root)
+        if state is not None and (tmp in state.tmp or not only_if_watched):
+            self._sync_tmp(root, state, tmp)
 
     def _fire(self, root: Path) -> None:
         if self._stopped:

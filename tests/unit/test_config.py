@@ -218,6 +218,15 @@ def test_daemon_table_values(tmp_path: Path) -> None:
     assert config.daemon == DaemonOptions(2, 16, "debug")
 
 
+def test_daemon_max_tmp_watches_bounds_inotify_watches_of_in_flight_saves(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "").daemon.max_tmp_watches == 8192
+    assert load_text(tmp_path, "[daemon]\nmax_tmp_watches = 0\n").daemon.max_tmp_watches == 0
+    path = tmp_path / "ckptkeeper.toml"
+    for bad in ("-1", '"many"'):
+        with pytest.raises(ConfigError, match=re.escape(f"{path}: daemon.max_tmp_watches: ")):
+            load_text(tmp_path, f"[daemon]\nmax_tmp_watches = {bad}\n")
+
+
 # -- resolution per root -----------------------------------------------------------------------
 
 LEVELS = ["run_file", "entry", "defaults", "config_yaml"]

@@ -1,4 +1,4 @@
-"""RootWatcher / Debouncer / resolve_observer against real temp dirs and real watchdog observers.
+"""RootWatcher / Debouncer / resolve_observer against real temp dirs, real inotify and polling.
 
 Synchronisation is always by waiting on a condition (an Event, or a predicate polled until a
 deadline), never by sleeping a fixed time and hoping.
@@ -7,14 +7,18 @@ deadline), never by sleeping a fixed time and hoping.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.userns import inotify_limited, userns_unavailable
 from watchdog.events import (
     DirAttribEvent,
     DirCreatedEvent,
@@ -30,13 +34,23 @@ from watchdog.events import (
     FileMovedEvent,
     FileOpenedEvent,
 )
-from watchdog.utils.dirsnapshot import DirectorySnapshot
 
 from ckptkeeper import write_marker
 from ckptkeeper.scan import writer_lock_held
-from ckptkeeperd import watch as watch_mod
+from ckptkeeperd import fstype as fstype_mod
 from ckptkeeperd.fstype import filesystem_type, is_network_fs
-from ckptkeeperd.hints import Debouncer, Hint, event_hint
+from ckptkeeperd.hints import Debouncer, Hint, event_hint, from_inotify
+from ckptkeeperd.inotify import (
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+)
 from ckptkeeperd.watch import RootWatcher, resolve_observer
 
 KINDS = ["inotify", "polling"]
@@ -265,6 +279,25 @@ def test_in_a_tmp_dir_only_the_marker_arriving_is_a_hint_and_it_is_immediate(
     assert event_hint(root, tmp, FileCreatedEvent(str(tmp / ".complete")), "DONE") is Hint.NONE
 
 
+def test_inotify_events_stand_for_the_events_event_hint_reads(tmp_path: Path) -> None:
+    w = tmp_path / "run"
+    f, d = str(w / "x"), str(w / "x")
+    cases = [
+        (IN_CREATE, "x", FileCreatedEvent(f)),
+        (IN_CREATE | IN_ISDIR, "x", DirCreatedEvent(d)),
+        (IN_MOVED_TO, "x", FileCreatedEvent(f)),  # a rename's new name
+        (IN_MOVED_TO | IN_ISDIR, "x", DirCreatedEvent(d)),
+        (IN_MOVED_FROM | IN_ISDIR, "x", DirDeletedEvent(d)),  # a rename's old name
+        (IN_DELETE, "x", FileDeletedEvent(f)),
+        (IN_CLOSE_WRITE, "x", FileClosedEvent(f)),
+        (IN_DELETE_SELF, "", DirDeletedEvent(str(w))),  # the watched dir: its watch is dead
+        (IN_MOVE_SELF, "", DirDeletedEvent(str(w))),
+        (IN_IGNORED, "", DirDeletedEvent(str(w))),
+        (IN_CLOSE_WRITE | IN_ISDIR, "x", None),
+    ]
+    assert [from_inotify(w, mask, name) for mask, name, _ in cases] == [e for _, _, e in cases]
+
+
 def test_without_the_marker_name_any_new_file_in_a_tmp_dir_is_a_debounced_hint(
     tmp_path: Path,
 ) -> None:
@@ -356,8 +389,7 @@ def test_files_written_in_a_tmp_dir_enqueue_nothing(
     barrier.mkdir()
     w = make_watcher()
     w.set_roots({quiet: "inotify", barrier: "inotify"}, markers={quiet: ".complete"})
-    w.set_in_flight(quiet, [tmp])
-    settle_initial_trigger(rec, quiet)
+    w.set_in_flight(quiet, [tmp])  # its marker's name is known and it is not there: no pass
     # A trainer writing its save: files created, written, renamed, chmod-ed, removed, subdirs.
     for i in range(20):
         (tmp / f"shard_{i}.tmp").write_bytes(b"w" * 4096)
@@ -373,30 +405,27 @@ def test_files_written_in_a_tmp_dir_enqueue_nothing(
     assert quiet not in rec.changes
 
 
-def test_a_polled_tmp_dir_is_probed_for_its_marker_only(
-    tmp_path: Path, make_watcher: Callable[..., RootWatcher]
+def test_a_polled_tmp_dir_hints_only_its_marker_however_big_the_save(
+    tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
 ) -> None:
-    root = tmp_path / "run"
-    tmp = root / "tmp_step_1"
+    quiet, barrier = tmp_path / "quiet", tmp_path / "barrier"
+    tmp, barrier_tmp = quiet / "tmp_step_1", barrier / "tmp_step_1"
     tmp.mkdir(parents=True)
+    barrier_tmp.mkdir(parents=True)
     for i in range(200):
         (tmp / f"__{i}_0.distcp").touch()
-    w = make_watcher()
-    w.set_roots({root: "polling"}, markers={root: ".complete"})
-    w.set_in_flight(root, [tmp])
-    # What the tmp dir's polling emitter sees at each poll: two stats, however big the save.
-    listdir = w._listdir  # the polling observer's listdir
-    assert DirectorySnapshot(str(tmp), recursive=False, listdir=listdir).paths == {str(tmp)}
+    w = make_watcher(debounce=SLOW)
+    w.set_roots(dict.fromkeys([quiet, barrier], "polling"), markers={quiet: ".complete"})
+    w.set_in_flight(quiet, [tmp])
+    w.set_in_flight(barrier, [barrier_tmp])  # polled after quiet's tmp dir in every round
+    (tmp / "__200_0.distcp").touch()  # the save goes on: not news
+    (tmp / "__0_0.distcp").unlink()
+    (barrier_tmp / ".complete").touch()
+    assert rec.wait_change(barrier)  # a round that looked at quiet's tmp dir after the writes
+    assert quiet not in rec.changes
     (tmp / ".complete").touch()
-    snapshot = DirectorySnapshot(str(tmp), recursive=False, listdir=listdir)
-    assert snapshot.paths == {str(tmp), str(tmp / ".complete")}
-    # The root itself is listed in full.
-    assert len(DirectorySnapshot(str(root), recursive=False, listdir=listdir).paths) == 2
-    w.set_in_flight(root, [])  # unwatched: listed in full again
-    assert len(DirectorySnapshot(str(tmp), recursive=False, listdir=listdir).paths) == 202
-    w.set_roots({root: "polling"})  # marker name not told: it may be any file, list them all
-    w.set_in_flight(root, [tmp])
-    assert len(DirectorySnapshot(str(tmp), recursive=False, listdir=listdir).paths) == 202
+    assert rec.wait_change(quiet)  # at once, although a debounced change would take SLOW
+    assert rec.changes_of(quiet) == 1
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -561,6 +590,19 @@ def test_root_replaced_in_a_flash_converges_to_a_live_watch(
         w.stop()
 
 
+def test_root_renamed_away_is_unwatched_at_once_and_reported(
+    tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
+) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    w = make_watcher()
+    w.set_roots({root: "inotify"})
+    root.rename(tmp_path / "run.old")  # its watch would follow the inode to run.old
+    assert rec.wait_change(root)
+    assert wait_for(lambda: w.watch_count() == 0)  # without waiting for set_roots
+    assert [reason for _, reason in rec.problems] == ["missing (not watched until it appears)"]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_root_deleted_is_unwatched_and_reported_once(
     kind: str, tmp_path: Path, rec: Recorder, make_watcher: Callable[..., RootWatcher]
@@ -630,23 +672,41 @@ def test_one_bad_root_never_makes_set_roots_raise(
     )
 
 
-def test_inotify_failure_falls_back_to_polling_and_is_reported(
-    tmp_path: Path,
-    rec: Recorder,
-    make_watcher: Callable[..., RootWatcher],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(watch_mod, "_inotify_observer_class", lambda: None)
+_NO_INOTIFY_CHILD = """
+import json, sys, time
+from pathlib import Path
+from ckptkeeperd.watch import RootWatcher
+root = Path(sys.argv[1])
+problems = []
+w = RootWatcher(
+    lambda r: None, polling_interval=0.05, on_problem=lambda r, why: problems.append(why)
+)
+w.set_roots({root: "inotify"})
+w.set_roots({root: "inotify"})
+(root / "tmp_step_4").mkdir()  # seen by polling the root
+deadline = time.monotonic() + 10
+while w.watch_count() < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({"watches": w.watch_count(), "problems": problems}))
+w.stop()
+"""
+
+
+def test_inotify_failure_falls_back_to_polling_and_is_reported(tmp_path: Path) -> None:
+    reason = userns_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
     root = tmp_path / "run"
     root.mkdir()
-    w = make_watcher()
-    w.set_roots({root: "inotify"})
-    w.set_roots({root: "inotify"})
-    assert w.watch_count() == 1
-    assert len(rec.problems) == 1
-    assert "polling instead" in rec.problems[0][1]
-    (root / "tmp_step_4").mkdir()  # events flow through the polling observer
-    assert wait_for(lambda: w.watch_count() == 2)
+    # No inotify instance left for this user (fs.inotify.max_user_instances): EMFILE.
+    command = [sys.executable, "-c", _NO_INOTIFY_CHILD, str(root)]
+    proc = subprocess.run(
+        inotify_limited(command, instances=0), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["watches"] == 2
+    assert result["problems"] == ["inotify unusable (Too many open files); polling instead"]
 
 
 def test_on_change_errors_are_reported_not_fatal(tmp_path: Path) -> None:
@@ -686,7 +746,13 @@ def test_stop_joins_every_thread_quickly(tmp_path: Path, rec: Recorder) -> None:
     for r in roots:
         w.set_in_flight(r, [r / "tmp_step_1"])
     (roots[1] / "step_1").mkdir()
-    assert len(set(threading.enumerate()) - before) > 8  # emitters, observers, fd, worker, ...
+    names = sorted(t.name for t in set(threading.enumerate()) - before)
+    assert names == [
+        "ckptkeeper-debounce",
+        "ckptkeeper-inotify",
+        "ckptkeeper-poller",
+        "ckptkeeper-watch",
+    ]
     start = time.monotonic()
     w.stop()
     assert time.monotonic() - start < 2.0
@@ -712,8 +778,8 @@ def test_auto_picks_polling_on_network_or_unknown_filesystems(
         raise LookupError("no mount")
 
     for fstype in (lambda path: "nfs4", lambda path: "fuse.sshfs", unknown):
-        monkeypatch.setattr(watch_mod, "_FSTYPES", {})  # as if the root had just been mounted
-        monkeypatch.setattr(watch_mod, "filesystem_type", fstype)
+        monkeypatch.setattr(fstype_mod, "_FSTYPES", {})  # as if the root had just been mounted
+        monkeypatch.setattr(fstype_mod, "filesystem_type", fstype)
         assert resolve_observer(tmp_path, "auto") == "polling"
 
 
@@ -726,7 +792,7 @@ def test_resolve_observer_reads_mountinfo_once_per_known_root(
         looked_up.append(path)
         return "ext4" if path.name != "nfs" else "nfs4"
 
-    monkeypatch.setattr(watch_mod, "filesystem_type", counting)
+    monkeypatch.setattr(fstype_mod, "filesystem_type", counting)
     local, nfs, missing = tmp_path / "local", tmp_path / "nfs", tmp_path / "missing"
     local.mkdir()
     nfs.mkdir()
