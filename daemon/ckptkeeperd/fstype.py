@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ __all__ = [
     "NETWORK_FS_TYPES",
     "OBSERVER_SETTINGS",
     "MountEntry",
+    "ObserverChooser",
     "filesystem_type",
     "find_mount",
     "is_network_fs",
@@ -148,28 +150,38 @@ def is_network_fs(fstype: str) -> bool:
     return name in ("fuse", "fuseblk") or name.startswith("fuse.")
 
 
-_FSTYPES: dict[tuple[Path, int], str] = {}  # (root, st_dev) -> fstype; bounded by clearing
+class ObserverChooser:
+    """Chooses each root's observer (`resolve_observer`), reading mountinfo once per
+    (root, st_dev): a mount on a root changes its st_dev. Owned by its user (the Keeper);
+    ``lookup`` finds a path's filesystem type."""
+
+    def __init__(self, lookup: Callable[[Path], str] = filesystem_type, bound: int = 4096) -> None:
+        self.lookup, self.bound = lookup, bound
+        self._types: dict[tuple[Path, int], str] = {}  # bounded by clearing: roots come and go
+
+    def __call__(self, root: Path, setting: str) -> str:
+        return resolve_observer(root, setting, self.filesystem_type)
+
+    def filesystem_type(self, root: Path) -> str:
+        try:
+            key = (root, os.stat(root).st_dev)
+        except OSError:
+            return self.lookup(root)  # no directory to key on yet: not cached
+        if key not in self._types:
+            if len(self._types) >= self.bound:
+                self._types.clear()
+            self._types[key] = self.lookup(root)
+        return self._types[key]
 
 
-def _filesystem_type(root: Path) -> str:
-    """Mountinfo is parsed once per (root, st_dev): a mount on a root changes its st_dev."""
-    try:
-        key = (root, os.stat(root).st_dev)
-    except OSError:
-        return filesystem_type(root)  # no directory to key on yet: not cached
-    if key not in _FSTYPES:
-        if len(_FSTYPES) >= 4096:  # discovered roots come and go
-            _FSTYPES.clear()
-        _FSTYPES[key] = filesystem_type(root)
-    return _FSTYPES[key]
-
-
-def resolve_observer(root: Path, setting: str) -> str:
+def resolve_observer(
+    root: Path, setting: str, lookup: Callable[[Path], str] = filesystem_type
+) -> str:
     """``auto``/``inotify``/``polling`` -> ``inotify`` or ``polling`` for ``root``.
 
     ``auto`` polls roots on network, cluster and FUSE filesystems (inotify does not see what other
     hosts do there), and also when the filesystem cannot be determined. Cheap to call again for a
-    known root: one ``stat``; mountinfo is only read for a new (root, st_dev).
+    known root with an `ObserverChooser`'s lookup: one ``stat``.
     """
     if setting not in OBSERVER_SETTINGS:
         raise ValueError(f"observer must be one of {', '.join(OBSERVER_SETTINGS)}, not {setting!r}")
@@ -178,7 +190,7 @@ def resolve_observer(root: Path, setting: str) -> str:
     if setting == "inotify":
         return "inotify"
     try:
-        fstype = _filesystem_type(root)
+        fstype = lookup(root)
     except (OSError, LookupError):
         return "polling"
     return "polling" if is_network_fs(fstype) else "inotify"

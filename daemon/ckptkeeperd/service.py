@@ -24,6 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from ckptkeeper import InfoCache, Policy
 
 from .config import ConfigError, DaemonConfig, Resolved, Settings
+from .fstype import ObserverChooser
 from .httpserver import Endpoint, open_endpoint
 from .logs import ProblemLog, get_logger
 from .metrics import KeeperMetrics, deletions_paused
@@ -32,7 +33,7 @@ from .roots import SettingsResolver, expand_roots
 from .sdnotify import Notifier, watchdog_interval
 from .sidecar import FinalPass, Sidecar
 from .signals import process_inbox
-from .watch import RootWatcher, resolve_observer
+from .watch import RootWatcher
 
 __all__ = ["Keeper"]
 
@@ -64,6 +65,7 @@ class Keeper:
         self.log = get_logger()
         self.notifier = notifier or Notifier()
         self.cache = InfoCache()
+        self.observers = ObserverChooser()  # each root's observer, mountinfo read once per mount
         self.settings = SettingsResolver()  # resolved again in every pass (memoized)
         self.problems = ProblemLog()
         self.roots: dict[Path, _RootState] = {}
@@ -100,7 +102,7 @@ class Keeper:
         for root, overrides in expand_roots(self.config):
             resolved = self._resolve(root, overrides)
             try:
-                kind = resolve_observer(root, resolved.settings.observer)
+                kind = self.observers(root, resolved.settings.observer)
             except OSError:
                 kind = "polling"
             found[root] = _RootState(overrides, resolved.settings, kind, tuple(resolved.problems))

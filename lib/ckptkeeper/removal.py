@@ -80,7 +80,6 @@ class _Node:
 
 
 _GROW_EVERY_S = 0.05  # how often remove_tree checks whether more threads would help
-_SLOW_OP_S = 100e-6  # per entry and thread, above which the threads are waiting, not working
 
 
 def _cores() -> int:
@@ -88,6 +87,19 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """When `remove_tree` adds threads: it starts with one per core (``cores``; None: the CPUs
+    this process may run on) and adds more while each takes longer than ``slow_op_s`` per entry
+    (the threads are then waiting for a server, not working)."""
+
+    cores: int | None = None
+    slow_op_s: float = 100e-6
+
+    def start(self) -> int:
+        return self.cores if self.cores is not None else _cores()
 
 
 class _Remover:
@@ -110,8 +122,10 @@ class _Remover:
         busy_retries: int,
         cancel: threading.Event | None,
         count_bytes: bool,
+        pacing: Pacing,
     ) -> None:
         self.result = result
+        self.pacing = pacing
         self.dev = -1  # the tree's device (-1: not compared)
         self.mounts: frozenset[str] = frozenset()  # mount points inside the tree, as shown
         self.fs = fs
@@ -143,12 +157,12 @@ class _Remover:
 
     def run_threads(self, workers: int) -> None:
         """Start one thread per core, then double the threads (up to ``workers``) while
-        directories are queued and each thread takes longer than ``_SLOW_OP_S`` per entry: it is
-        then waiting for a server (NFS, Lustre, FUSE) or a disk, and more requests in flight
-        help. Where an unlink is a few microseconds of kernel CPU (local disks), threads beyond
-        the cores only queue for the CPUs and the GIL and slow removal down."""
+        directories are queued and each thread takes longer than ``pacing.slow_op_s`` per
+        entry: it is then waiting for a server (NFS, Lustre, FUSE) or a disk, and more requests
+        in flight help. Where an unlink is a few microseconds of kernel CPU (local disks),
+        threads beyond the cores only queue for the CPUs and the GIL and slow removal down."""
         threads: list[threading.Thread] = []
-        target = min(workers, _cores())
+        target = min(workers, self.pacing.start())
         try:
             wall, ops = time.perf_counter(), 0
             while True:
@@ -162,7 +176,7 @@ class _Remover:
                 now, done = time.perf_counter(), sum(self.ops)
                 per_op = len(threads) * (now - wall) / max(done - ops, 1)
                 wall, ops = now, done
-                if len(threads) < workers and self.stack and per_op > _SLOW_OP_S:
+                if len(threads) < workers and self.stack and per_op > self.pacing.slow_op_s:
                     target = min(workers, 2 * len(threads))
         except BaseException as exc:  # e.g. Ctrl-C: the workers drain what is left, fast
             if self.interrupt is None:
@@ -407,6 +421,7 @@ def remove_tree(
     cancel: threading.Event | None = None,
     parent_fd: int | None = None,
     count_bytes: bool = True,
+    pacing: Pacing = Pacing(),
 ) -> Removal:
     """Remove ``path`` and everything below it without following symlinks.
 
@@ -414,13 +429,13 @@ def remove_tree(
     ``path`` is looked up by name again: a parent swapped for a symlink cannot redirect it.
 
     One directory is one task; ``workers`` bounds the threads. Removal starts with one thread
-    per core and doubles them (up to ``workers``) while each takes more than ``_SLOW_OP_S`` per
-    entry with directories queued: the threads are then waiting for a server's round trip (NFS,
-    Lustre, FUSE), and requests in flight are what makes removal fast there. On a local disk an
-    unlink is some microseconds of kernel CPU: threads beyond the cores would only queue for the
-    CPUs and the GIL, so it stays at one per core. The files of one directory are unlinked by
-    one thread: the kernel serialises unlinks within a directory anyway (it holds the
-    directory's lock for the whole round trip).
+    per core and doubles them (up to ``workers``) while each takes more than
+    ``pacing.slow_op_s`` per entry with directories queued: the threads are then waiting for a
+    server's round trip (NFS, Lustre, FUSE), and requests in flight are what makes removal fast
+    there. On a local disk an unlink is some microseconds of kernel CPU: threads beyond the
+    cores would only queue for the CPUs and the GIL, so it stays at one per core. The files of
+    one directory are unlinked by one thread: the kernel serialises unlinks within a directory
+    anyway (it holds the directory's lock for the whole round trip).
 
     Never crosses into a mount (as ``rm --one-file-system``, and bind mounts of the same
     filesystem too): a mount point at or below ``path`` is left with the directories above it,
@@ -440,7 +455,7 @@ def remove_tree(
     except OSError as exc:
         result.leave(str(path), errno_text(exc))
         return result
-    remover = _Remover(result, fs, busy_retries, cancel, count_bytes)
+    remover = _Remover(result, fs, busy_retries, cancel, count_bytes, pacing)
     safe_to_close = True
     try:
         try:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from ckptkeeper import removal as removal_mod
 from ckptkeeper.effects import (
     Fs,
     RootLock,
@@ -23,7 +22,7 @@ from ckptkeeper.effects import (
     write_marker,
     writer_lock,
 )
-from ckptkeeper.removal import remove_tree
+from ckptkeeper.removal import Pacing, remove_tree
 from ckptkeeper.scan import parse_trash_name, trash_dir, writer_lock_held
 
 
@@ -482,31 +481,25 @@ def make_shards(top: Path, dirs: int, files: int) -> None:
             (top / f"shard_{d:03d}" / f"f{i}").write_bytes(b"")
 
 
-def test_slow_unlinks_add_threads_up_to_workers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(removal_mod, "_cores", lambda: 2)
+def test_slow_unlinks_add_threads_up_to_workers(tmp_path: Path) -> None:
     top = tmp_path / "victim"
     make_shards(top, dirs=48, files=10)
     fs = SlowFs(0.002)  # 2 ms per unlink: the threads wait, they do not work
 
-    removal = remove_tree(top, workers=8, fs=fs)
+    removal = remove_tree(top, workers=8, fs=fs, pacing=Pacing(cores=2))
 
     assert not os.path.lexists(top) and removal.left == []
     assert removal.files == 480
     assert len(fs.threads) == 8  # grew from 2 (one per core) to the bound
 
 
-def test_quick_unlinks_stay_at_one_thread_per_core(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(removal_mod, "_cores", lambda: 2)
-    monkeypatch.setattr(removal_mod, "_SLOW_OP_S", 0.05)  # no local unlink is that slow
+def test_quick_unlinks_stay_at_one_thread_per_core(tmp_path: Path) -> None:
+    pacing = Pacing(cores=2, slow_op_s=0.05)  # no local unlink is that slow
     top = tmp_path / "victim"
     make_shards(top, dirs=100, files=10)
     fs = SlowFs(0.0)
 
-    removal = remove_tree(top, workers=16, fs=fs)
+    removal = remove_tree(top, workers=16, fs=fs, pacing=pacing)
 
     assert not os.path.lexists(top) and removal.left == []
     assert removal.files == 1000

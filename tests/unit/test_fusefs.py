@@ -12,11 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.fusefs import FS_SUBTYPE, fuse_available, passthrough_mount
+from tests.helpers import wait_until
 
 from ckptkeeperd.fstype import filesystem_type, find_mount, is_network_fs
 
@@ -26,15 +27,6 @@ pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or
 WAIT_TIMEOUT_S = 10.0
 RENAME_NOREPLACE = 1
 AT_FDCWD = -100
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_TIMEOUT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
@@ -135,7 +127,7 @@ def test_mount_goes_away_when_the_process_that_made_it_is_killed(
         assert is_network_fs(filesystem_type(mountpoint))
         owner.kill()  # no chance to clean up: the server notices its stdin closing
         owner.wait()
-        assert wait_until(lambda: not is_network_fs(filesystem_type(mountpoint)))
+        wait_until(lambda: not is_network_fs(filesystem_type(mountpoint)), timeout=WAIT_TIMEOUT_S)
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -278,7 +270,7 @@ def test_many_blocked_flocks_do_not_starve_other_operations(source: Path, mounte
     try:
         for thread in threads:
             thread.start()
-        assert wait_until(lambda: _blocked_flock_waiters(inode) >= waiters)
+        wait_until(lambda: _blocked_flock_waiters(inode) >= waiters, timeout=WAIT_TIMEOUT_S)
         listed: list[list[str]] = []
         probe = threading.Thread(target=lambda: listed.append(os.listdir(mounted)), daemon=True)
         probe.start()
@@ -352,7 +344,9 @@ def test_unlinking_an_open_file_leaves_a_hidden_file_until_closed(
         hidden = [name for name in os.listdir(source) if name.startswith(".fuse_hidden")]
         assert len(hidden) == 1  # like NFS's .nfsXXXX silly rename
         assert held.read() == "x"
-    assert wait_until(lambda: os.listdir(source) == [])  # FUSE release is asynchronous
+    wait_until(
+        lambda: os.listdir(source) == [], timeout=WAIT_TIMEOUT_S
+    )  # FUSE release is asynchronous
 
 
 def test_hard_remove_unlinks_an_open_file_at_once(source: Path, mountpoint: Path) -> None:

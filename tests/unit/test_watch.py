@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers import wait_until
 from tests.userns import inotify_limited, userns_unavailable
 from watchdog.events import (
     DirAttribEvent,
@@ -37,8 +38,7 @@ from watchdog.events import (
 
 from ckptkeeper import write_marker
 from ckptkeeper.scan import writer_lock_held
-from ckptkeeperd import fstype as fstype_mod
-from ckptkeeperd.fstype import filesystem_type, is_network_fs
+from ckptkeeperd.fstype import ObserverChooser, filesystem_type, is_network_fs
 from ckptkeeperd.hints import Debouncer, Hint, event_hint, from_inotify
 from ckptkeeperd.inotify import (
     IN_CLOSE_WRITE,
@@ -56,15 +56,6 @@ from ckptkeeperd.watch import RootWatcher, resolve_observer
 KINDS = ["inotify", "polling"]
 TIMEOUT = 10.0
 SLOW = 30.0  # a debounce no test waits for: a callback well before it was not debounced
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)  # polling interval of the predicate, not a synchronisation guess
-    return predicate()
 
 
 class Recorder:
@@ -438,7 +429,7 @@ def test_tmp_step_created_after_start_is_watched_without_waiting_for_the_daemon(
     w.set_roots({root: kind})
     (root / "tmp_step_3").mkdir()
     (root / "not_a_step").mkdir()
-    assert wait_for(lambda: w.watch_count() == 2)
+    wait_until(lambda: w.watch_count() == 2, timeout=TIMEOUT)
     settle_initial_trigger(rec, root)
     (root / "tmp_step_3" / ".complete").write_text("{}")
     assert rec.wait_change(root)
@@ -459,7 +450,7 @@ def test_in_flight_set_is_exact_and_finalized_tmp_dirs_are_dropped(
     w.set_in_flight(root, tmps[:1])
     assert w.watch_count() == 2
     tmps[0].rename(root / "step_1")  # finalize: the root watch sees the move and drops the watch
-    assert wait_for(lambda: w.watch_count() == 1)
+    wait_until(lambda: w.watch_count() == 1, timeout=TIMEOUT)
     with pytest.raises(ValueError, match="not directly inside"):
         w.set_in_flight(root, [tmp_path / "elsewhere" / "tmp_step_1"])
     w.set_in_flight(tmp_path / "unknown-root", [])  # not a watched root: nothing to do
@@ -545,13 +536,13 @@ def test_root_deleted_then_recreated_is_watched_again_after_set_roots(
     w = make_watcher()
     w.set_roots({root: kind})
     shutil.rmtree(root)
-    assert wait_for(lambda: w.watch_count() == 0)
+    wait_until(lambda: w.watch_count() == 0, timeout=TIMEOUT)
     root.mkdir()  # on ext4/tmpfs this usually gets the old inode number back
     w.set_roots({root: kind})
     assert w.watch_count() == 1
     # Only events from the new directory can make the watcher add this tmp watch by itself.
     (root / "tmp_step_2").mkdir()
-    assert wait_for(lambda: w.watch_count() == 2)
+    wait_until(lambda: w.watch_count() == 2, timeout=TIMEOUT)
     assert [reason for _, reason in rec.problems] == ["missing (not watched until it appears)"]
 
 
@@ -580,7 +571,7 @@ def test_root_replaced_in_a_flash_converges_to_a_live_watch(
         w.set_roots({root: kind})  # may still see the old watch alive on a reused inode number
         (root / "tmp_step_2").mkdir()
         # Either the new watch saw the tmp dir, or the rewatch triggered a pass that reported it.
-        assert wait_for(lambda: w.watch_count() == 2)
+        wait_until(lambda: w.watch_count() == 2, timeout=TIMEOUT)
         with changed:
             changes.clear()
         (root / "tmp_step_2" / ".complete").write_text("{}")
@@ -599,7 +590,7 @@ def test_root_renamed_away_is_unwatched_at_once_and_reported(
     w.set_roots({root: "inotify"})
     root.rename(tmp_path / "run.old")  # its watch would follow the inode to run.old
     assert rec.wait_change(root)
-    assert wait_for(lambda: w.watch_count() == 0)  # without waiting for set_roots
+    wait_until(lambda: w.watch_count() == 0, timeout=TIMEOUT)  # without waiting for set_roots
     assert [reason for _, reason in rec.problems] == ["missing (not watched until it appears)"]
 
 
@@ -613,7 +604,9 @@ def test_root_deleted_is_unwatched_and_reported_once(
     w.set_roots({root: kind})
     root.rmdir()
     assert rec.wait_change(root)  # the deletion is a hint too
-    assert wait_for(lambda: w.watch_count() == 0)  # dropped without waiting for set_roots
+    wait_until(
+        lambda: w.watch_count() == 0, timeout=TIMEOUT
+    )  # dropped without waiting for set_roots
     w.set_roots({root: kind})
     w.set_roots({root: kind})
     assert [p for p in rec.problems if p[0] == root] == [(root, rec.problems[0][1])]
@@ -637,7 +630,7 @@ def test_root_replaced_by_a_symlink_is_reported_once_and_others_keep_working(
     assert "symlink" in rec.problems[0][1]
     assert w.watch_count() == 1
     (other / "tmp_step_1").mkdir()
-    assert wait_for(lambda: w.watch_count() == 2)
+    wait_until(lambda: w.watch_count() == 2, timeout=TIMEOUT)
 
 
 def test_root_that_appears_after_start_is_watched_on_the_next_set_roots(
@@ -653,7 +646,7 @@ def test_root_that_appears_after_start_is_watched_on_the_next_set_roots(
     w.set_roots({root: "inotify"})
     assert w.watch_count() == 1
     (root / "tmp_step_1").mkdir()
-    assert wait_for(lambda: w.watch_count() == 2)
+    wait_until(lambda: w.watch_count() == 2, timeout=TIMEOUT)
 
 
 def test_one_bad_root_never_makes_set_roots_raise(
@@ -778,13 +771,11 @@ def test_auto_picks_polling_on_network_or_unknown_filesystems(
         raise LookupError("no mount")
 
     for fstype in (lambda path: "nfs4", lambda path: "fuse.sshfs", unknown):
-        monkeypatch.setattr(fstype_mod, "_FSTYPES", {})  # as if the root had just been mounted
-        monkeypatch.setattr(fstype_mod, "filesystem_type", fstype)
-        assert resolve_observer(tmp_path, "auto") == "polling"
+        assert ObserverChooser(lookup=fstype)(tmp_path, "auto") == "polling"
 
 
 def test_resolve_observer_reads_mountinfo_once_per_known_root(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     looked_up: list[Path] = []
 
@@ -792,16 +783,16 @@ def test_resolve_observer_reads_mountinfo_once_per_known_root(
         looked_up.append(path)
         return "ext4" if path.name != "nfs" else "nfs4"
 
-    monkeypatch.setattr(fstype_mod, "filesystem_type", counting)
+    chooser = ObserverChooser(lookup=counting)
     local, nfs, missing = tmp_path / "local", tmp_path / "nfs", tmp_path / "missing"
     local.mkdir()
     nfs.mkdir()
     for _ in range(5):  # every refresh of the daemon's roots
-        assert resolve_observer(local, "auto") == "inotify"
-        assert resolve_observer(nfs, "auto") == "polling"
+        assert chooser(local, "auto") == "inotify"
+        assert chooser(nfs, "auto") == "polling"
     assert looked_up == [local, nfs]
-    resolve_observer(missing, "auto")
-    resolve_observer(missing, "auto")
+    chooser(missing, "auto")
+    chooser(missing, "auto")
     assert looked_up.count(missing) == 2  # nothing to key on: looked up each time, not cached
 
 
