@@ -9,6 +9,7 @@ runs passes, never two of one root at once (a request during a pass re-runs it o
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -28,6 +29,7 @@ from .fstype import ObserverChooser
 from .httpserver import Endpoint, open_endpoint
 from .logs import ProblemLog, get_logger
 from .metrics import KeeperMetrics, deletions_paused
+from .page import page_for
 from .reconcile import Report, reconcile
 from .roots import SettingsResolver, expand_roots
 from .sdnotify import Notifier, watchdog_interval
@@ -91,7 +93,8 @@ class Keeper:
         self._checkpoints: dict[Path, int] = {}
         self.pass_errors = 0
         self.metrics = KeeperMetrics(root_labels=config.daemon.root_labels)
-        self.page: Callable[[], bytes] | None = None  # GET / on the metrics address; set it first
+        # GET / on the metrics address: the status page of every root, rendered per request.
+        self.page: Callable[[], bytes] | None = functools.partial(page_for, self)
         self._http: Endpoint | None = None
 
     # -- root set ---------------------------------------------------------------------------

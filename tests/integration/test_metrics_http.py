@@ -205,3 +205,24 @@ def test_metrics_address_from_config_can_be_turned_off_and_reloaded(
     )
     assert all("root" not in dict(labels) for _, labels in scrape(address))
     assert d.stop() == 0
+
+
+def test_live_daemon_serves_the_status_page_at_the_root_path(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    root = tmp_path / "run<&>"  # shown escaped
+    root.mkdir()
+    for step, reward in ((1, 0.1), (2, 0.9), (3, 0.5)):  # step 1 goes
+        write_checkpoint(root, step, {"r": reward}, final=True)
+    d = Daemon([str(root), *POLICY, "--sweep-interval", "1h"])
+    daemons.append(d)
+    d.wait_ready()
+    address = serving(d)
+    d.wait_for("deleted", step=1)
+    with urllib.request.urlopen(f"http://{address}/", timeout=5) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+        page = resp.read().decode()
+    assert "run&lt;&amp;&gt;" in page and "run<&>" not in page
+    assert "step_2" in page and "step_3" in page and "<svg" in page
+    assert "<script" not in page
