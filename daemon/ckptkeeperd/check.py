@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptkeeper import Action
+from ckptkeeper import Action, Plan, Policy
+from ckptkeeper.sizes import format_percent
 
 from .config import DaemonConfig, Settings
 from .metrics import deletions_paused
@@ -120,7 +121,26 @@ def judge(report: Report, settings: Settings, problems: Iterable[str], now: floa
             if overdue > TRASH_WARN_S:
                 state = CRITICAL if overdue > TRASH_CRIT_S else WARNING
                 add(Finding(state, f"trash {name} not removed for {duration(overdue)} (stuck?)"))
+    health.findings.extend(_space_findings(report.plan, policy))
     return health
+
+
+def _space_findings(plan: Plan, policy: Policy) -> list[Finding]:
+    """Free space under ``min_free``: a warning while deletable checkpoints remain (the keeper
+    frees space), critical once only protected ones do; the next save may not fit: a warning."""
+    found: list[Finding] = []
+    threshold, free = policy.pressure_threshold, plan.free
+    if threshold is not None and free is not None:
+        want = threshold.bytes_for(free.total_bytes)
+        if free.free_bytes < want:
+            share = format_percent(100 * free.free_bytes / free.total_bytes)
+            stuck = plan.pressure is not None and not plan.pressure.satisfied
+            why = "only protected checkpoints left" if stuck else "deleting under pressure"
+            state = CRITICAL if stuck else WARNING
+            found.append(Finding(state, f"free space {share} < min_free {policy.min_free}: {why}"))
+    if plan.next_save_may_not_fit:
+        found.append(Finding(WARNING, "the next save may not fit in the free space"))
+    return found
 
 
 def _mtime(path: Path, *, ctime: bool = False) -> float | None:

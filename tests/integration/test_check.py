@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import CKPTKEEPER, Daemon, wait_until, write_checkpoint
+from tests.smallfs import small_tmpfs
 
 POLICY = ["--keep-top-k", "2", "--metric", "r", "--higher-is-better"]
 NOBODY = 65534
@@ -219,3 +220,24 @@ def test_check_changes_nothing(root: Path) -> None:
     assert check(str(root), *POLICY)[0] == 2
     assert sorted(str(p) for p in root.rglob("*")) == before
     assert not (root / ".ckptkeeper").exists()
+
+
+def test_free_space_under_min_free_warns_then_is_critical_when_only_protected_remain(
+    tmp_path: Path,
+) -> None:
+    with small_tmpfs(tmp_path / "fs", "8m") as mount:
+        root = mount / "run"
+        for step, r in ((1, 0.2), (2, 0.9), (3, 0.5)):
+            write_checkpoint(root, step, {"r": r}, final=True)
+        big = 5 * 1024 * 1024  # of 8 MiB
+        (root / "step_2" / "big.bin").write_bytes(b"x" * big)  # the best: protected
+        code, line = check(str(root), *POLICY, "--min-free", "50%")
+        assert code == 2, line
+        assert "free space" in line and "only protected checkpoints left" in line
+        (root / "step_2" / "big.bin").unlink()
+        (root / "step_1" / "big.bin").write_bytes(b"x" * big)  # the worst: deletable
+        code, line = check(str(root), *POLICY, "--min-free", "50%")
+        assert code == 1, line
+        assert "deleting under pressure" in line
+        code, line = check(str(root), *POLICY)  # no min_free: space is not judged
+        assert code == 0, line
