@@ -14,9 +14,7 @@ Entry points:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -237,14 +235,6 @@ def page_for(keeper: Keeper) -> bytes:
 
 def write_page(path: Path, reports: Sequence[tuple[Report, Policy]]) -> None:
     """Write the page to ``path`` atomically (a temporary file beside it, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(render_page(reports))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from .textfile import write_atomically  # the metrics machinery only when writing
+
+    write_atomically(Path(path), render_page(reports).encode("utf-8"))

@@ -24,15 +24,26 @@ from .metrics import PREFIX, Histogram, KeeperMetrics, deletions_paused
 from .reconcile import Report
 from .roots import expand_roots, resolve_settings
 
-__all__ = ["carry_totals", "sweep_metrics", "write_sweep_metrics", "write_textfile"]
+__all__ = [
+    "carry_totals",
+    "sweep_metrics",
+    "write_atomically",
+    "write_sweep_metrics",
+    "write_textfile",
+]
 
 MAX_PREVIOUS_BYTES = 16 * 1024 * 1024
 
 
 def write_textfile(metrics: KeeperMetrics, path: Path) -> None:
     """Write ``metrics`` to ``path`` atomically (mode 0644: the collector may be another user)."""
+    write_atomically(path, metrics.render())
+
+
+def write_atomically(path: Path, body: bytes) -> None:
+    """``body`` to ``path``: a temporary file beside it, fsync, mode 0644 (readers may be other
+    users), rename; then the directory synced (best effort). Readers see the old or the new."""
     path = Path(path)
-    body = metrics.render()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
