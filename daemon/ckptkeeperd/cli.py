@@ -89,7 +89,16 @@ def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--complete-marker", help="Completion marker file name (default .complete)."),
         click.option(
             "--layout",
-            help="How the trainer names its checkpoints (default nemo-rl; see README Layouts).",
+            help="How the trainer names its checkpoints: nemo-rl (default), auto, hf-trainer, "
+            "torchtitan, megatron, deepspeed, orbax, lightning (README Layouts).",
+        ),
+        click.option(
+            "--metrics-file",
+            help="JSON file inside each checkpoint to read metrics from (layouts without any).",
+        ),
+        click.option(
+            "--settle-after",
+            help="A layout without commit signal (hf-trainer): untouched this long counts (2m).",
         ),
         click.option("--sweep-interval", help="Full pass of every root this often (e.g. 60s)."),
         click.option(
@@ -118,6 +127,8 @@ _FLAG_KEYS = (
     "trash_grace",
     "complete_marker",
     "layout",
+    "metrics_file",
+    "settle_after",
     "sweep_interval",
     "observer",
 )

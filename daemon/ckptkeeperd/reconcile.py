@@ -42,7 +42,6 @@ from ckptkeeper import (
     scan_root,
 )
 from ckptkeeper.errors import errno_name, strerror
-from ckptkeeper.layouts import get_layout
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.plan import Decision
 from ckptkeeper.space import disk_facts
@@ -152,7 +151,7 @@ def _scan_and_plan(
     try:
         scan = scan_root(
             root,
-            layout=get_layout(policy.layout),
+            layout=policy.scan_layout(),
             marker=policy.complete_marker,
             cache=cache,
             stale_before=now - policy.stale_after,

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ckptkeeper import Action, Policy
+from ckptkeeper.layouts import DEFAULT_LAYOUT
 
 from .reconcile import Report
 from .spacelog import space_to_dict
@@ -53,6 +54,8 @@ def report_to_dict(report: Report, policy: Policy | None = None) -> dict[str, An
     }
     if policy is not None:
         doc["policy"] = _policy_dict(policy)
+    if report.scan is not None:
+        doc["layout"] = {"name": report.scan.layout.name, "why": layout_why(report)}
     if report.plan is not None:
         doc["decisions"] = [
             {
@@ -83,6 +86,14 @@ def report_to_dict(report: Report, policy: Policy | None = None) -> dict[str, An
             for p, r in report.removed
         ]
     return doc
+
+
+def layout_why(report: Report) -> str:
+    """Why the root's scan used its layout: auto's finding, or the policy key."""
+    scan = report.scan
+    if scan is None:
+        return ""
+    return scan.layout_reason or "policy key layout"
 
 
 def _metric_text(value: float | str | None) -> str:
@@ -130,7 +141,11 @@ def _title(report: Report, policy: Policy) -> Text:
         bounds.append(f"keep_every_n_steps={policy.keep_every_n_steps}")
     if policy.min_free is not None:
         bounds.append(f"min_free={policy.min_free}")
-    return Text(f"{report.root}  [{', '.join(bounds) or 'no bound: nothing is deleted'}]")
+    title = f"{report.root}  [{', '.join(bounds) or 'no bound: nothing is deleted'}]"
+    scan = report.scan
+    if scan is not None and (scan.layout_reason or scan.layout.name != DEFAULT_LAYOUT):
+        title += f"  layout {scan.layout.name}: {layout_why(report)}"
+    return Text(title)
 
 
 def _root_renderables(report: Report, policy: Policy) -> list[Text | Table]:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from .effects import OS_FS, Fs
 from .errors import errno_name, strerror
+from .layouts import file_checkpoints, pin_paths
 from .names import Kind
 from .plan import APPLIED, Action, Decision, Plan
+from .scan import look_again
 from .storage import PosixStorage, Storage, purge_trash
 
 __all__ = ["Outcome", "apply_plan", "purge_trash"]
@@ -107,7 +109,7 @@ class _Executor:
         store, root = self.storage, self.plan.root
         if d.action is Action.DELETE:
             self.check_same_dir(d)
-            if store.lstat(d.path / self.layout.pin_file) is not None:
+            if self.pinned(d.path):
                 raise _Skip(f"pinned since the plan ({self.layout.pin_file} file)")
             return store.trash(root, d.path)
         if d.action is Action.DISCARD:
@@ -121,6 +123,16 @@ class _Executor:
             return None
         return self.finalize(d, moved)  # FINALIZE / REPLACE of a complete save
 
+    def pinned(self, path: Path) -> bool:
+        """A pin file is there (inside a directory checkpoint, or beside a file one)."""
+        for pin in pin_paths(self.layout, path):
+            try:
+                if self.storage.lstat(pin) is not None:
+                    return True
+            except NotADirectoryError:  # inside a checkpoint that is a file: no such pin
+                continue
+        return False
+
     def name(self, kind: Kind, d: Decision) -> Path:
         assert d.step is not None
         return self.plan.root / self.layout.format(kind, d.step)
@@ -129,7 +141,9 @@ class _Executor:
         st = self.storage.lstat(d.path)
         if st is None:
             raise FileNotFoundError(errno.ENOENT, "gone", str(d.path))
-        if not stat.S_ISDIR(st.st_mode):
+        if not stat.S_ISDIR(st.st_mode) and not (
+            stat.S_ISREG(st.st_mode) and file_checkpoints(self.layout)
+        ):
             raise _Skip("changed since the plan: no longer a directory")
         if d.identity != (0, 0) and (st.st_dev, st.st_ino) != d.identity:
             raise _Skip("changed since the plan: replaced by another directory")
@@ -139,6 +153,9 @@ class _Executor:
         probe), nothing changed in it since the plan's ``now - stale_after`` (mtime or ctime)."""
         plan, store = self.plan, self.storage
         self.check_same_dir(d)
+        look = look_again(self.layout, d.path, plan.now)
+        if look is not None and (look.complete or not look.collectable):
+            raise _Skip(f"no longer garbage since the plan: {look.waiting or 'complete'}")
         if store.lstat(d.path / plan.policy.complete_marker) is not None:
             raise _Skip("completion marker appeared since the plan")
         lock = store.writer_lock(d.path, self.layout.writer_lock)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .effects import OS_FS, Fs
 from .execute import Outcome, apply_plan
-from .layouts import get_layout
 from .plan import APPLIED, RECOVERY, Action, Decision, Plan, plan
 from .policy import Policy
 from .records import RootScan
@@ -94,7 +93,7 @@ def locked_pass(
         now = clock()
         scan = store.scan(
             root,
-            layout=get_layout(policy.layout),
+            layout=policy.scan_layout(),
             marker=policy.complete_marker,
             cache=cache,
             stale_before=now - policy.stale_after,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -153,7 +153,11 @@ def plan(scan: RootScan, policy: Policy, now: float, free: FreeSpace | None = No
             )
 
     for tmp in scan.in_flight:
-        if tmp.step in scan.ambiguous_steps:
+        if tmp.step in scan.pointers and not tmp.complete:
+            why = f"{scan.pointers[tmp.step]}: never collected"
+            reasons = (tmp.waiting, why) if tmp.waiting else (why,)
+            decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, reasons))
+        elif tmp.step in scan.ambiguous_steps:
             why = f"step {tmp.step} is ambiguous (two names): not finalized over"
             decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, (why,)))
         elif tmp.complete and (what := in_the_way.get(step_name(tmp.step))) is not None:
@@ -170,7 +174,7 @@ def plan(scan: RootScan, policy: Policy, now: float, free: FreeSpace | None = No
         else:
             decisions.append(_unmarked(tmp, policy, now))
 
-    decisions.extend(_retention(list(projected.values()), policy, scan.layout))
+    decisions.extend(_retention(list(projected.values()), policy, scan.layout, scan.pointers))
 
     for entry in scan.trash:
         age = max(now - entry.trashed_at, 0.0)  # a skewed clock on another host: not negative
@@ -183,7 +187,8 @@ def plan(scan: RootScan, policy: Policy, now: float, free: FreeSpace | None = No
 
     pressure = None
     if free is not None and policy.min_free is not None:
-        pressure = _relieve(decisions, list(projected.values()), finalizing, policy, free)
+        protect = [*finalizing, *scan.pointers]  # a pointed step is never deleted, as a save
+        pressure = _relieve(decisions, list(projected.values()), protect, policy, free)
     decisions.sort(key=lambda d: (d.step is None, d.step or 0, str(d.path)))
     tight = free is not None and _next_save_may_not_fit(decisions, projected, free)
     return Plan(
@@ -255,6 +260,10 @@ def _leftover(
 
 def _unmarked(tmp: InFlight, policy: Policy, now: float) -> Decision:
     """A ``tmp_step_N`` without its marker: a save in progress, or abandoned (stale)."""
+    if not tmp.collectable:  # a layout without temporaries: in flight until it is complete
+        return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting or "not complete",))
+    if tmp.waiting:
+        return _incomplete(tmp, policy, now)
     idle = None if tmp.newest_mtime is None else now - tmp.newest_mtime
     stale = idle is not None and idle >= policy.stale_after
     if tmp.writer_lock_unreadable is not None:
@@ -276,7 +285,31 @@ def _unmarked(tmp: InFlight, policy: Policy, now: float) -> Decision:
     return Decision(tmp.step, tmp.path, Action.WAIT, (f"in flight: last write {_since(idle)}",))
 
 
-def _retention(checkpoints: list[Checkpoint], policy: Policy, layout: Layout) -> list[Decision]:
+def _incomplete(tmp: InFlight, policy: Policy, now: float) -> Decision:
+    """A layout's save without its commit signal (``tmp.waiting`` says which): garbage once
+    untouched for ``stale_after`` with no writer lock, else in flight."""
+    idle = None if tmp.newest_mtime is None else now - tmp.newest_mtime
+    if tmp.writer_lock_unreadable is not None:
+        why = f"writer lock unreadable ({tmp.writer_lock_unreadable}): treated as held"
+        return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting, why))
+    if tmp.writer_locked:
+        return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting, "writer lock held"))
+    if idle is None:
+        return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting, "in flight"))
+    if idle >= policy.stale_after:
+        why = f"stale: {tmp.waiting}, no writer lock, untouched for {_age(idle)}"
+        return Decision(tmp.step, tmp.path, Action.COLLECT, (why,), tmp.identity)
+    why = f"in flight: last write {_since(idle)}"
+    return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting, why))
+
+
+def _retention(
+    checkpoints: list[Checkpoint],
+    policy: Policy,
+    layout: Layout,
+    pointers: Mapping[int, str] | None = None,
+) -> list[Decision]:
+    pointed = pointers or {}
     participants = [c for c in checkpoints if c.info is not None]
     out: list[Decision] = []
     for c in checkpoints:
@@ -286,6 +319,8 @@ def _retention(checkpoints: list[Checkpoint], policy: Policy, layout: Layout) ->
                 "kept: not ranked without it",
             )
             reasons = ((f"pinned ({layout.pin_file} file)",) if c.pinned else ()) + unusable
+            if c.step in pointed:
+                reasons = (pointed[c.step], *reasons)
             out.append(Decision(c.step, c.path, Action.KEEP, reasons, c.identity))
 
     kept: dict[int, list[str]] = {c.step: [] for c in participants}
@@ -296,6 +331,9 @@ def _retention(checkpoints: list[Checkpoint], policy: Policy, layout: Layout) ->
             kept[step].append(why)
         for step, why in verdicts.dropped.items():
             dropped[step].append(why)
+    for step, why in pointed.items():
+        if step in kept:
+            kept[step].append(why)
 
     for c in participants:
         metric = metric_value(c.info, policy.metric_name) if policy.metric_name else None

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from .layouts import DEFAULT_LAYOUT, NEMO_RL, Layout, LayoutError, get_layout
+from .layouts import DEFAULT_LAYOUT, NEMO_RL, Layout, LayoutError, configured, get_layout
 from .records import Checkpoint
 from .sizes import MinFree, parse_min_free
 
@@ -92,6 +92,8 @@ class Policy:
     layout: str = DEFAULT_LAYOUT
     min_free: str | None = None  # "15%" or "500G": delete beyond the rules below it (pressure)
     min_keep: int = 1  # under disk pressure, at least this many checkpoints remain
+    metrics_file: str | None = None  # JSON file inside each checkpoint (layouts without metrics)
+    settle_after: float = 120.0  # a layout without commit signal: untouched this long -> counts
 
     def __post_init__(self) -> None:
         for name in ("keep_top_k", "keep_latest_n"):
@@ -108,7 +110,8 @@ class Policy:
                 "metric_name", f"expected a non-empty string, got {self.metric_name!r}"
             )
         _check_marker(self.complete_marker, _layout_named(self.layout))
-        for name in ("stale_after", "trash_grace"):
+        _check_metrics_file(self.metrics_file)
+        for name in ("stale_after", "trash_grace", "settle_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise PolicyError(name, f"expected seconds as a number, got {value!r}")
@@ -127,6 +130,12 @@ class Policy:
     def pressure_threshold(self) -> MinFree | None:
         """``min_free`` parsed; None when disk pressure is not watched."""
         return None if self.min_free is None else parse_min_free(self.min_free)
+
+    def scan_layout(self) -> Layout:
+        """The layout a scan of a root uses: ``layout`` with ``metrics_file``/``settle_after``."""
+        return configured(
+            self.layout, metrics_file=self.metrics_file, settle_after=self.settle_after
+        )
 
     @property
     def bounded(self) -> bool:
@@ -153,7 +162,7 @@ class Policy:
             raise PolicyError(unknown[0], f"unknown key (known keys: {known})", source)
         merged: dict[str, Any] = {f.name: getattr(base or cls(), f.name) for f in fields(cls)}
         for key, value in values.items():
-            if key in ("stale_after", "trash_grace"):
+            if key in ("stale_after", "trash_grace", "settle_after"):
                 try:
                     value = parse_duration(value, key)
                 except PolicyError as exc:
@@ -183,6 +192,18 @@ def _layout_named(name: object) -> Layout:
         return get_layout(name)
     except LayoutError as exc:
         raise PolicyError("layout", str(exc)) from None
+
+
+def _check_metrics_file(value: object) -> None:
+    if value is None:
+        return
+    parts = value.split("/") if isinstance(value, str) else []
+    if not parts or "\0" in str(value) or any(p in {"", ".", ".."} for p in parts):
+        raise PolicyError(
+            "metrics_file",
+            f"expected a relative file path inside each checkpoint (no '..', no leading '/'), "
+            f"got {value!r}",
+        )
 
 
 def _check_marker(marker: object, layout: Layout) -> None:

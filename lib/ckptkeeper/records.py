@@ -47,6 +47,10 @@ class InFlight:
     # bound: the probe stops once it is recent enough); None: not probed.
     newest_mtime: float | None = None
     writer_lock_unreadable: str | None = None  # why the writer lock could not be probed
+    # Layouts with a commit signal inside the checkpoint (`layouts.Classifier`): why this save
+    # is not complete yet ("" for a nemo-rl tmp_step_N), and whether it may ever be collected.
+    waiting: str = ""
+    collectable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +90,5 @@ class RootScan:
     anomalies: tuple[Anomaly, ...] = ()
     ambiguous_steps: frozenset[int] = field(default_factory=frozenset)
     layout: Layout = NEMO_RL  # how the entries were named (the plan and executor name by it)
+    layout_reason: str = ""  # why this layout ("" : the policy's ``layout`` key named it)
+    pointers: Mapping[int, str] = field(default_factory=dict)  # steps the trainer points at

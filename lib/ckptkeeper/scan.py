@@ -27,8 +27,9 @@ import os
 import stat
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .dirfd import DIR_FLAGS, open_below
 from .errors import errno_text, strerror
@@ -41,7 +42,18 @@ from .info import (
     _StepMemo,
     read_training_info,
 )
-from .layouts import NEMO_RL, Layout
+from .layouts import (
+    NEMO_RL,
+    Classifier,
+    Layout,
+    Look,
+    Refused,
+    Resolver,
+    Survey,
+    file_checkpoints,
+    pin_paths,
+    survey,
+)
 from .names import Kind
 from .records import Anomaly, Checkpoint, InFlight, Leftover, RootScan, TrashEntry
 
@@ -54,6 +66,7 @@ __all__ = [
     "WRITER_LOCK",
     "InfoCache",
     "LockProbe",
+    "look_again",
     "newest_mtime",
     "parse_trash_name",
     "probe_writer_lock",
@@ -220,6 +233,9 @@ class _Scanner:
         self.ambiguous: set[int] = set()
         self.memo_out: dict[str, _StepMemo] = {}
         self.hits = 0
+        self.layout_reason = ""
+        self.survey = Survey()
+        self.classifier = False  # the layout looks inside entries (set once the root is listed)
 
     def read_entries(self, root_fd: int) -> None:
         groups = self.group_entries()
@@ -236,7 +252,9 @@ class _Scanner:
             except OSError as exc:
                 self.odd(name, f"cannot stat: {errno_text(exc)}", step)
                 continue
-            if order == _STEP:
+            if self.classifier:
+                self.classified(name, st)
+            elif order == _STEP:
                 self.steps.append(self.checkpoint(root_fd, name, step, st))
             else:
                 self.save_or_leftover(name, step, order, st)
@@ -247,25 +265,79 @@ class _Scanner:
         """Checkpoint-named directories keyed by (step, kind order); the rest are anomalies."""
         groups: dict[tuple[int, int], list[str]] = defaultdict(list)
         with os.scandir(self.root) as it:  # by path: scandir(fd) costs 6 more system calls
-            for entry in it:
-                name = entry.name
-                known = self.previous.get(name)
-                if known is not None:  # a step directory last time: no need to parse its name
-                    step, order = known.record.step, _STEP
-                elif (parsed := self.layout.parse(name)) is not None:
-                    step, order = parsed.step, _ORDER[parsed.kind]
-                else:
+            entries = list(it)
+        self.look_around([entry.name for entry in entries])
+        files = file_checkpoints(self.layout)
+        for entry in entries:
+            name = entry.name
+            known = self.previous.get(name)
+            if known is not None:  # a step directory last time: no need to parse its name
+                step, order = known.record.step, _STEP
+            elif (parsed := self.layout.parse(name)) is not None:
+                step, order = parsed.step, _ORDER[parsed.kind]
+            else:
+                continue
+            try:
+                # Not following symlinks, a directory is a real one (d_type; lstat if unknown).
+                if entry.is_dir(follow_symlinks=False) or (
+                    files and entry.is_file(follow_symlinks=False)
+                ):
+                    groups[(step, order)].append(name)
                     continue
-                try:
-                    # Not following symlinks, a directory is a real one (d_type; lstat if unknown).
-                    if entry.is_dir(follow_symlinks=False):
-                        groups[(step, order)].append(name)
-                        continue
-                    odd = "symlink: not followed" if entry.is_symlink() else "not a directory"
-                except OSError as exc:
-                    odd = f"cannot stat: {errno_text(exc)}"
-                self.odd(name, odd, step)
+                odd = "symlink: not followed" if entry.is_symlink() else "not a directory"
+            except OSError as exc:
+                odd = f"cannot stat: {errno_text(exc)}"
+            self.odd(name, odd, step)
         return groups
+
+    def look_around(self, names: list[str]) -> None:
+        """The root's own entries: ``auto`` picks the layout, a tracker is read (once)."""
+        if isinstance(self.layout, Resolver):
+            self.layout, self.layout_reason = self.layout.resolve(names)
+            self.info_below = "/" + self.layout.info_file
+            if isinstance(self.layout, Refused):
+                self.anomalies.append(Anomaly(self.root, self.layout.reason))
+        self.classifier = isinstance(self.layout, Classifier)
+        if self.classifier:
+            self.survey = survey(self.layout, self.root, names)
+            for name, why in self.survey.problems:
+                self.anomalies.append(Anomaly(self.root / name, why))
+
+    def classified(self, name: str, st: os.stat_result) -> None:
+        """An entry of a layout that looks inside: a checkpoint, or a save not complete."""
+        parsed = self.layout.parse(name)
+        assert parsed is not None and isinstance(self.layout, Classifier)
+        path = self.root / name
+        probe = _EntryProbe(path, st, self.started_ns / 1e9, self.survey, self.cache)
+        look: Look = self.layout.classify(parsed, probe)
+        pinned = any(_exists(p) for p in pin_paths(self.layout, path))
+        identity = (st.st_dev, st.st_ino)
+        if look.complete:
+            record = Checkpoint(parsed.step, path, look.info, look.info_error, pinned, identity)
+            self.steps.append(record)
+            return
+        probed = (
+            _probe(path, self.layout.writer_lock, self.stale_before)
+            if (look.collectable and stat.S_ISDIR(st.st_mode))
+            else (None, None, None)
+        )
+        locked, newest, unreadable = probed
+        self.in_flight.append(
+            InFlight(
+                parsed.step,
+                path,
+                False,
+                None,
+                None,
+                pinned,
+                identity,
+                locked,
+                newest,
+                unreadable,
+                look.waiting,
+                look.collectable,
+            )
+        )
 
     def checkpoint(self, root_fd: int, name: str, step: int, st: os.stat_result) -> Checkpoint:
         known = self.trusted.get(name)
@@ -338,7 +410,55 @@ class _Scanner:
             tuple(self.anomalies),
             frozenset(self.ambiguous),
             layout=self.layout,
+            layout_reason=self.layout_reason,
+            pointers=self.survey.pointers,
         )
+
+
+def look_again(layout: Layout, path: Path, now: float) -> Look | None:
+    """A `layouts.Classifier` layout's verdict on ``path`` as it is now (the executor's re-check
+    before collecting); None when the layout does not look inside, or ``path`` is gone."""
+    if not isinstance(layout, Classifier) or (parsed := layout.parse(path.name)) is None:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    seen = survey(layout, path.parent, [])
+    return layout.classify(parsed, _EntryProbe(path, st, now, seen, None))
+
+
+class _EntryProbe:
+    """`layouts.Probe` over one entry of the root: reads only, never follows a symlink."""
+
+    def __init__(
+        self,
+        path: Path,
+        st: os.stat_result,
+        now: float,
+        survey: Survey,
+        cache: InfoCache | None,
+    ) -> None:
+        self.path, self.st, self.now, self.survey, self.cache = path, st, now, survey, cache
+        self.is_dir = stat.S_ISDIR(st.st_mode)
+
+    def exists(self, rel: str) -> bool:
+        return self.is_dir and _exists(self.path / rel)
+
+    def read_json(self, rel: str) -> tuple[Mapping[str, Any] | None, str | None]:
+        if not self.is_dir:
+            return None, f"no {rel}: the checkpoint is a file"
+        # The cache is keyed by <root>/<entry>/<file>: only a file right inside the entry.
+        cache = self.cache if "/" not in rel else None
+        return _read_info(self.path / rel, cache)[0]
+
+    def last_change(self, stop_above: float | None = None) -> float:
+        if not self.is_dir:
+            return max(self.st.st_mtime, self.st.st_ctime)
+        try:
+            return newest_mtime(self.path, stop_above=stop_above)
+        except OSError:
+            return self.now  # vanished or unreadable: as if written just now (never "settled")
 
 
 def _probe(

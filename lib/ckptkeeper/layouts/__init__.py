@@ -11,6 +11,7 @@ zero-argument factory (or an instance) in the entry-point group ``ckptkeeper.lay
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from importlib import metadata
@@ -18,17 +19,36 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..names import Kind, ParsedName
+from .auto import Auto, Refused
+from .base import Classifier, Look, Probe, Resolver, Survey, Surveyor
+from .hf_trainer import HF_TRAINER
+from .lightning import LIGHTNING
 from .nemo_rl import NEMO_RL, NemoRL
+from .orbax import ORBAX
+from .torchtitan import TORCHTITAN
+from .tracked import DEEPSPEED, MEGATRON
 
 __all__ = [
+    "AUTO",
     "DEFAULT_LAYOUT",
     "ENTRY_POINT_GROUP",
     "NEMO_RL",
+    "Classifier",
     "Layout",
     "LayoutError",
+    "Look",
     "NemoRL",
+    "Probe",
+    "Refused",
+    "Resolver",
+    "Survey",
+    "Surveyor",
     "available_layouts",
+    "configured",
+    "file_checkpoints",
     "get_layout",
+    "pin_paths",
+    "survey",
 ]
 
 ENTRY_POINT_GROUP = "ckptkeeper.layouts"
@@ -84,22 +104,71 @@ class LayoutError(LookupError):
     """An unknown layout name, or an entry point that does not give a layout."""
 
 
-_BUILTIN: dict[str, Layout] = {NEMO_RL.name: NEMO_RL}
+_BUILTIN: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (NEMO_RL, HF_TRAINER, TORCHTITAN, MEGATRON, DEEPSPEED, ORBAX, LIGHTNING)
+}
+#: The policy's default. Not ``auto``: an existing root must be kept exactly as before (a root
+#: holding another layout's names, or a directory named like an Orbax step, would change).
 DEFAULT_LAYOUT = NEMO_RL.name
+AUTO = "auto"
 
 
 def available_layouts() -> list[str]:
     """Built-in layout names and those registered through the entry-point group."""
-    names = set(_BUILTIN)
+    names = {*_BUILTIN, AUTO}
     names.update(ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
     return sorted(names)
 
 
 def get_layout(name: str) -> Layout:
-    """The layout called ``name``: built in, or registered in ``ckptkeeper.layouts``."""
+    """The layout called ``name``: built in, ``auto``, or registered in ``ckptkeeper.layouts``."""
     if name in _BUILTIN:
         return _BUILTIN[name]
+    if name == AUTO:
+        return Auto(lambda: tuple(_BUILTIN.values()))
     return _registered(name)
+
+
+def configured(name: str, *, metrics_file: str | None, settle_after: float) -> Layout:
+    """The layout called ``name`` with a policy's ``metrics_file`` and ``settle_after`` (for the
+    layouts that have them; ``auto`` hands them to the layout it picks)."""
+    if name == AUTO:
+        return Auto(
+            lambda: tuple(_with(lay, metrics_file, settle_after) for lay in _BUILTIN.values())
+        )
+    return _with(get_layout(name), metrics_file, settle_after)
+
+
+def _with(layout: Layout, metrics_file: str | None, settle_after: float) -> Layout:
+    if not dataclasses.is_dataclass(layout):
+        return layout
+    names = {f.name for f in dataclasses.fields(layout)}
+    changes: dict[str, object] = {}
+    if "metrics_file" in names and metrics_file != layout.metrics_file:
+        changes["metrics_file"] = metrics_file
+    if "settle_after" in names and settle_after != layout.settle_after:
+        changes["settle_after"] = settle_after
+    return dataclasses.replace(layout, **changes) if changes else layout
+
+
+def file_checkpoints(layout: Layout) -> bool:
+    """May a checkpoint of ``layout`` be a regular file (Lightning's ``.ckpt``)?"""
+    return bool(getattr(layout, "file_checkpoints", False))
+
+
+def pin_paths(layout: Layout, path: Path) -> tuple[Path, ...]:
+    """Where a pin of the checkpoint at ``path`` may be: inside it, or (file checkpoints)
+    ``<name>.KEEP`` beside it."""
+    custom = getattr(layout, "pin_paths", None)
+    return tuple(custom(path)) if custom is not None else (path / layout.pin_file,)
+
+
+def survey(layout: Layout, root: Path, names: list[str]) -> Survey:
+    """What ``layout`` reads at the root's top level once per scan (pointers, problems)."""
+    if isinstance(layout, Surveyor):
+        return layout.survey(root, names)
+    return Survey(dict(layout.pointers(root)))
 
 
 @functools.cache  # loaded once per process, as importlib keeps the modules it imports

@@ -1,0 +1,126 @@
+"""What a layout may add to the name grammar: a look inside each entry, a survey of the root.
+
+A layout that only names things (`nemo-rl`, most third-party layouts) implements the `Layout`
+protocol alone: an entry's kind comes from its name, a ``tmp`` save is complete once its marker
+exists. A layout whose commit signal is inside the checkpoint (a file written last, a tracker
+file, a settle time) also implements `Classifier`: the scanner hands it each entry through a
+read-only `Probe` and it says whether the entry is a checkpoint, with its metrics, or a save not
+(yet) complete, and whether that may ever be collected. A layout with a root-level tracker
+implements `Surveyor`: read once per scan, it names the steps that must never go and what is
+wrong with the tracker. The hooks are optional, so existing layouts keep working unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from ..names import ParsedName
+
+__all__ = [
+    "Classifier",
+    "Look",
+    "Probe",
+    "Resolver",
+    "Survey",
+    "Surveyor",
+    "age_text",
+    "metrics_or_empty",
+    "settling",
+]
+
+Info = tuple[Mapping[str, Any] | None, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """What a layout read once per scan at the root's top level."""
+
+    pointers: Mapping[int, str] = field(default_factory=dict)  # step -> why it must stay
+    problems: tuple[tuple[str, str], ...] = ()  # (entry name, what is wrong): reported
+    tracker: int | None = None  # the step a tracker file names (None: none, or unreadable)
+    tracker_error: str = ""  # why there is no usable tracker ("" when there is one)
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """A layout's verdict on one entry: a checkpoint (``complete``) with its metrics, or a save
+    that is not complete, with why (``waiting``) and whether it is garbage once untouched for
+    ``stale_after`` (``collectable``)."""
+
+    complete: bool
+    info: Mapping[str, Any] | None = None
+    info_error: str | None = None
+    waiting: str = ""
+    collectable: bool = False
+
+
+class Probe(Protocol):
+    """A read-only look inside one entry of the root (never follows a symlink)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def is_dir(self) -> bool: ...
+
+    @property
+    def now(self) -> float: ...
+
+    @property
+    def survey(self) -> Survey: ...
+
+    def exists(self, rel: str) -> bool:
+        """Does ``<entry>/<rel>`` exist (a symlink counts, it is not followed)?"""
+        ...
+
+    def read_json(self, rel: str) -> Info:
+        """``<entry>/<rel>`` as a JSON object, or (None, why not)."""
+        ...
+
+    def last_change(self, stop_above: float | None = None) -> float:
+        """The newest mtime or ctime in the entry's tree (stops above ``stop_above``)."""
+        ...
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    def classify(self, parsed: ParsedName, probe: Probe) -> Look: ...
+
+
+@runtime_checkable
+class Surveyor(Protocol):
+    def survey(self, root: Path, names: Sequence[str]) -> Survey: ...
+
+
+@runtime_checkable
+class Resolver(Protocol):
+    """A layout that picks the real layout of a root from its entry names (``auto``)."""
+
+    def resolve(self, names: Sequence[str]) -> tuple[Any, str]: ...
+
+
+def age_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def metrics_or_empty(probe: Probe, metrics_file: str | None) -> Info:
+    """The policy's ``metrics_file`` inside the checkpoint, or no metrics (ranked by recency)."""
+    if metrics_file:
+        return probe.read_json(metrics_file)
+    return {}, None
+
+
+def settling(probe: Probe, settle_after: float) -> str:
+    """Why a checkpoint without a commit signal does not count yet ("" once it has settled)."""
+    threshold = probe.now - settle_after
+    last = probe.last_change(stop_above=threshold)
+    if last > threshold:
+        ago, settle = age_text(probe.now - last), age_text(settle_after)
+        return f"settling: last write {ago} ago (settle_after {settle})"
+    return ""

@@ -1,0 +1,129 @@
+"""The ``hf-trainer`` layout: ``checkpoint-<N>/`` written by transformers' ``Trainer``.
+
+HF writes a checkpoint in place, with no commit signal: ``trainer_state.json`` comes near the end,
+so a checkpoint counts once it holds ``trainer_state.json`` and nothing in it changed for
+``settle_after``; until then it is in flight and never deleted. HF leaves no temporaries, so
+nothing is ever collected as garbage. Metrics: the ``log_history`` entries of the checkpoint's own
+``trainer_state.json`` whose ``step`` is N (e.g. ``eval_loss``), or the policy's ``metrics_file``.
+Never deleted: the newest checkpoint and the ``best_model_checkpoint`` its trainer_state names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..names import Kind, ParsedName
+from .base import Look, Probe, Survey, settling
+
+__all__ = ["HF_TRAINER", "HfTrainer"]
+
+_RE = re.compile(r"checkpoint-([0-9]+)")
+STATE = "trainer_state.json"
+_MAX_STATE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HfTrainer:
+    name: str = "hf-trainer"
+    default_marker: str = ".complete"
+    info_file: str = STATE
+    pin_file: str = "KEEP"
+    writer_lock: str = ".writer.lock"
+    config_file: str = ""
+    metrics_file: str | None = None
+    settle_after: float = 120.0
+
+    def parse(self, name: str) -> ParsedName | None:
+        m = _RE.fullmatch(name)
+        if m is None or len(m[1]) > 30:
+            return None
+        step = int(m[1])
+        return ParsedName(Kind.STEP, step, name, name == self.format(Kind.STEP, step))
+
+    def format(self, kind: Kind, step: int) -> str:
+        return f"checkpoint-{step}"
+
+    def pointers(self, root: Path) -> Mapping[int, str]:
+        with os.scandir(root) as it:
+            return self.survey(root, [e.name for e in it]).pointers
+
+    def survey(self, root: Path, names: Sequence[str]) -> Survey:
+        """The newest checkpoint, and the best one its trainer_state.json names."""
+        steps = sorted(
+            (p.step for n in names if (p := self.parse(n)) is not None and p.canonical),
+            reverse=True,
+        )
+        if not steps:
+            return Survey()
+        newest = steps[0]
+        pointers = {newest: "newest checkpoint (HF resumes from it)"}
+        problems: list[tuple[str, str]] = []
+        for step in steps:  # the newest readable trainer_state.json names the best
+            name = self.format(Kind.STEP, step)
+            state, why = _load(root / name / STATE)
+            if state is None:
+                if why != f"no {STATE}":
+                    problems.append((name, f"{why}: best_model_checkpoint read from an older one"))
+                continue
+            best = state.get("best_model_checkpoint")
+            if isinstance(best, str) and best:
+                parsed = self.parse(os.path.basename(best.rstrip("/")))
+                if parsed is not None:
+                    pointers.setdefault(parsed.step, f"best_model_checkpoint in {name}/{STATE}")
+            break
+        return Survey(pointers, tuple(problems))
+
+    def classify(self, parsed: ParsedName, probe: Probe) -> Look:
+        if not probe.exists(STATE):
+            return Look(False, waiting=f"no {STATE} (HF writes in place): not complete, kept")
+        waiting = settling(probe, self.settle_after)
+        if waiting:
+            return Look(False, waiting=waiting)
+        if self.metrics_file:
+            info, why = probe.read_json(self.metrics_file)
+            return Look(True, info, why)
+        state, why = probe.read_json(STATE)
+        if state is None:
+            return Look(True, None, why)
+        return Look(True, _metrics_at(state, parsed.step), None)
+
+
+def _metrics_at(state: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """The log_history entries of ``step`` merged (later entries win), with the step."""
+    out: dict[str, Any] = {}
+    history = state.get("log_history")
+    for entry in history if isinstance(history, list) else ():
+        if isinstance(entry, dict) and entry.get("step") == step:
+            out.update(entry)
+    out["step"] = step
+    return out
+
+
+def _load(path: Path) -> tuple[dict[str, Any] | None, str]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, f"no {STATE}"
+    except OSError as exc:
+        return None, f"{STATE} unreadable: {os.strerror(exc.errno or 0)}"
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            raw = fh.read(_MAX_STATE + 1)
+        except OSError as exc:
+            return None, f"{STATE} unreadable: {os.strerror(exc.errno or 0)}"
+    if len(raw) > _MAX_STATE:
+        return None, f"{STATE} too large"
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None, f"{STATE} is not valid JSON"
+    return (data, "") if isinstance(data, dict) else (None, f"{STATE} is not a JSON object")
+
+
+HF_TRAINER = HfTrainer()
