@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .classify import look_again
 from .effects import OS_FS, Fs
 from .errors import errno_name, strerror
 from .layouts import file_checkpoints, pin_paths
 from .names import Kind
 from .plan import APPLIED, Action, Decision, Plan
-from .scan import look_again
 from .storage import PosixStorage, Storage, purge_trash
 
 __all__ = ["Outcome", "apply_plan", "purge_trash"]

@@ -27,10 +27,10 @@ import os
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from .classify import classify_entry
 from .dirfd import DIR_FLAGS, open_below
 from .errors import errno_text, strerror
 from .info import (
@@ -46,12 +46,10 @@ from .layouts import (
     NEMO_RL,
     Classifier,
     Layout,
-    Look,
     Refused,
     Resolver,
     Survey,
     file_checkpoints,
-    pin_paths,
     survey,
 )
 from .names import Kind
@@ -66,7 +64,6 @@ __all__ = [
     "WRITER_LOCK",
     "InfoCache",
     "LockProbe",
-    "look_again",
     "newest_mtime",
     "parse_trash_name",
     "probe_writer_lock",
@@ -304,40 +301,15 @@ class _Scanner:
                 self.anomalies.append(Anomaly(self.root / name, why))
 
     def classified(self, name: str, st: os.stat_result) -> None:
-        """An entry of a layout that looks inside: a checkpoint, or a save not complete."""
-        parsed = self.layout.parse(name)
-        assert parsed is not None and isinstance(self.layout, Classifier)
-        path = self.root / name
-        probe = _EntryProbe(path, st, self.started_ns / 1e9, self.survey, self.cache)
-        look: Look = self.layout.classify(parsed, probe)
-        pinned = any(_exists(p) for p in pin_paths(self.layout, path))
-        identity = (st.st_dev, st.st_ino)
-        if look.complete:
-            record = Checkpoint(parsed.step, path, look.info, look.info_error, pinned, identity)
+        """An entry of a layout that looks inside (`classify.classify_entry`)."""
+        now = self.started_ns / 1e9
+        record = classify_entry(
+            self.layout, self.root / name, st, now, self.survey, self.cache, self.stale_before
+        )
+        if isinstance(record, Checkpoint):
             self.steps.append(record)
-            return
-        probed = (
-            _probe(path, self.layout.writer_lock, self.stale_before)
-            if (look.collectable and stat.S_ISDIR(st.st_mode))
-            else (None, None, None)
-        )
-        locked, newest, unreadable = probed
-        self.in_flight.append(
-            InFlight(
-                parsed.step,
-                path,
-                False,
-                None,
-                None,
-                pinned,
-                identity,
-                locked,
-                newest,
-                unreadable,
-                look.waiting,
-                look.collectable,
-            )
-        )
+        else:
+            self.in_flight.append(record)
 
     def checkpoint(self, root_fd: int, name: str, step: int, st: os.stat_result) -> Checkpoint:
         known = self.trusted.get(name)
@@ -413,52 +385,6 @@ class _Scanner:
             layout_reason=self.layout_reason,
             pointers=self.survey.pointers,
         )
-
-
-def look_again(layout: Layout, path: Path, now: float) -> Look | None:
-    """A `layouts.Classifier` layout's verdict on ``path`` as it is now (the executor's re-check
-    before collecting); None when the layout does not look inside, or ``path`` is gone."""
-    if not isinstance(layout, Classifier) or (parsed := layout.parse(path.name)) is None:
-        return None
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    seen = survey(layout, path.parent, [])
-    return layout.classify(parsed, _EntryProbe(path, st, now, seen, None))
-
-
-class _EntryProbe:
-    """`layouts.Probe` over one entry of the root: reads only, never follows a symlink."""
-
-    def __init__(
-        self,
-        path: Path,
-        st: os.stat_result,
-        now: float,
-        survey: Survey,
-        cache: InfoCache | None,
-    ) -> None:
-        self.path, self.st, self.now, self.survey, self.cache = path, st, now, survey, cache
-        self.is_dir = stat.S_ISDIR(st.st_mode)
-
-    def exists(self, rel: str) -> bool:
-        return self.is_dir and _exists(self.path / rel)
-
-    def read_json(self, rel: str) -> tuple[Mapping[str, Any] | None, str | None]:
-        if not self.is_dir:
-            return None, f"no {rel}: the checkpoint is a file"
-        # The cache is keyed by <root>/<entry>/<file>: only a file right inside the entry.
-        cache = self.cache if "/" not in rel else None
-        return _read_info(self.path / rel, cache)[0]
-
-    def last_change(self, stop_above: float | None = None) -> float:
-        if not self.is_dir:
-            return max(self.st.st_mtime, self.st.st_ctime)
-        try:
-            return newest_mtime(self.path, stop_above=stop_above)
-        except OSError:
-            return self.now  # vanished or unreadable: as if written just now (never "settled")
 
 
 def _probe(
