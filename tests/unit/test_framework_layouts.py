@@ -415,3 +415,10 @@ def test_new_policy_keys_parse() -> None:
     )
     assert Policy().layout == "nemo-rl" and Policy().settle_after == 120.0
     assert not math.isnan(Policy().settle_after)
+
+
+def test_hf_best_model_checkpoint_naming_a_gone_checkpoint_changes_nothing(tmp_path: Path) -> None:
+    hf_run(tmp_path, {10: 0.9, 20: 0.2, 30: 0.5}, best=5)  # checkpoint-5 is long gone
+    result = run(tmp_path, ahead=HOUR, layout="hf-trainer", keep_top_k=1, metric_name="eval_loss")
+    assert listing(tmp_path) == {"checkpoint-20", "checkpoint-30"}
+    assert result.scan is not None and 5 in result.scan.pointers
