@@ -87,6 +87,15 @@ class _EntryProbe:
         cache = self.cache if "/" not in rel else None
         return _read_info(self.path / rel, cache)[0]
 
+    def changed(self, rel: str) -> float | None:
+        if rel == "":
+            return max(self.st.st_mtime, self.st.st_ctime)
+        try:
+            st = os.lstat(self.path / rel) if self.is_dir else None
+        except OSError:
+            return None
+        return None if st is None else max(st.st_mtime, st.st_ctime)
+
     def last_change(self, stop_above: float | None = None) -> float:
         if not self.is_dir:
             return max(self.st.st_mtime, self.st.st_ctime)

@@ -250,7 +250,7 @@ class _Scanner:
                 self.odd(name, f"cannot stat: {errno_text(exc)}", step)
                 continue
             if self.classifier:
-                self.classified(name, st)
+                self.classified(root_fd, name, st)
             elif order == _STEP:
                 self.steps.append(self.checkpoint(root_fd, name, step, st))
             else:
@@ -300,16 +300,38 @@ class _Scanner:
             for name, why in self.survey.problems:
                 self.anomalies.append(Anomaly(self.root / name, why))
 
-    def classified(self, name: str, st: os.stat_result) -> None:
-        """An entry of a layout that looks inside (`classify.classify_entry`)."""
+    def classified(self, root_fd: int, name: str, st: os.stat_result) -> None:
+        """An entry of a layout that looks inside (`classify.classify_entry`). A checkpoint is
+        memoized as a ``step_N`` is (`checkpoint`): its verdict and metrics are reused while the
+        entry (and the layout's ``info_file`` in it) is unchanged."""
+        known = self.trusted.get(name)
+        if known is not None and self.unchanged(root_fd, name, known, st):
+            self.hits += 1
+            self.memo_out[name] = known
+            self.steps.append(known.record)
+            return
+        info_key = self.info_key(root_fd, name, st) if self.cache is not None else None
         now = self.started_ns / 1e9
         record = classify_entry(
             self.layout, self.root / name, st, now, self.survey, self.cache, self.stale_before
         )
-        if isinstance(record, Checkpoint):
-            self.steps.append(record)
-        else:
+        if isinstance(record, InFlight):
             self.in_flight.append(record)
+            return
+        self.steps.append(record)
+        if self.cache is not None:
+            trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
+            self.memo_out[name] = _StepMemo(st, trusted, info_key, record)
+
+    def info_key(self, root_fd: int, name: str, st: os.stat_result) -> tuple[int, int, int] | None:
+        """The key of the layout's ``info_file`` inside a directory entry (None: none there)."""
+        if not self.info_below[1:] or not stat.S_ISDIR(st.st_mode):
+            return None
+        try:
+            ist = os.stat(name + self.info_below, dir_fd=root_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return (ist.st_ino, ist.st_mtime_ns, ist.st_size) if stat.S_ISREG(ist.st_mode) else None
 
     def checkpoint(self, root_fd: int, name: str, step: int, st: os.stat_result) -> Checkpoint:
         known = self.trusted.get(name)
@@ -340,6 +362,8 @@ class _Scanner:
             and known.record.identity == (st.st_dev, st.st_ino)
         ):
             return False
+        if self.classifier and known.info_key is None:  # no info_file to re-check (a .ckpt)
+            return self.info_key(root_fd, name, st) is None
         try:
             ist = os.stat(name + self.info_below, dir_fd=root_fd, follow_symlinks=False)
         except OSError:

@@ -422,3 +422,23 @@ def test_hf_best_model_checkpoint_naming_a_gone_checkpoint_changes_nothing(tmp_p
     result = run(tmp_path, ahead=HOUR, layout="hf-trainer", keep_top_k=1, metric_name="eval_loss")
     assert listing(tmp_path) == {"checkpoint-20", "checkpoint-30"}
     assert result.scan is not None and 5 in result.scan.pointers
+
+
+def test_a_memoized_look_reuses_unchanged_checkpoints_and_sees_a_rewritten_state(
+    tmp_path: Path,
+) -> None:
+    """The daemon's unlocked look skips unchanged checkpoints of a layout that looks inside, as
+    for nemo-rl; trainer_state.json rewritten in place is seen."""
+    from ckptkeeper.scan import scan_root
+
+    hf_run(tmp_path, {10: 0.9, 20: 0.2}, best=20)
+    layout = Policy(layout="hf-trainer", settle_after=0.0).scan_layout()
+    cache = InfoCache(clock_ns=lambda: time.time_ns() + 10**10)  # memo trusted at once
+    scan_root(tmp_path, layout=layout, cache=cache, memo=True)
+    again = scan_root(tmp_path, layout=layout, cache=cache, memo=True)
+    assert cache.memo_hits == 2
+    assert {c.step: c.info["eval_loss"] for c in again.steps if c.info} == {10: 0.9, 20: 0.2}
+    state = tmp_path / "checkpoint-10" / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": [{"step": 10, "eval_loss": 0.1}]}) + " " * 9)
+    third = scan_root(tmp_path, layout=layout, cache=cache, memo=True)
+    assert {c.step: c.info["eval_loss"] for c in third.steps if c.info} == {10: 0.1, 20: 0.2}

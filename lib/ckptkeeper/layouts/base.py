@@ -84,6 +84,11 @@ class Probe(Protocol):
         """The newest mtime or ctime in the entry's tree (stops above ``stop_above``)."""
         ...
 
+    def changed(self, rel: str) -> float | None:
+        """The mtime or ctime (the newer) of ``<entry>/<rel>`` ("" for the entry itself);
+        None when it does not exist."""
+        ...
+
 
 @runtime_checkable
 class Classifier(Protocol):
@@ -116,11 +121,12 @@ def metrics_or_empty(probe: Probe, metrics_file: str | None) -> Info:
     return {}, None
 
 
-def settling(probe: Probe, settle_after: float) -> str:
-    """Why a checkpoint without a commit signal does not count yet ("" once it has settled)."""
-    threshold = probe.now - settle_after
-    last = probe.last_change(stop_above=threshold)
-    if last > threshold:
+def settling(probe: Probe, settle_after: float, last_written: float) -> str:
+    """Why a checkpoint without a commit signal does not count yet ("" once it has settled):
+    the entry itself (a file created in it) or the file its writer writes last, in place (which
+    changed at ``last_written``), changed within ``settle_after``."""
+    last = max(probe.changed("") or probe.now, last_written)
+    if last > probe.now - settle_after:
         ago, settle = age_text(probe.now - last), age_text(settle_after)
         return f"settling: last write {ago} ago (settle_after {settle})"
     return ""

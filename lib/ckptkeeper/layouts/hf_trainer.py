@@ -1,8 +1,10 @@
 """The ``hf-trainer`` layout: ``checkpoint-<N>/`` written by transformers' ``Trainer``.
 
-HF writes a checkpoint in place, with no commit signal: ``trainer_state.json`` comes near the end,
-so a checkpoint counts once it holds ``trainer_state.json`` and nothing in it changed for
-``settle_after``; until then it is in flight and never deleted. HF leaves no temporaries, so
+HF writes a checkpoint in place, with no commit signal: ``trainer_state.json`` comes last (after
+the model, optimizer, scheduler and RNG state), so a checkpoint counts once it holds
+``trainer_state.json`` and neither that file nor the directory (a file created in it) changed for
+``settle_after``; until then it is in flight and never deleted. The checkpoint HF is writing is
+also the newest, which is never deleted whatever its state. HF leaves no temporaries, so
 nothing is ever collected as garbage. Metrics: the ``log_history`` entries of the checkpoint's own
 ``trainer_state.json`` whose ``step`` is N (e.g. ``eval_loss``), or the policy's ``metrics_file``.
 Never deleted: the newest checkpoint and the ``best_model_checkpoint`` its trainer_state names.
@@ -80,9 +82,10 @@ class HfTrainer:
         return Survey(pointers, tuple(problems))
 
     def classify(self, parsed: ParsedName, probe: Probe) -> Look:
-        if not probe.exists(STATE):
+        written = probe.changed(STATE)
+        if written is None:
             return Look(False, waiting=f"no {STATE} (HF writes in place): not complete, kept")
-        waiting = settling(probe, self.settle_after)
+        waiting = settling(probe, self.settle_after, written)
         if waiting:
             return Look(False, waiting=waiting)
         if self.metrics_file:
