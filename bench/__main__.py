@@ -49,6 +49,7 @@ MODULES: tuple[tuple[str, str, str], ...] = (
     ("P4", "bench.p4_delete", "deleting a checkpoint"),
     ("P5", "bench.p5_idle", "idle daemon cost"),
     ("P6", "bench.p6_page", "status page rendering and disk-pressure sizing"),
+    ("P7", "bench.p7_layouts", "pass cost per checkpoint for each layout"),
 )
 BENCHMARKS_MD = _REPO / "BENCHMARKS.md"
 _DATA_RE = re.compile(r"<!-- bench-data\n(.*?)\n-->", re.S)

@@ -121,6 +121,8 @@ def test_lightning_top_k_by_val_loss_and_last_ckpt_untouched(
             "--metric",
             "val_loss",
             "--lower-is-better",
+            "--settle-after",
+            "0s",  # the trainer has finished: its files are complete
         ],
         capture_output=True,
         text=True,

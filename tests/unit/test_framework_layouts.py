@@ -309,7 +309,9 @@ def test_lightning_keeps_top_k_by_val_loss_and_the_target_of_last(tmp_path: Path
     (tmp_path / "last.ckpt").symlink_to(names[30])
     pin = tmp_path / (names[10] + ".KEEP")
     pin.touch()
-    result = run(tmp_path, layout="lightning", keep_top_k=1, metric_name="val_loss")
+    result = run(
+        tmp_path, layout="lightning", keep_top_k=1, metric_name="val_loss", settle_after=0.0
+    )
     kept = {names[10], names[20], names[30], names[50], "last.ckpt", pin.name}
     assert listing(tmp_path) == kept
     assert "target of last.ckpt" in reasons(result, names[30])
@@ -328,7 +330,7 @@ def test_lightning_last_ckpt_pointing_outside_is_not_followed(tmp_path: Path) ->
     for s, loss in ((10, "0.5000"), (20, "0.1000"), (30, "0.9000")):
         ckpt(root, s, loss)
     (root / "last.ckpt").symlink_to(victim)
-    result = run(root, layout="lightning", keep_top_k=1, metric_name="val_loss")
+    result = run(root, layout="lightning", keep_top_k=1, metric_name="val_loss", settle_after=0.0)
     assert victim.exists()
     assert "outside the root: not followed" in reasons(result, "last.ckpt")
     assert (root / "last.ckpt").is_symlink()
@@ -338,7 +340,9 @@ def test_lightning_checkpoint_named_like_one_but_a_symlink_is_not_followed(tmp_p
     target = ckpt(tmp_path, 10, "0.5000")
     (tmp_path / "epoch=0-step=99-val_loss=0.0001.ckpt").symlink_to(target)
     ckpt(tmp_path, 20, "0.1000")
-    result = run(tmp_path, layout="lightning", keep_top_k=1, metric_name="val_loss")
+    result = run(
+        tmp_path, layout="lightning", keep_top_k=1, metric_name="val_loss", settle_after=0.0
+    )
     assert actions(result)["epoch=0-step=99-val_loss=0.0001.ckpt"] is Action.IGNORE
     assert (tmp_path / "epoch=0-step=99-val_loss=0.0001.ckpt").is_symlink()
 
@@ -442,3 +446,15 @@ def test_a_memoized_look_reuses_unchanged_checkpoints_and_sees_a_rewritten_state
     state.write_text(json.dumps({"log_history": [{"step": 10, "eval_loss": 0.1}]}) + " " * 9)
     third = scan_root(tmp_path, layout=layout, cache=cache, memo=True)
     assert {c.step: c.info["eval_loss"] for c in third.steps if c.info} == {10: 0.1, 20: 0.2}
+
+
+def test_lightning_checkpoint_still_being_copied_in_is_not_deleted(tmp_path: Path) -> None:
+    for s, loss in ((10, "0.1000"), (20, "0.5000")):
+        ckpt(tmp_path, s, loss)
+    young = ckpt(tmp_path, 15, "0.9000")  # being copied in from another filesystem
+    policy = {"layout": "lightning", "keep_top_k": 1, "metric_name": "val_loss"}
+    result = run(tmp_path, **policy, keep_latest=False)
+    assert actions(result)[young.name] is Action.WAIT and young.exists()
+    assert "settling" in reasons(result, young.name)
+    later = run(tmp_path, ahead=3 * 60, **policy, keep_latest=False)
+    assert actions(later)[young.name] is Action.DELETE and not young.exists()

@@ -2,8 +2,10 @@
 
 A checkpoint is a file (a directory with sharded strategies) whose name holds ``step=<N>``, e.g.
 ``epoch=0-step=100-val_loss=0.1234.ckpt`` from ``filename="{epoch}-{step}-{val_loss:.4f}"``; its
-metrics are the ``key=value`` parts of the name. Lightning writes the whole file in one go, so one
-that exists is complete. ``last.ckpt`` is outside the grammar (never touched); when it is a
+metrics are the ``key=value`` parts of the name. Lightning writes the file to a temporary in the
+system's temp directory and moves it in: a rename on the same filesystem, a copy from another one,
+so a checkpoint counts once it is untouched for ``settle_after`` (until then it is in flight).
+``last.ckpt`` is outside the grammar (never touched); when it is a
 symlink, the checkpoint it names inside the root is never deleted (the link is read, never
 followed). A file checkpoint is pinned by ``<name>.KEEP`` beside it.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Survey
+from .base import Look, Probe, Survey, settling
 
 __all__ = ["LIGHTNING", "Lightning"]
 
@@ -73,6 +75,9 @@ class Lightning:
         return Survey({parsed.step: f"target of {LAST}"})
 
     def classify(self, parsed: ParsedName, probe: Probe) -> Look:
+        waiting = settling(probe, self.settle_after, probe.changed("") or probe.now)
+        if waiting:
+            return Look(False, waiting=waiting)
         fields = _fields(parsed.name) or {}
         info: dict[str, Any] = {k: _number(v) for k, v in fields.items()}
         return Look(True, info, None)
