@@ -50,7 +50,14 @@ from pathlib import Path
 from typing import Any
 
 from ckptkeeper.errors import strerror
-from ckptkeeper.names import parse_name
+from ckptkeeper.layouts import (
+    AUTO,
+    DEFAULT_LAYOUT,
+    NEMO_RL,
+    LayoutError,
+    available_layouts,
+    get_layout,
+)
 from ckptkeeper.policy import PolicyError
 from ckptkeeper.scan import CKPTKEEPER_DIR
 
@@ -275,7 +282,9 @@ def expand_roots(
     for entry in config.roots:
         add(entry.path, entry.overrides)
     for disc in config.discovers:
-        for found in _discover(disc, problems if problems is not None else []):
+        layout = disc.overrides.get("layout", config.default_overrides.get("layout"))
+        names = _checkpoint_names(layout if isinstance(layout, str) else DEFAULT_LAYOUT)
+        for found in _discover(disc, problems if problems is not None else [], names):
             add(found, disc.overrides)
     return out
 
@@ -293,7 +302,23 @@ def _identity(path: Path) -> tuple[object, bool]:
     return (st.st_dev, st.st_ino), is_link
 
 
-def _discover(entry: DiscoverEntry, problems: list[str]) -> list[Path]:
+def _checkpoint_names(layout: str) -> Callable[[str], bool]:
+    """Is a name a checkpoint's in ``layout`` (``auto``: in any built-in layout)? A run's own
+    ``ckptkeeper.toml`` is read only once its directory is a root, so it cannot choose here."""
+    try:
+        layouts = (
+            [get_layout(n) for n in available_layouts() if n != AUTO]
+            if layout == AUTO
+            else [get_layout(layout)]
+        )
+    except LayoutError:
+        layouts = [NEMO_RL]  # the config check reports the name; discover as the default does
+    return lambda name: any(lay.parse(name) is not None for lay in layouts)
+
+
+def _discover(
+    entry: DiscoverEntry, problems: list[str], is_checkpoint: Callable[[str], bool]
+) -> list[Path]:
     """Directories matching the glob that directly hold a checkpoint-named entry.
 
     Never a directory that is, or lies inside, a checkpoint or ``.ckptkeeper``, nor one reached
@@ -315,14 +340,16 @@ def _discover(entry: DiscoverEntry, problems: list[str]) -> list[Path]:
         top = Path() if base is None else base
         below = [top.joinpath(*rel.parts[: i + 1]) for i in range(start, len(rel.parts))]
         full = top / rel
-        if any(_not_root_part(p) for p in below) or not _holds_checkpoints(full, problems):
+        if any(_not_root_part(p, is_checkpoint) for p in below) or not _holds_checkpoints(
+            full, problems, is_checkpoint
+        ):
             continue
         found.append(full)
     return found
 
 
-def _not_root_part(path: Path) -> bool:
-    if parse_name(path.name) is not None or path.name == CKPTKEEPER_DIR:
+def _not_root_part(path: Path, is_checkpoint: Callable[[str], bool]) -> bool:
+    if is_checkpoint(path.name) or path.name == CKPTKEEPER_DIR:
         return True
     try:
         return not stat.S_ISDIR(os.lstat(path).st_mode)
@@ -330,10 +357,12 @@ def _not_root_part(path: Path) -> bool:
         return True
 
 
-def _holds_checkpoints(directory: Path, problems: list[str]) -> bool:
+def _holds_checkpoints(
+    directory: Path, problems: list[str], is_checkpoint: Callable[[str], bool]
+) -> bool:
     try:
         with os.scandir(directory) as it:
-            return any(parse_name(entry.name) is not None for entry in it)
+            return any(is_checkpoint(entry.name) for entry in it)
     except OSError as exc:
         problems.append(f"{directory}: not examined: {strerror(exc)}")
         return False

@@ -26,12 +26,15 @@ def classify_entry(
     seen: Survey,
     cache: InfoCache | None,
     stale_before: float | None,
+    stats: dict[str, os.stat_result | None] | None = None,
 ) -> Checkpoint | InFlight:
     """The record of one entry as ``layout`` classifies it: a checkpoint, or a save that is not
-    complete (probed for staleness when the layout says it may be collected)."""
+    complete (probed for staleness when the layout says it may be collected). ``stats``: files
+    inside the entry the caller already stat'ed (None: missing), not stat'ed again."""
     parsed = layout.parse(path.name)
     assert parsed is not None and isinstance(layout, Classifier)
-    look: Look = layout.classify(parsed, _EntryProbe(path, st, now, seen, cache))
+    probe = _EntryProbe(path, st, now, seen, cache, stats)
+    look: Look = layout.classify(parsed, probe)
     pinned = any(_scan._exists(p) for p in pin_paths(layout, path))
     identity = (st.st_dev, st.st_ino)
     if look.complete:
@@ -72,13 +75,30 @@ class _EntryProbe:
     """`layouts.Probe` over one entry of the root: reads only, never follows a symlink."""
 
     def __init__(
-        self, path: Path, st: os.stat_result, now: float, seen: Survey, cache: InfoCache | None
+        self,
+        path: Path,
+        st: os.stat_result,
+        now: float,
+        seen: Survey,
+        cache: InfoCache | None,
+        stats: dict[str, os.stat_result | None] | None = None,
     ) -> None:
         self.path, self.st, self.now, self.survey, self.cache = path, st, now, seen, cache
         self.is_dir = stat.S_ISDIR(st.st_mode)
+        self.stats = dict(stats or {})
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        if not self.is_dir:
+            return None
+        if rel not in self.stats:
+            try:
+                self.stats[rel] = os.lstat(self.path / rel)
+            except OSError:
+                self.stats[rel] = None
+        return self.stats[rel]
 
     def exists(self, rel: str) -> bool:
-        return self.is_dir and _scan._exists(self.path / rel)
+        return self.lstat(rel) is not None
 
     def read_json(self, rel: str) -> tuple[Mapping[str, Any] | None, str | None]:
         if not self.is_dir:
@@ -88,12 +108,7 @@ class _EntryProbe:
         return _read_info(self.path / rel, cache)[0]
 
     def changed(self, rel: str) -> float | None:
-        if rel == "":
-            return max(self.st.st_mtime, self.st.st_ctime)
-        try:
-            st = os.lstat(self.path / rel) if self.is_dir else None
-        except OSError:
-            return None
+        st = self.st if rel == "" else self.lstat(rel)
         return None if st is None else max(st.st_mtime, st.st_ctime)
 
     def last_change(self, stop_above: float | None = None) -> float:

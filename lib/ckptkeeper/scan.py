@@ -296,7 +296,8 @@ class _Scanner:
                 self.anomalies.append(Anomaly(self.root, self.layout.reason))
         self.classifier = isinstance(self.layout, Classifier)
         if self.classifier:
-            self.survey = survey(self.layout, self.root, names)
+            cache = self.cache
+            self.survey = survey(self.layout, self.root, names, lambda p: _read_info(p, cache)[0])
             for name, why in self.survey.problems:
                 self.anomalies.append(Anomaly(self.root / name, why))
 
@@ -310,10 +311,15 @@ class _Scanner:
             self.memo_out[name] = known
             self.steps.append(known.record)
             return
-        info_key = self.info_key(root_fd, name, st) if self.cache is not None else None
+        # The layout's info_file, stat'ed before the layout reads it (a rewrite after that
+        # changes the key the memo keeps) and handed to the probe (not stat'ed twice).
+        seen = self.info_stat(root_fd, name, st)
+        info_key = None
+        if seen and (ist := seen[self.layout.info_file]) is not None and stat.S_ISREG(ist.st_mode):
+            info_key = (ist.st_ino, ist.st_mtime_ns, ist.st_size)
         now = self.started_ns / 1e9
         record = classify_entry(
-            self.layout, self.root / name, st, now, self.survey, self.cache, self.stale_before
+            self.layout, self.root / name, st, now, self.survey, self.cache, self.stale_before, seen
         )
         if isinstance(record, InFlight):
             self.in_flight.append(record)
@@ -323,15 +329,25 @@ class _Scanner:
             trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
             self.memo_out[name] = _StepMemo(st, trusted, info_key, record)
 
-    def info_key(self, root_fd: int, name: str, st: os.stat_result) -> tuple[int, int, int] | None:
-        """The key of the layout's ``info_file`` inside a directory entry (None: none there)."""
+    def info_stat(
+        self, root_fd: int, name: str, st: os.stat_result
+    ) -> dict[str, os.stat_result | None]:
+        """{info_file: its lstat, None if missing} inside a directory entry; {} when the layout
+        has no info_file or the entry is a file."""
         if not self.info_below[1:] or not stat.S_ISDIR(st.st_mode):
-            return None
+            return {}
         try:
             ist = os.stat(name + self.info_below, dir_fd=root_fd, follow_symlinks=False)
         except OSError:
+            ist = None
+        return {self.layout.info_file: ist}
+
+    def info_key(self, root_fd: int, name: str, st: os.stat_result) -> tuple[int, int, int] | None:
+        """The key of the layout's ``info_file`` inside a directory entry (None: none there)."""
+        ist = self.info_stat(root_fd, name, st).get(self.layout.info_file)
+        if ist is None or not stat.S_ISREG(ist.st_mode):
             return None
-        return (ist.st_ino, ist.st_mtime_ns, ist.st_size) if stat.S_ISREG(ist.st_mode) else None
+        return (ist.st_ino, ist.st_mtime_ns, ist.st_size)
 
     def checkpoint(self, root_fd: int, name: str, step: int, st: os.stat_result) -> Checkpoint:
         known = self.trusted.get(name)

@@ -125,3 +125,32 @@ def test_auto_refuses_two_layouts_and_deletes_nothing(tmp_path: Path) -> None:
     report = doc(proc)
     reasons = " ".join(r for d in report["decisions"] for r in d["reasons"])
     assert "several layouts" in reasons and "lightning" in reasons and "torchtitan" in reasons
+
+
+@pytest.mark.parametrize("where", ["defaults", "discover"])
+def test_discover_finds_roots_by_the_layout_they_are_kept_as(tmp_path: Path, where: str) -> None:
+    from ckptkeeperd.config import load_config
+    from ckptkeeperd.roots import expand_roots
+
+    runs = tmp_path / "runs"
+    for name, build in (("dcp", torchtitan), ("nemo", None), ("ltn", lightning)):
+        (runs / name).mkdir(parents=True)
+        if build is not None:
+            build(runs / name)
+    (runs / "nemo" / "step_1").mkdir()
+    layout = 'layout = "torchtitan"\n'
+    text = (
+        f"[defaults]\n{layout}[[discover]]\nglob = '{runs}/*'\n"
+        if where == "defaults"
+        else f"[[discover]]\nglob = '{runs}/*'\n{layout}"
+    )
+    (tmp_path / "c.toml").write_text(text)
+    found = [p.name for p, _ in expand_roots(load_config(tmp_path / "c.toml"))]
+    assert found == ["dcp"]
+    auto = text.replace("torchtitan", "auto")
+    (tmp_path / "c.toml").write_text(auto)
+    assert [p.name for p, _ in expand_roots(load_config(tmp_path / "c.toml"))] == [
+        "dcp",
+        "ltn",
+        "nemo",
+    ]

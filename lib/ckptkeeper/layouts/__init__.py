@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..names import Kind, ParsedName
 from .auto import Auto, Refused
-from .base import Classifier, Look, Probe, Resolver, Survey, Surveyor
+from .base import Classifier, Look, Probe, Reader, Resolver, Survey, Surveyor
 from .hf_trainer import HF_TRAINER
 from .lightning import LIGHTNING
 from .nemo_rl import NEMO_RL, NemoRL
@@ -164,10 +164,10 @@ def pin_paths(layout: Layout, path: Path) -> tuple[Path, ...]:
     return tuple(custom(path)) if custom is not None else (path / layout.pin_file,)
 
 
-def survey(layout: Layout, root: Path, names: list[str]) -> Survey:
+def survey(layout: Layout, root: Path, names: list[str], read: Reader | None = None) -> Survey:
     """What ``layout`` reads at the root's top level once per scan (pointers, problems)."""
     if isinstance(layout, Surveyor):
-        return layout.survey(root, names)
+        return layout.survey(root, names, read)
     return Survey(dict(layout.pointers(root)))
 
 

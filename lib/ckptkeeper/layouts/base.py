@@ -12,7 +12,7 @@ wrong with the tracker. The hooks are optional, so existing layouts keep working
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -23,6 +23,7 @@ __all__ = [
     "Classifier",
     "Look",
     "Probe",
+    "Reader",
     "Resolver",
     "Survey",
     "Surveyor",
@@ -95,9 +96,14 @@ class Classifier(Protocol):
     def classify(self, parsed: ParsedName, probe: Probe) -> Look: ...
 
 
+#: Reads a JSON object file (through the scan's cache when there is one): (object, None) or
+#: (None, why not).
+Reader = Callable[[Path], Info]
+
+
 @runtime_checkable
 class Surveyor(Protocol):
-    def survey(self, root: Path, names: Sequence[str]) -> Survey: ...
+    def survey(self, root: Path, names: Sequence[str], read: Reader | None = None) -> Survey: ...
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Survey, settling
+from .base import Look, Probe, Reader, Survey, settling
 
 __all__ = ["HF_TRAINER", "HfTrainer"]
 
@@ -55,7 +55,7 @@ class HfTrainer:
         with os.scandir(root) as it:
             return self.survey(root, [e.name for e in it]).pointers
 
-    def survey(self, root: Path, names: Sequence[str]) -> Survey:
+    def survey(self, root: Path, names: Sequence[str], read: Reader | None = None) -> Survey:
         """The newest checkpoint, and the best one its trainer_state.json names."""
         steps = sorted(
             (p.step for n in names if (p := self.parse(n)) is not None and p.canonical),
@@ -68,7 +68,7 @@ class HfTrainer:
         problems: list[tuple[str, str]] = []
         for step in steps:  # the newest readable trainer_state.json names the best
             name = self.format(Kind.STEP, step)
-            state, why = _load(root / name / STATE)
+            state, why = (read or _load)(root / name / STATE)
             if state is None:
                 if why != f"no {STATE}":
                     problems.append((name, f"{why}: best_model_checkpoint read from an older one"))
@@ -108,7 +108,7 @@ def _metrics_at(state: Mapping[str, Any], step: int) -> dict[str, Any]:
     return out
 
 
-def _load(path: Path) -> tuple[dict[str, Any] | None, str]:
+def _load(path: Path) -> tuple[Mapping[str, Any] | None, str | None]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:

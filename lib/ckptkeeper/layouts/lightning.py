@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Survey, settling
+from .base import Look, Probe, Reader, Survey, settling
 
 __all__ = ["LIGHTNING", "Lightning"]
 
@@ -57,7 +57,7 @@ class Lightning:
     def pointers(self, root: Path) -> Mapping[int, str]:
         return self.survey(root, ()).pointers
 
-    def survey(self, root: Path, names: Sequence[str]) -> Survey:
+    def survey(self, root: Path, names: Sequence[str], read: Reader | None = None) -> Survey:
         try:
             target = os.readlink(root / LAST)
         except OSError:  # none, or a plain copy (outside the grammar either way)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Survey, metrics_or_empty
+from .base import Look, Probe, Reader, Survey, metrics_or_empty
 
 __all__ = ["DEEPSPEED", "MEGATRON", "Tracked"]
 
@@ -54,7 +54,7 @@ class Tracked:
     def pointers(self, root: Path) -> Mapping[int, str]:
         return self.survey(root, ()).pointers
 
-    def survey(self, root: Path, names: Sequence[str]) -> Survey:
+    def survey(self, root: Path, names: Sequence[str], read: Reader | None = None) -> Survey:
         text, error = _read_small(root / self.tracker_file)
         if text is None:
             return Survey(tracker_error=error)
