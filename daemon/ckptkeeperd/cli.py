@@ -93,8 +93,9 @@ def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "torchtitan, megatron, deepspeed, orbax, lightning (README Layouts).",
         ),
         click.option(
-            "--metrics-file",
-            help="JSON file inside each checkpoint to read metrics from (layouts without any).",
+            "--metrics-from",
+            "metrics_from",  # policy key metrics_file (sweep's --metrics-file: the textfile)
+            help="JSON file inside each checkpoint to read metrics from (policy key metrics_file).",
         ),
         click.option(
             "--settle-after",
@@ -127,7 +128,6 @@ _FLAG_KEYS = (
     "trash_grace",
     "complete_marker",
     "layout",
-    "metrics_file",
     "settle_after",
     "sweep_interval",
     "observer",
@@ -136,6 +136,8 @@ _FLAG_KEYS = (
 
 def _build_config(roots: Sequence[str], opts: dict[str, Any]) -> DaemonConfig:
     flags = {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None}
+    if opts.get("metrics_from") is not None:
+        flags["metrics_file"] = opts["metrics_from"]
     path: Path | None = opts.get("config_path")
     try:
         if path is not None:
@@ -386,6 +388,8 @@ def _reloader(roots: Sequence[str], opts: dict[str, Any]) -> Callable[[], Daemon
     if path is None:
         return None
     flags = {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None}
+    if opts.get("metrics_from") is not None:
+        flags["metrics_file"] = opts["metrics_from"]
     address = opts.get("metrics_address")
     return lambda: with_metrics_address(
         merge_flags(load_config(path), flags, extra_roots=list(roots)), address

@@ -154,3 +154,32 @@ def test_discover_finds_roots_by_the_layout_they_are_kept_as(tmp_path: Path, whe
         "ltn",
         "nemo",
     ]
+
+
+def test_metrics_from_is_the_policy_key_and_metrics_file_stays_the_textfile(tmp_path: Path) -> None:
+    """``--metrics-from`` sets ``metrics_file`` (a JSON file inside each checkpoint); ``sweep
+    --metrics-file`` still writes the Prometheus textfile, with no duplicate-option warning."""
+    for n, loss in ((1, 0.1), (2, 0.9), (3, 0.5)):
+        (tmp_path / f"step-{n}").mkdir()
+        (tmp_path / f"step-{n}" / ".metadata").write_bytes(b"m")
+        (tmp_path / f"step-{n}" / "eval.json").write_text(json.dumps({"loss": loss}))
+    textfile = tmp_path.parent / f"{tmp_path.name}.prom"
+    proc = cli(
+        "sweep",
+        str(tmp_path),
+        "--layout",
+        "torchtitan",
+        "--keep-top-k",
+        "1",
+        "--metric",
+        "loss",
+        "--lower-is-better",
+        "--metrics-from",
+        "eval.json",
+        "--metrics-file",
+        str(textfile),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "more than once" not in proc.stderr
+    assert entries(tmp_path) == {"step-1", "step-3"}
+    assert "ckptkeeper_" in textfile.read_text()
