@@ -34,6 +34,18 @@ QUICK_RUNS: dict[str, tuple[str, ...]] = {
         "P5-metrics",
     ),
     "P6": ("P6-render", "P6-browser", "P6-size"),
+    "P7": tuple(
+        f"P7-{layout}"
+        for layout in (
+            "nemo-rl",
+            "hf-trainer",
+            "torchtitan",
+            "orbax",
+            "megatron",
+            "deepspeed",
+            "lightning",
+        )
+    ),
 }
 
 
