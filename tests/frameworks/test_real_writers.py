@@ -205,3 +205,25 @@ def test_orbax_top_k_by_metrics_temporary_collected_and_latest_restores(tmp_path
     assert names(root) == {"2", "4"}
     restored = writer("orbax_restore", root)
     assert restored == {"step": 4, "w": [4.0] * 4}
+
+
+# -- DeepSpeed engine.save_checkpoint on CPU ---------------------------------------------------
+
+
+def test_deepspeed_keeps_the_latest_tag_collects_an_unfinished_one_and_latest_loads(
+    tmp_path: Path,
+) -> None:
+    need("torch", "deepspeed")
+    written = writer("deepspeed_save", tmp_path, 4, True)["written"]
+    assert {"global_step4", "global_step5", "latest"} <= set(written)
+    assert (tmp_path / "latest").read_text().strip() == "global_step4"
+
+    first = keeper(tmp_path, layout="deepspeed", keep_latest_n=1)
+    assert "named by latest" in "; ".join(first.decision_for(tmp_path / "global_step4").reasons)  # type: ignore[union-attr]
+    assert {n for n in names(tmp_path) if n.startswith("global_step")} == {
+        "global_step4",
+        "global_step5",  # above latest, but young: a save in progress
+    }
+    keeper(tmp_path, ahead=7 * HOUR, layout="deepspeed", keep_latest_n=1)
+    assert {n for n in names(tmp_path) if n.startswith("global_step")} == {"global_step4"}
+    assert writer("deepspeed_load", tmp_path) == {"tag": "global_step4", "step": 4}

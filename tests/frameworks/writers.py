@@ -161,6 +161,55 @@ def orbax_restore(root: Path) -> dict[str, Any]:
     return {"step": step, "w": [float(x) for x in restored["w"]]}
 
 
+def _deepspeed_engine() -> Any:
+    """A DeepSpeed engine on CPU in a one-process group (a free port for its rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    config = {
+        "train_batch_size": 1,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "zero_optimization": {"stage": 0},
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    return engine
+
+
+def deepspeed_save(root: Path, steps: int, unfinished: bool) -> dict[str, Any]:
+    """``engine.save_checkpoint`` after each step (tags global_stepN, ``latest`` written last);
+    ``unfinished``: one more tag saved without updating ``latest``, as a save that died before
+    it (DeepSpeed's own ``save_latest=False``)."""
+    import torch
+
+    engine = _deepspeed_engine()
+    for _ in range(steps):
+        loss = engine(torch.randn(1, 4)).sum()
+        engine.backward(loss)
+        engine.step()
+        engine.save_checkpoint(str(root), client_state={"step": engine.global_steps})
+    if unfinished:
+        tag = f"global_step{engine.global_steps + 1}"
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    return {"written": sorted(os.listdir(root))}
+
+
+def deepspeed_load(root: Path) -> dict[str, Any]:
+    engine = _deepspeed_engine()
+    path, client = engine.load_checkpoint(str(root))
+    return {"tag": Path(path).parent.name, "step": client["step"]}
+
+
 def main(argv: list[str]) -> None:
     what, root, rest = argv[0], Path(argv[1]), [json.loads(a) for a in argv[2:]]
     result = globals()[what](root, *rest)
