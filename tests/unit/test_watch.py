@@ -625,9 +625,12 @@ def test_root_replaced_by_a_symlink_is_reported_once_and_others_keep_working(
     root.symlink_to(target)
     for _ in range(3):
         w.set_roots({root: "inotify", other: "inotify"})
-    assert len(rec.problems) == 1
-    assert rec.problems[0][0] == root
-    assert "symlink" in rec.problems[0][1]
+    # The rename away may be reported first, at once, from the root's own IN_MOVE_SELF event
+    # ("missing"); the symlink then once, however often the roots are set again.
+    assert {path for path, _ in rec.problems} == {root}
+    reasons = [why for _, why in rec.problems]
+    assert [why for why in reasons if "symlink" in why] == [reasons[-1]]
+    assert all("missing" in why for why in reasons[:-1]) and len(reasons) <= 2
     assert w.watch_count() == 1
     (other / "tmp_step_1").mkdir()
     wait_until(lambda: w.watch_count() == 2, timeout=TIMEOUT)
