@@ -10,7 +10,8 @@ The file (DESIGN.md section 5)::
                     removal, 8), log_level (debug | info | warning | error, "info"),
                     metrics_address ("host:port" of the Prometheus endpoint, "127.0.0.1:9464";
                     "" turns it off), root_labels (a ``root`` label on metrics, true),
-                    max_tmp_watches (in-flight saves watched by inotify, 8192); optional
+                    max_tmp_watches (in-flight saves watched by inotify, 8192), shard ("i/n":
+                    only the roots whose stable hash mod n is i, `ckptkeeperd.shard`); optional
 
 Policy values are validated by `Policy.from_mapping` alone; nothing here repeats its rules.
 TOML cannot express "unset", so a table cannot remove a bound set by a lower level; to keep every
@@ -44,6 +45,7 @@ from ckptkeeper.errors import strerror
 from ckptkeeper.policy import Policy, PolicyError, parse_duration
 
 from .address import DEFAULT_METRICS_ADDRESS, parse_address
+from .shard import Shard, parse_shard
 
 __all__ = [
     "DAEMON_KEYS",
@@ -64,6 +66,7 @@ __all__ = [
     "load_config",
     "merge_flags",
     "with_metrics_address",
+    "with_shard",
 ]
 
 ObserverMode = Literal["auto", "inotify", "polling"]
@@ -152,6 +155,7 @@ class DaemonOptions:
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     root_labels: bool = True
     max_tmp_watches: int = 8192  # beyond: in-flight saves are polled (ckptkeeperd.watch)
+    shard: Shard | None = None  # only the roots of this shard (ckptkeeperd.shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +244,14 @@ class _DaemonTable(BaseModel):
         return value
 
     max_tmp_watches: int = Field(default=8192, ge=0, strict=True)
+    shard: StrictStr | None = None
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_shard(value)  # ValueError names what is wrong
+        return value
 
 
 class _File(BaseModel):
@@ -353,6 +365,7 @@ def _from_data(data: Mapping[str, Any], *, name: str, source: Path) -> DaemonCon
         d.metrics_address,
         d.root_labels,
         d.max_tmp_watches,
+        parse_shard(d.shard) if d.shard is not None else None,
     )
     return DaemonConfig(source, defaults, roots, discovers, options, defaults_values)
 
@@ -399,6 +412,17 @@ def with_metrics_address(config: DaemonConfig, address: str | None) -> DaemonCon
     except ValueError as exc:
         raise ConfigError(COMMAND_LINE, [("--metrics-address", str(exc))]) from None
     return replace(config, daemon=replace(config.daemon, metrics_address=address))
+
+
+def with_shard(config: DaemonConfig, shard: str | None) -> DaemonConfig:
+    """``config`` with ``--shard i/n`` (None: not given) over ``[daemon] shard``."""
+    if shard is None:
+        return config
+    try:
+        parsed = parse_shard(shard)
+    except ValueError as exc:
+        raise ConfigError(COMMAND_LINE, [("--shard", str(exc))]) from None
+    return replace(config, daemon=replace(config.daemon, shard=parsed))
 
 
 def add_roots(config: DaemonConfig, roots: Sequence[str | os.PathLike[str]]) -> DaemonConfig:

@@ -286,7 +286,8 @@ def expand_roots(
         names = _checkpoint_names(layout if isinstance(layout, str) else DEFAULT_LAYOUT)
         for found in _discover(disc, problems if problems is not None else [], names):
             add(found, disc.overrides)
-    return out
+    shard = config.daemon.shard  # several keepers: only this keeper's roots (ckptkeeperd.shard)
+    return out if shard is None else [(root, o) for root, o in out if shard.owns(root)]
 
 
 def _identity(path: Path) -> tuple[object, bool]:

@@ -27,6 +27,7 @@ from ckptkeeper import InfoCache, Policy
 from .config import ConfigError, DaemonConfig, Resolved, Settings
 from .fstype import ObserverChooser
 from .httpserver import Endpoint, open_endpoint
+from .lockscope import LockScopeWarner
 from .logs import ProblemLog, get_logger
 from .metrics import KeeperMetrics, deletions_paused
 from .page import page_for
@@ -96,6 +97,7 @@ class Keeper:
         # GET / on the metrics address: the status page of every root, rendered per request.
         self.page: Callable[[], bytes] | None = functools.partial(page_for, self)
         self._http: Endpoint | None = None
+        self._lock_scope = LockScopeWarner()  # warns once per root where flock is node-local
 
     # -- root set ---------------------------------------------------------------------------
 
@@ -116,6 +118,7 @@ class Keeper:
             self.roots = found
         for root in sorted(added):
             self.log.info("root_added", root=str(root), observer=found[root].observer)
+            self._lock_scope.check(root, self.log)
         for root in sorted(removed):
             self.log.info("root_removed", root=str(root))
             self.cache.drop_root(root)
