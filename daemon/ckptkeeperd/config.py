@@ -43,6 +43,7 @@ from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from ckptkeeper.errors import strerror
 from ckptkeeper.policy import Policy, PolicyError, parse_duration
+from ckptkeeper.stores import root_path
 
 from .address import DEFAULT_METRICS_ADDRESS, parse_address
 from .shard import Shard, parse_shard
@@ -343,7 +344,11 @@ def _from_data(data: Mapping[str, Any], *, name: str, source: Path) -> DaemonCon
         if "\0" in table.path:
             problems.append((f"root[{i}].path", "contains a NUL character"))
             continue
-        root = base_dir / table.path  # an absolute path replaces base_dir
+        try:  # an absolute path replaces base_dir; an s3:// URL stays a URL
+            root = root_path(table.path, base_dir)
+        except ValueError as exc:
+            problems.append((f"root[{i}].path", str(exc)))
+            continue
         if (first := seen.setdefault(os.path.normpath(root), i)) != i:
             problems.append((f"root[{i}].path", f"same directory as root[{first}]: {root}"))
         problems.extend(_check_over(defaults, table.settings, f"root[{i}]"))
@@ -432,7 +437,10 @@ def add_roots(config: DaemonConfig, roots: Sequence[str | os.PathLike[str]]) -> 
         text = os.fspath(raw)
         if not text or "\0" in text:
             raise ConfigError(COMMAND_LINE, [(f"ROOT[{i}]", f"not a usable path: {text!r}")])
-        entries.append(RootEntry(Path(text).absolute()))
+        try:
+            entries.append(RootEntry(root_path(text)))
+        except ValueError as exc:
+            raise ConfigError(COMMAND_LINE, [(f"ROOT[{i}]", str(exc))]) from None
     return replace(config, roots=entries)
 
 
