@@ -172,7 +172,7 @@ class S3Endpoint:
         env.update(
             AWS_ENDPOINT_URL=self.url,
             AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",  # noqa: S105 - moto's dummy credentials
+            AWS_SECRET_ACCESS_KEY="testing",  # noqa: S106 - moto dummy credentials
             AWS_REGION="us-east-1",
             AWS_EC2_METADATA_DISABLED="true",
             AWS_CONFIG_FILE=os.devnull,

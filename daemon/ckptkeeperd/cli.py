@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 
 from ckptkeeper import Policy
+from ckptkeeper.stores import is_url
 
 from .config import (
     ConfigError,
@@ -182,7 +183,8 @@ def _passes(
     out: list[tuple[Report, Policy]] = []
     for root, overrides in expand_roots(config):
         log = get_logger(root=str(root))
-        scopes.check(root, log)
+        if not is_url(root):
+            scopes.check(root, log)
         source = _policy_source(resolver, config, root, overrides, problems, log)
         first = source()  # its problems are logged before the pass, whatever the pass does
         report = action(root, source, log, problems)

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("moto")
 pytest.importorskip("boto3")
 
-from tests.s3server import S3Endpoint, s3_endpoint  # noqa: E402
+from tests.s3server import S3Endpoint, s3_endpoint
 
 _BUCKETS = itertools.count()
 

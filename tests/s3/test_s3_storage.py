@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.helpers import wait_until
+from tests.s3.helpers import keys_under, put_checkpoint, sweep
+from tests.s3server import S3Endpoint
 
 from ckptkeeper import Action, Policy
 from ckptkeeper.lease import S3Lease
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.s3 import S3Storage, commit
 from ckptkeeper.stores import root_path, root_url, storage_for
-from tests.helpers import wait_until
-from tests.s3.helpers import keys_under, put_checkpoint, sweep
-from tests.s3server import S3Endpoint
 
 
 def _store(endpoint: S3Endpoint) -> S3Storage:
@@ -25,7 +25,10 @@ def _store(endpoint: S3Endpoint) -> S3Storage:
 
 def test_urls_flow_as_roots_and_the_factory_picks_the_storage(tmp_path: Path) -> None:
     root = root_path("s3://bkt/runs/a")
-    assert root_url(root) == "s3://bkt/runs/a" and root_url(root / "step_1") == "s3://bkt/runs/a/step_1"
+    assert (
+        root_url(root) == "s3://bkt/runs/a"
+        and root_url(root / "step_1") == "s3://bkt/runs/a/step_1"
+    )
     assert root_path("rel", tmp_path) == tmp_path / "rel"
     assert type(storage_for(tmp_path)).__name__ == "PosixStorage"
     assert type(storage_for(root)).__name__ == "S3Storage"
@@ -95,7 +98,7 @@ def test_throttling_is_retried_request_and_per_key(
     put_checkpoint(s3, bucket, "r", 2, {"loss": 1.0})
     endpoint.proxy.slowdown["DeleteObjects"] = 2  # 503 SlowDown for the next two requests
     endpoint.proxy.key_slowdown = 1  # then one answer that reports every key as SlowDown
-    code, events, err = sweep(s3env, f"s3://{bucket}/r", "--keep-latest-n", "1")
+    code, _events, err = sweep(s3env, f"s3://{bucket}/r", "--keep-latest-n", "1")
     assert code == 0, err
     assert keys_under(s3, bucket, "r/step_1/") == set()
     # every injected fault was answered (the per-key one was not forwarded): all were retried
@@ -109,7 +112,9 @@ def test_stale_unmarked_save_is_collected_and_fresh_one_kept(
     put_checkpoint(s3, bucket, "r", 1, {"loss": 1.0})
     put_checkpoint(s3, bucket, "r", 2, {"loss": 1.0}, marker=False)  # abandoned save
     store, root = _store(endpoint), root_path(f"s3://{bucket}/r")
-    written = max(o["LastModified"].timestamp() for o in s3.list_objects_v2(Bucket=bucket)["Contents"])
+    written = max(
+        o["LastModified"].timestamp() for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
+    )
     policy = Policy.from_mapping({"stale_after": "1s"})
     fresh = locked_pass(root, policy, storage=store, clock=lambda: written + 0.5)
     assert [d.action for d in fresh.plan.decisions if d.step == 2] == [Action.WAIT]
@@ -153,7 +158,7 @@ def test_hostile_keys_are_untouched(
             s3.put_object(Bucket=bucket, Key=key, Body=b"x")
     s3.put_object(Bucket=bucket, Key="r/step_7/.complete", Body=b"{}")  # a marker without data
     before = keys_under(s3, bucket, "r/")
-    code, events, err = sweep(s3env, f"s3://{bucket}/r", "--keep-latest-n", "1")
+    code, _events, err = sweep(s3env, f"s3://{bucket}/r", "--keep-latest-n", "1")
     assert code == 0, err
     after = keys_under(s3, bucket, "r/")
     assert hostile <= after
