@@ -60,6 +60,7 @@ from ckptkeeper.layouts import (
 )
 from ckptkeeper.policy import PolicyError
 from ckptkeeper.scan import CKPTKEEPER_DIR
+from ckptkeeper.stores import is_url, root_path
 
 from .config import RUN_FILE, DaemonConfig, DiscoverEntry, Resolved, Settings
 from .runfiles import (
@@ -325,6 +326,10 @@ def _discover(
     Never a directory that is, or lies inside, a checkpoint or ``.ckptkeeper``, nor one reached
     through a symlink below the glob's literal prefix.
     """
+    if is_url(entry.glob):  # an object store: prefixes, listed (ckptkeeper.s3discover)
+        from ckptkeeper.s3discover import discover_s3
+
+        return [root_path(url) for url in discover_s3(entry.glob, problems)]
     parts = Path(entry.glob).parts
     literal = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), len(parts))
     base = entry.base_dir
