@@ -63,6 +63,7 @@ class S3Storage:
         self._verified: set[str] = set()
         self._leases: dict[str, S3Lease] = {}
         self._last: dict[str, tuple[Layout, str]] = {}  # root -> (layout, marker) of its scan
+        self._listed: dict[str, dict[str, list[tuple[str, int]]]] = {}  # root -> name -> keys
 
     @property
     def client(self) -> Any:
@@ -89,6 +90,11 @@ class S3Storage:
         with self._guard:
             self.requests += listing.requests
             self._last[str(root)] = (layout, marker)
+            if not memo:  # the scan a pass acts on: its keys spare the purge a second listing
+                self._listed[str(root)] = {
+                    name: [(base + rest, o.size) for rest, o in files.items()]
+                    for name, files in listing.groups.items()
+                }
 
         def read_info(name: str, found: ObjectInfo) -> tuple[dict[str, Any] | None, str | None]:
             key = f"{base}{name}/{layout.info_file}"
@@ -190,8 +196,12 @@ class S3Storage:
             ):
                 removal.leave(root_url(path), "not a tombstone of this root: not removed")
             else:
-                _Purge(self.client, root, path.name, marker, removal, workers, cancel).run()
+                known = self._listed.get(str(root), {}).get(path.name, [])
+                purge = _Purge(self.client, root, path.name, marker, removal, workers, cancel)
+                purge.run(known)
             out.append((path, removal))
+        with self._guard:
+            self._listed.pop(str(root), None)  # used once: a later purge lists afresh
         return out
 
     def lock(self, root: Path, timeout: float | None) -> _HeldLease:
@@ -243,7 +253,9 @@ class _Purge:
         self.bucket, self.base = _base(root)
         self.where, self.workers, self.cancel = root_url(root / name), max(1, workers), cancel
 
-    def run(self) -> None:
+    def run(self, known: list[tuple[str, int]]) -> None:
+        """``known``: the keys the pass's scan listed under the prefix, deleted first; then a
+        listing deletes whatever else is there (written since), so nothing is left behind."""
         tomb = f"{self.base}{TOMBSTONES}{self.name}"
         prefix = f"{self.base}{self.name}/"
         try:
@@ -258,6 +270,11 @@ class _Purge:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix
             )
+            with ThreadPoolExecutor(self.workers) as pool:
+                marker = prefix + self.marker
+                known = [(k, n) for k, n in known if k.startswith(prefix) and k != marker]
+                for i in range(0, len(known), BATCH):
+                    pool.submit(self.batch, known[i : i + BATCH])
             with ThreadPoolExecutor(self.workers) as pool:
                 for page in pages:
                     if self.cancel is not None and self.cancel.is_set():
