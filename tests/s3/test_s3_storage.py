@@ -166,3 +166,24 @@ def test_hostile_keys_are_untouched(
     assert "r/step_7/.complete" in after  # latest: kept (and it has no training_info.json)
     gone = {k for k in before - after}
     assert gone and all(k.startswith(("r/step_2/", "r/step_3/", "r/step_4/")) for k in gone)
+
+
+@pytest.mark.parametrize(
+    ("marker", "writer"),
+    [(".metadata", "DCP FsspecWriter (torchtitan)"), ("commit_success.txt", "Orbax")],
+)
+def test_other_writers_commit_signal_on_s3(
+    endpoint: S3Endpoint, bucket: str, s3: Any, marker: str, writer: str
+) -> None:
+    """A writer whose last object is its own commit file: that file is the marker."""
+    for step in (1, 2, 3):
+        keys = put_checkpoint(s3, bucket, "r", step, {"loss": 1.0}, marker=False)
+        if step != 3:  # step 3: its writer died before the commit file
+            s3.put_object(Bucket=bucket, Key=f"r/step_{step}/{marker}", Body=b"{}")
+        assert keys
+    store, root = _store(endpoint), root_path(f"s3://{bucket}/r")
+    policy = Policy.from_mapping({"complete_marker": marker, "keep_latest_n": 1})
+    result = locked_pass(root, policy, storage=store)
+    assert [(o.decision.action, o.decision.step) for o in result.outcomes] == [(Action.DELETE, 1)]
+    assert not keys_under(s3, bucket, "r/step_1/")
+    assert keys_under(s3, bucket, "r/step_2/") and keys_under(s3, bucket, "r/step_3/"), writer
