@@ -39,6 +39,7 @@ from ckptkeeper import (
     Removal,
     RootScan,
     plan,
+    scan_root,
 )
 from ckptkeeper.errors import errno_name, strerror
 from ckptkeeper.passes import locked_pass
@@ -151,7 +152,8 @@ def _scan_and_plan(
     root's last decisions; only for a plan that decides whether to act, never for one that is
     acted on."""
     try:
-        scan = storage_for(root).scan(
+        # POSIX roots: scan_root itself, as before; others through their storage (stores.py)
+        scan = (storage_for(root).scan if is_url(root) else scan_root)(
             root,
             layout=policy.scan_layout(),
             marker=policy.complete_marker,
