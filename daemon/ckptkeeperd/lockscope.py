@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from .fstype import _read_mountinfo, find_mount
 
 __all__ = ["LockScope", "LockScopeWarner", "lock_scope", "mount_options"]
 
+_MOUNTS_FRESH_S = 60.0
 _CLUSTER_FS = frozenset({"ceph", "glusterfs", "gpfs"})
 _LOCAL_NETWORK_FS = frozenset({"beegfs", "9p"})
 
@@ -90,7 +92,20 @@ class LockScopeWarner:
     def __init__(self, mountinfo: str | None = None) -> None:
         self._seen: set[str] = set()
         self._lock = threading.Lock()
-        self._mountinfo = mountinfo
+        self._fixed = mountinfo
+        self._read: tuple[float, str] | None = None
+
+    def _mounts(self) -> str | None:
+        """The mount table, read at most once a minute (a sweep over 1,000 roots reads it once)."""
+        if self._fixed is not None:
+            return self._fixed
+        now = time.monotonic()
+        if self._read is None or now - self._read[0] > _MOUNTS_FRESH_S:
+            try:
+                self._read = (now, _read_mountinfo())
+            except OSError:
+                return None  # lock_scope reads it again and says why it cannot
+        return self._read[1]
 
     def check(self, root: str | os.PathLike[str], log: Any) -> LockScope | None:
         key = os.fspath(root)
@@ -98,7 +113,7 @@ class LockScopeWarner:
             if key in self._seen:
                 return None
             self._seen.add(key)
-        scope = lock_scope(root, self._mountinfo)
+        scope = lock_scope(root, self._mounts())
         if scope.scope == "local":
             log.warning(
                 "lock_scope",
