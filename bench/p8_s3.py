@@ -32,8 +32,8 @@ if str(_REPO) not in sys.path:
 
 from bench.common import Row  # noqa: E402
 
-OBJECTS, OBJECTS_QUICK = 20_000, 2_000
-ROOTS, ROOTS_QUICK = 1_000, 50
+OBJECTS, OBJECTS_QUICK = 20_000, 500
+ROOTS, ROOTS_QUICK = 1_000, 20
 
 
 def _fill(bucket: str, prefix: str, count: int) -> None:
