@@ -50,6 +50,7 @@ MODULES: tuple[tuple[str, str, str], ...] = (
     ("P5", "bench.p5_idle", "idle daemon cost"),
     ("P6", "bench.p6_page", "status page rendering and disk-pressure sizing"),
     ("P7", "bench.p7_layouts", "pass cost per checkpoint for each layout"),
+    ("P8", "bench.p8_s3", "S3 roots: deleting a checkpoint, an idle pass over many roots"),
 )
 BENCHMARKS_MD = _REPO / "BENCHMARKS.md"
 _DATA_RE = re.compile(r"<!-- bench-data\n(.*?)\n-->", re.S)

@@ -28,7 +28,7 @@ def test_mypy_strict_is_clean_on_library_and_daemon() -> None:
 def test_library_imports_no_daemon_or_ml_dependencies() -> None:
     code = (
         "import ckptkeeper, sys; print(sorted(m for m in "
-        "('torch','numpy','watchdog','apscheduler','structlog') if m in sys.modules))"
+        "('torch','numpy','watchdog','apscheduler','structlog','boto3') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 
 from ckptkeeper import Policy
+from ckptkeeper.stores import is_url
 
 from .config import (
     ConfigError,
@@ -25,7 +26,9 @@ from .config import (
     load_config,
     merge_flags,
     with_metrics_address,
+    with_shard,
 )
+from .lockscope import LockScopeWarner
 from .logs import LEVELS, ProblemLog, configure_logging, get_logger
 from .reconcile import EVENT_FOR, PolicySource, Report, preview, reconcile
 from .roots import SettingsResolver, expand_roots
@@ -145,6 +148,7 @@ def _build_config(roots: Sequence[str], opts: dict[str, Any]) -> DaemonConfig:
         else:
             config = config_from_flags(list(roots), flags)
         config = with_metrics_address(config, opts.get("metrics_address"))
+        config = with_shard(config, opts.get("shard"))
     except ConfigError as exc:
         click.echo(f"ckptkeeper: {exc}", err=True)
         raise SystemExit(2) from None
@@ -175,9 +179,12 @@ def _passes(
     afresh, so a sweep's plan under the lock uses the settings as they are then."""
     problems = ProblemLog()
     resolver = SettingsResolver()
+    scopes = LockScopeWarner()
     out: list[tuple[Report, Policy]] = []
     for root, overrides in expand_roots(config):
         log = get_logger(root=str(root))
+        if not is_url(root):
+            scopes.check(root, log)
         source = _policy_source(resolver, config, root, overrides, problems, log)
         first = source()  # its problems are logged before the pass, whatever the pass does
         report = action(root, source, log, problems)
@@ -210,6 +217,10 @@ def _policy_source(
 @click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON document of every root's result."
+)
+@click.option(
+    "--shard",
+    help='Several keepers: handle only the roots whose stable hash mod n is i ("i/n").',
 )
 @click.option(
     "--metrics-file",
@@ -348,6 +359,10 @@ def check(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     help="Sidecar: exit after this process exits (after one final pass).",
 )
 @click.option(
+    "--shard",
+    help='Several keepers: handle only the roots whose stable hash mod n is i ("i/n").',
+)
+@click.option(
     "--metrics-address",
     help='Serve /metrics on HOST:PORT (default [daemon] metrics_address, 127.0.0.1:9464; "" off).',
 )
@@ -390,9 +405,12 @@ def _reloader(roots: Sequence[str], opts: dict[str, Any]) -> Callable[[], Daemon
     flags = {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None}
     if opts.get("metrics_from") is not None:
         flags["metrics_file"] = opts["metrics_from"]
-    address = opts.get("metrics_address")
-    return lambda: with_metrics_address(
-        merge_flags(load_config(path), flags, extra_roots=list(roots)), address
+    address, shard = opts.get("metrics_address"), opts.get("shard")
+    return lambda: with_shard(
+        with_metrics_address(
+            merge_flags(load_config(path), flags, extra_roots=list(roots)), address
+        ),
+        shard,
     )
 
 

@@ -10,7 +10,8 @@ The file (DESIGN.md section 5)::
                     removal, 8), log_level (debug | info | warning | error, "info"),
                     metrics_address ("host:port" of the Prometheus endpoint, "127.0.0.1:9464";
                     "" turns it off), root_labels (a ``root`` label on metrics, true),
-                    max_tmp_watches (in-flight saves watched by inotify, 8192); optional
+                    max_tmp_watches (in-flight saves watched by inotify, 8192), shard ("i/n":
+                    only the roots whose stable hash mod n is i, `ckptkeeperd.shard`); optional
 
 Policy values are validated by `Policy.from_mapping` alone; nothing here repeats its rules.
 TOML cannot express "unset", so a table cannot remove a bound set by a lower level; to keep every
@@ -42,8 +43,10 @@ from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from ckptkeeper.errors import strerror
 from ckptkeeper.policy import Policy, PolicyError, parse_duration
+from ckptkeeper.stores import root_path
 
 from .address import DEFAULT_METRICS_ADDRESS, parse_address
+from .shard import Shard, parse_shard
 
 __all__ = [
     "DAEMON_KEYS",
@@ -64,6 +67,7 @@ __all__ = [
     "load_config",
     "merge_flags",
     "with_metrics_address",
+    "with_shard",
 ]
 
 ObserverMode = Literal["auto", "inotify", "polling"]
@@ -152,6 +156,7 @@ class DaemonOptions:
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     root_labels: bool = True
     max_tmp_watches: int = 8192  # beyond: in-flight saves are polled (ckptkeeperd.watch)
+    shard: Shard | None = None  # only the roots of this shard (ckptkeeperd.shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +245,14 @@ class _DaemonTable(BaseModel):
         return value
 
     max_tmp_watches: int = Field(default=8192, ge=0, strict=True)
+    shard: StrictStr | None = None
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_shard(value)  # ValueError names what is wrong
+        return value
 
 
 class _File(BaseModel):
@@ -331,7 +344,11 @@ def _from_data(data: Mapping[str, Any], *, name: str, source: Path) -> DaemonCon
         if "\0" in table.path:
             problems.append((f"root[{i}].path", "contains a NUL character"))
             continue
-        root = base_dir / table.path  # an absolute path replaces base_dir
+        try:  # an absolute path replaces base_dir; an s3:// URL stays a URL
+            root = root_path(table.path, base_dir)
+        except ValueError as exc:
+            problems.append((f"root[{i}].path", str(exc)))
+            continue
         if (first := seen.setdefault(os.path.normpath(root), i)) != i:
             problems.append((f"root[{i}].path", f"same directory as root[{first}]: {root}"))
         problems.extend(_check_over(defaults, table.settings, f"root[{i}]"))
@@ -353,6 +370,7 @@ def _from_data(data: Mapping[str, Any], *, name: str, source: Path) -> DaemonCon
         d.metrics_address,
         d.root_labels,
         d.max_tmp_watches,
+        parse_shard(d.shard) if d.shard is not None else None,
     )
     return DaemonConfig(source, defaults, roots, discovers, options, defaults_values)
 
@@ -401,6 +419,17 @@ def with_metrics_address(config: DaemonConfig, address: str | None) -> DaemonCon
     return replace(config, daemon=replace(config.daemon, metrics_address=address))
 
 
+def with_shard(config: DaemonConfig, shard: str | None) -> DaemonConfig:
+    """``config`` with ``--shard i/n`` (None: not given) over ``[daemon] shard``."""
+    if shard is None:
+        return config
+    try:
+        parsed = parse_shard(shard)
+    except ValueError as exc:
+        raise ConfigError(COMMAND_LINE, [("--shard", str(exc))]) from None
+    return replace(config, daemon=replace(config.daemon, shard=parsed))
+
+
 def add_roots(config: DaemonConfig, roots: Sequence[str | os.PathLike[str]]) -> DaemonConfig:
     """``config`` plus command-line roots (relative to the working directory, no overrides)."""
     entries = list(config.roots)
@@ -408,7 +437,10 @@ def add_roots(config: DaemonConfig, roots: Sequence[str | os.PathLike[str]]) -> 
         text = os.fspath(raw)
         if not text or "\0" in text:
             raise ConfigError(COMMAND_LINE, [(f"ROOT[{i}]", f"not a usable path: {text!r}")])
-        entries.append(RootEntry(Path(text).absolute()))
+        try:
+            entries.append(RootEntry(root_path(text)))
+        except ValueError as exc:
+            raise ConfigError(COMMAND_LINE, [(f"ROOT[{i}]", str(exc))]) from None
     return replace(config, roots=entries)
 
 

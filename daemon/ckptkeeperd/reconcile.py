@@ -45,6 +45,7 @@ from ckptkeeper.errors import errno_name, strerror
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.plan import Decision
 from ckptkeeper.space import disk_facts
+from ckptkeeper.stores import is_url, storage_for
 
 from .logs import ProblemLog, emit, get_logger
 from .problems import problems_of
@@ -91,6 +92,8 @@ class Report:
 
 
 def _check_root(root: Path) -> str | None:
+    if is_url(root):
+        return None  # an object store's root is its prefix: the listing says if it is there
     try:
         st = os.lstat(root)
     except FileNotFoundError:
@@ -149,7 +152,8 @@ def _scan_and_plan(
     root's last decisions; only for a plan that decides whether to act, never for one that is
     acted on."""
     try:
-        scan = scan_root(
+        # POSIX roots: scan_root itself, as before; others through their storage (stores.py)
+        scan = (storage_for(root).scan if is_url(root) else scan_root)(
             root,
             layout=policy.scan_layout(),
             marker=policy.complete_marker,
@@ -302,6 +306,7 @@ def _reconcile(
     result = locked_pass(
         root,
         resolved,
+        storage=storage_for(root, fs),
         lock_timeout=lock_timeout,
         clock=clock,
         fs=fs,

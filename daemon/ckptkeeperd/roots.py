@@ -60,6 +60,7 @@ from ckptkeeper.layouts import (
 )
 from ckptkeeper.policy import PolicyError
 from ckptkeeper.scan import CKPTKEEPER_DIR
+from ckptkeeper.stores import is_url, root_path
 
 from .config import RUN_FILE, DaemonConfig, DiscoverEntry, Resolved, Settings
 from .runfiles import (
@@ -286,7 +287,8 @@ def expand_roots(
         names = _checkpoint_names(layout if isinstance(layout, str) else DEFAULT_LAYOUT)
         for found in _discover(disc, problems if problems is not None else [], names):
             add(found, disc.overrides)
-    return out
+    shard = config.daemon.shard  # several keepers: only this keeper's roots (ckptkeeperd.shard)
+    return out if shard is None else [(root, o) for root, o in out if shard.owns(root)]
 
 
 def _identity(path: Path) -> tuple[object, bool]:
@@ -324,6 +326,10 @@ def _discover(
     Never a directory that is, or lies inside, a checkpoint or ``.ckptkeeper``, nor one reached
     through a symlink below the glob's literal prefix.
     """
+    if is_url(entry.glob):  # an object store: prefixes, listed (ckptkeeper.s3discover)
+        from ckptkeeper.s3discover import discover_s3
+
+        return [root_path(url) for url in discover_s3(entry.glob, problems)]
     parts = Path(entry.glob).parts
     literal = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), len(parts))
     base = entry.base_dir

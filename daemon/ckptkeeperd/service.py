@@ -23,10 +23,12 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from ckptkeeper import InfoCache, Policy
+from ckptkeeper.stores import is_url
 
 from .config import ConfigError, DaemonConfig, Resolved, Settings
 from .fstype import ObserverChooser
 from .httpserver import Endpoint, open_endpoint
+from .lockscope import LockScopeWarner
 from .logs import ProblemLog, get_logger
 from .metrics import KeeperMetrics, deletions_paused
 from .page import page_for
@@ -96,6 +98,7 @@ class Keeper:
         # GET / on the metrics address: the status page of every root, rendered per request.
         self.page: Callable[[], bytes] | None = functools.partial(page_for, self)
         self._http: Endpoint | None = None
+        self._lock_scope = LockScopeWarner()  # warns once per root where flock is node-local
 
     # -- root set ---------------------------------------------------------------------------
 
@@ -104,8 +107,8 @@ class Keeper:
         found: dict[Path, _RootState] = {}
         for root, overrides in expand_roots(self.config):
             resolved = self._resolve(root, overrides)
-            try:
-                kind = self.observers(root, resolved.settings.observer)
+            try:  # an object store sends no events: its sweeps are its polls
+                kind = "sweep" if is_url(root) else self.observers(root, resolved.settings.observer)
             except OSError:
                 kind = "polling"
             found[root] = _RootState(overrides, resolved.settings, kind, tuple(resolved.problems))
@@ -116,13 +119,15 @@ class Keeper:
             self.roots = found
         for root in sorted(added):
             self.log.info("root_added", root=str(root), observer=found[root].observer)
+            if not is_url(root):
+                self._lock_scope.check(root, self.log)
         for root in sorted(removed):
             self.log.info("root_removed", root=str(root))
             self.cache.drop_root(root)
             self.metrics.forget_root(root)
             self._scheduler_remove(f"sweep:{root}")
         self._watcher.set_roots(
-            {r: s.observer for r, s in found.items()},
+            {r: s.observer for r, s in found.items() if s.observer != "sweep"},
             markers={r: s.settings.policy.complete_marker for r, s in found.items()},
         )
         for root, state in found.items():

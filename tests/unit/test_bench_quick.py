@@ -46,6 +46,7 @@ QUICK_RUNS: dict[str, tuple[str, ...]] = {
             "lightning",
         )
     ),
+    "P8": ("P8a", "P8b"),
 }
 
 

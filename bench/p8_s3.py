@@ -1,0 +1,191 @@
+"""P8: S3 roots on a loopback endpoint (moto's server on 127.0.0.1, as in the tests).
+
+P8a: delete one checkpoint of ``OBJECTS`` objects. ckptkeeper: one locked pass over a root with
+that checkpoint and a newer one under ``keep_latest_n = 1`` (listing, lease, tombstone, marker,
+``DeleteObjects`` in batches of 1,000 on ``delete_workers`` threads, tombstone), against a naive
+boto3 loop of ``delete_object`` per key (after listing them) and against ``s3fs``'s recursive
+``rm``. Objects are put straight into moto's in-process backend (set-up is not timed). Goal:
+>= 20x the naive loop and >= 1.0x s3fs.
+
+P8b: a pass over ``ROOTS`` roots where nothing changed (the daemon's `reconcile`, second pass
+with a warm ETag cache), requests counted by a proxy in front of moto. Goal: 1 listing and 0
+reads per root.
+
+Client and server share this process and its 2 cores; the endpoint has no network latency, which
+favours the request-per-key loop (on a real store each of its requests costs a round trip).
+
+``python -m bench.p8_s3 [--quick]`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from bench.common import Row  # noqa: E402
+
+OBJECTS, OBJECTS_QUICK = 20_000, 500
+ROOTS, ROOTS_QUICK = 1_000, 20
+
+
+def _fill(bucket: str, prefix: str, count: int) -> None:
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends["123456789012"]["aws"]
+    for i in range(count):
+        backend.put_object(bucket, f"{prefix}/policy/shard_{i:06d}.bin", b"x" * 64)
+
+
+def _checkpoint(bucket: str, root: str, step: int, count: int) -> None:
+    from moto.s3.models import s3_backends
+
+    _fill(bucket, f"{root}/step_{step}", count)
+    backend = s3_backends["123456789012"]["aws"]
+    backend.put_object(bucket, f"{root}/step_{step}/training_info.json", b'{"loss": 1.0}')
+    backend.put_object(bucket, f"{root}/step_{step}/.complete", b"{}")
+
+
+def _ours(endpoint: Any, bucket: str, count: int) -> float:
+    from ckptkeeper import Policy
+    from ckptkeeper.passes import locked_pass
+    from ckptkeeper.s3 import S3Storage
+    from ckptkeeper.stores import root_path
+
+    _checkpoint(bucket, "ours", 1, count)
+    _checkpoint(bucket, "ours", 2, 1)
+    store = S3Storage(endpoint.client(direct=True))
+    root = root_path(f"s3://{bucket}/ours")
+    started = time.perf_counter()
+    result = locked_pass(root, Policy.from_mapping({"keep_latest_n": 1}), storage=store)
+    took = time.perf_counter() - started
+    assert [r.files for _, r in result.removed] == [count + 1], result.removed
+    return took
+
+
+def _naive(endpoint: Any, bucket: str, count: int) -> float:
+    _fill(bucket, "naive/step_1", count)
+    client = endpoint.client(direct=True)
+    started = time.perf_counter()
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="naive/step_1/"
+        )
+        for o in page.get("Contents", ())
+    ]
+    for key in keys:
+        client.delete_object(Bucket=bucket, Key=key)
+    took = time.perf_counter() - started
+    assert len(keys) == count
+    return took
+
+
+def _s3fs(endpoint: Any, bucket: str, count: int) -> float | None:
+    try:
+        import s3fs
+    except ImportError:
+        return None
+    _fill(bucket, "s3fs/step_1", count)
+    fs = s3fs.S3FileSystem(
+        key="testing",
+        secret="testing",  # noqa: S106
+        client_kwargs={"endpoint_url": f"http://127.0.0.1:{endpoint.moto_port}"},
+    )
+    started = time.perf_counter()
+    fs.rm(f"{bucket}/s3fs/step_1", recursive=True)
+    took = time.perf_counter() - started
+    client = endpoint.client(direct=True)
+    assert not client.list_objects_v2(Bucket=bucket, Prefix="s3fs/step_1/").get("KeyCount")
+    return took
+
+
+def _idle_pass(endpoint: Any, bucket: str, roots: int) -> tuple[float, dict[str, int]]:
+    from ckptkeeper import InfoCache, Policy
+    from ckptkeeper.stores import root_path
+    from ckptkeeperd.reconcile import reconcile
+
+    for i in range(roots):
+        for step in (1, 2):
+            _checkpoint(bucket, f"idle/run-{i:04d}", step, 1)
+    os.environ.update(endpoint.env())
+    policy, cache = Policy.from_mapping({"keep_latest_n": 5}), InfoCache()
+    urls = [root_path(f"s3://{bucket}/idle/run-{i:04d}") for i in range(roots)]
+    for root in urls:  # the first pass reads every training_info.json once
+        reconcile(root, policy, cache=cache)
+    endpoint.proxy.counts.clear()
+    started = time.perf_counter()
+    for root in urls:
+        report = reconcile(root, policy, cache=cache)
+        assert report.status in ("ok", "done") and not report.outcomes, (
+            report.status,
+            report.problems,
+        )
+    return time.perf_counter() - started, dict(endpoint.proxy.counts)
+
+
+def run(quick: bool) -> list[Row]:
+    from tests.s3server import s3_endpoint
+
+    count = OBJECTS_QUICK if quick else OBJECTS
+    roots = ROOTS_QUICK if quick else ROOTS
+    with s3_endpoint() as endpoint:
+        bucket = "bench-p7"
+        endpoint.client(direct=True).create_bucket(Bucket=bucket)
+        ours, naive, other = (
+            _ours(endpoint, bucket, count),
+            _naive(endpoint, bucket, count),
+            _s3fs(endpoint, bucket, count),
+        )
+        idle_s, counts = _idle_pass(endpoint, bucket, roots)
+    vs_naive, vs_s3fs = naive / ours, (other / ours if other else None)
+    rows = [
+        Row(
+            "P8a",
+            f"delete one S3 checkpoint of {count:,} objects (loopback)",
+            f"{ours:.2f} s",
+            f"naive loop {naive:.2f} s; s3fs rm "
+            + (f"{other:.2f} s" if other is not None else "not installed"),
+            f"{vs_naive:.0f}x naive, " + (f"{vs_s3fs:.2f}x s3fs" if vs_s3fs else "—"),
+            ">= 20x naive, >= 1.0x s3fs",
+            vs_naive >= 20 and (vs_s3fs is None or vs_s3fs >= 1.0),
+            notes=[
+                "ours: the whole pass (listing, lease, tombstone, marker, DeleteObjects batches "
+                "of 1,000 on 8 threads, tombstone); baselines: listing + deletes only"
+            ],
+        )
+    ]
+    per_root = {op: n / roots for op, n in sorted(counts.items())}
+    listings, reads = per_root.get("ListObjects", 0.0), per_root.get("GetObject", 0.0)
+    rows.append(
+        Row(
+            "P8b",
+            f"pass over {roots:,} S3 roots with nothing to do",
+            f"{listings:g} listing + {reads:g} reads per root",
+            "—",
+            "—",
+            "1 listing + 0 reads per root",
+            listings == 1 and reads == 0 and set(per_root) == {"ListObjects"},
+            notes=[f"{idle_s * 1000 / roots:.2f} ms per root; requests per root: {per_root}"],
+        )
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    for row in run(args.quick):
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""``s3://bucket/prefix`` roots (DESIGN section 10): the `Storage` of an object store.
+
+No rename and no flock there, so:
+
+- **Commit**: ``step_N/`` is a checkpoint once its commit marker (``.complete``, or the layout's)
+  exists; the writer puts it last (`commit`). Nothing is finalized by a keeper.
+- **Delete** (`S3Storage.trash`, then `S3Storage.remove_trash`): renew the lease, write the
+  tombstone ``<root>/.ckptkeeper/tombstones/<name>`` (holding the lease generation), remove the
+  marker (from then on no resume loads the checkpoint), then ``DeleteObjects`` in batches of at
+  most 1,000 keys, each key's error checked and throttling retried with backoff, and last the
+  tombstone. A pass purges every tombstone it finds, so a delete interrupted at any point
+  (``kill -9``) is finished by the next pass.
+- **Lock**: the lease of `ckptkeeper.lease`.
+
+Writers (a trainer's own S3 writer) follow the protocol by writing every object of ``step_N/``
+first and the marker last: `commit` does that last step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .layouts import NEMO_RL, Layout
+from .lease import S3Lease, check_conditional_writes
+from .records import RootScan
+from .removal import Removal
+from .s3client import RETRYABLE, make_client, os_error, s3_stat
+from .s3scan import TOMBSTONES, EtagCache, ObjectInfo, list_root, parse_info, records_of
+from .scan import InfoCache, LockProbe
+from .stores import root_url, split_url
+
+__all__ = ["BATCH", "S3Storage", "commit"]
+
+BATCH = 1000  # DeleteObjects takes at most 1,000 keys
+_KEY_ATTEMPTS = 8
+
+
+def _base(root: Path) -> tuple[str, str]:
+    bucket, prefix = split_url(root)
+    return bucket, (prefix + "/" if prefix else "")
+
+
+class S3Storage:
+    """The `storage.Storage` of ``s3://`` roots (one per process: it keeps the ETag cache, the
+    verified-conditional-writes set and the lease held on each root)."""
+
+    def __init__(self, client: Any = None, *, lease_ttl: float = 300.0) -> None:
+        self._client = client
+        self._guard = threading.Lock()
+        self.etags = EtagCache()
+        self.lease_ttl = lease_ttl
+        self.requests = 0  # listing pages, for the bench and the request-count tests
+        self._verified: set[str] = set()
+        self._leases: dict[str, S3Lease] = {}
+        self._last: dict[str, tuple[Layout, str]] = {}  # root -> (layout, marker) of its scan
+        self._listed: dict[str, dict[str, list[tuple[str, int]]]] = {}  # root -> name -> keys
+
+    @property
+    def client(self) -> Any:
+        with self._guard:
+            if self._client is None:
+                self._client = make_client()
+            return self._client
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def scan(
+        self,
+        root: Path,
+        *,
+        layout: Layout = NEMO_RL,
+        marker: str = "",
+        cache: InfoCache | None = None,
+        stale_before: float | None = None,
+        memo: bool = False,
+    ) -> RootScan:
+        bucket, base = _base(root)
+        marker = marker or layout.default_marker
+        listing = list_root(self.client, bucket, base, layout, root_url(root))
+        with self._guard:
+            self.requests += listing.requests
+            self._last[str(root)] = (layout, marker)
+            if not memo:  # the scan a pass acts on: its keys spare the purge a second listing
+                self._listed[str(root)] = {
+                    name: [(base + rest, o.size) for rest, o in files.items()]
+                    for name, files in listing.groups.items()
+                }
+
+        def read_info(name: str, found: ObjectInfo) -> tuple[dict[str, Any] | None, str | None]:
+            key = f"{base}{name}/{layout.info_file}"
+            if (hit := self.etags.get(key, found.etag)) is not None:
+                return hit
+            try:
+                raw = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                result = parse_info(raw, layout.info_file)
+            except Exception as exc:
+                return None, f"{layout.info_file} unreadable: {os_error(exc, key).strerror}"
+            self.etags.put(key, found.etag, result)
+            return result
+
+        return records_of(listing, root, layout, marker, read_info, stale_before)
+
+    def lstat(self, path: Path) -> os.stat_result | None:
+        bucket, key = split_url(path)
+        where = root_url(path)
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+            mtime = head["LastModified"].timestamp()
+            return s3_stat(int(head.get("ContentLength", 0)), mtime, directory=False)
+        except Exception as exc:
+            if os_error(exc, where).errno != errno.ENOENT:
+                raise os_error(exc, where) from None
+        try:
+            page = self.client.list_objects_v2(Bucket=bucket, Prefix=key + "/", MaxKeys=1)
+        except Exception as exc:
+            raise os_error(exc, where) from None
+        return s3_stat(0, 0.0, directory=True) if page.get("KeyCount", 0) else None
+
+    def writer_lock(self, directory: Path, lock_file: str) -> LockProbe:
+        return LockProbe(False)  # no writer locks on an object store: stale_after decides
+
+    def last_change(self, directory: Path, stop_above: float) -> float:
+        bucket, key = split_url(directory)
+        newest, found = 0.0, False
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=key + "/"
+            )
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    found = True
+                    newest = max(newest, float(obj["LastModified"].timestamp()))
+                    if newest > stop_above:
+                        return newest
+        except Exception as exc:
+            raise os_error(exc, root_url(directory)) from None
+        if not found:
+            raise FileNotFoundError(errno.ENOENT, "no objects", root_url(directory))
+        return newest
+
+    # -- effects ------------------------------------------------------------------------------
+
+    def rename(self, src: Path, dst: Path) -> None:
+        raise OSError(errno.ENOTSUP, "object stores have no rename", root_url(src))
+
+    def sync(self, directory: Path) -> None:
+        """Every S3 write is durable once acknowledged."""
+
+    def pin(self, directory: Path, pin_file: str) -> None:
+        bucket, key = split_url(directory / pin_file)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=b"")
+        except Exception as exc:
+            raise os_error(exc, root_url(directory / pin_file)) from None
+
+    def trash(self, root: Path, path: Path) -> Path | None:
+        """Tombstone, then remove the marker: ``path`` stops being a checkpoint at once."""
+        marker = self._last.get(str(root), (NEMO_RL, NEMO_RL.default_marker))[1]
+        lease = self._leases.get(str(root))
+        if lease is None:
+            raise OSError(errno.ENOLCK, "no lease held on the root: not deleting", root_url(root))
+        if self.lstat(path) is None:
+            return None  # already gone
+        lease.renew()  # still ours, right now: a keeper that lost it stops here
+        bucket, base = _base(root)
+        tomb = {"generation": lease.generation, "holder": lease.holder, "time": time.time()}
+        try:
+            self.client.put_object(
+                Bucket=bucket, Key=f"{base}{TOMBSTONES}{path.name}", Body=json.dumps(tomb).encode()
+            )
+            self.client.delete_object(Bucket=bucket, Key=f"{base}{path.name}/{marker}")
+        except Exception as exc:
+            raise os_error(exc, root_url(path)) from None
+        return root / ".ckptkeeper" / "tombstones" / path.name
+
+    def remove_trash(
+        self, root: Path, paths: list[Path], *, workers: int, cancel: threading.Event | None
+    ) -> list[tuple[Path, Removal]]:
+        layout, marker = self._last.get(str(root), (NEMO_RL, NEMO_RL.default_marker))
+        out: list[tuple[Path, Removal]] = []
+        for path in paths:
+            removal = Removal()
+            if (
+                path.parent != root / ".ckptkeeper" / "tombstones"
+                or layout.parse(path.name) is None
+            ):
+                removal.leave(root_url(path), "not a tombstone of this root: not removed")
+            else:
+                known = self._listed.get(str(root), {}).get(path.name, [])
+                purge = _Purge(self.client, root, path.name, marker, removal, workers, cancel)
+                purge.run(known)
+            out.append((path, removal))
+        with self._guard:
+            self._listed.pop(str(root), None)  # used once: a later purge lists afresh
+        return out
+
+    def lock(self, root: Path, timeout: float | None) -> _HeldLease:
+        bucket, base = _base(root)
+        where = root_url(root)
+
+        def verify() -> None:
+            if where not in self._verified:
+                check_conditional_writes(self.client, bucket, base, where)
+                self._verified.add(where)
+
+        lease = S3Lease(
+            self.client, bucket, base, where, timeout=timeout, ttl=self.lease_ttl, verify=verify
+        )
+        return _HeldLease(self, str(root), lease)
+
+
+class _HeldLease:
+    """A lease that the storage knows about while it is held (`S3Storage.trash` renews it)."""
+
+    def __init__(self, store: S3Storage, root: str, lease: S3Lease) -> None:
+        self.store, self.root, self.lease = store, root, lease
+
+    def acquire(self) -> bool:
+        if not self.lease.acquire():
+            return False
+        self.store._leases[self.root] = self.lease
+        return True
+
+    def release(self) -> None:
+        self.store._leases.pop(self.root, None)
+        self.lease.release()
+
+
+class _Purge:
+    """Finish one tombstoned delete: marker, every object in batches, then the tombstone."""
+
+    def __init__(
+        self,
+        client: Any,
+        root: Path,
+        name: str,
+        marker: str,
+        removal: Removal,
+        workers: int,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.client, self.name, self.marker, self.removal = client, name, marker, removal
+        self.bucket, self.base = _base(root)
+        self.where, self.workers, self.cancel = root_url(root / name), max(1, workers), cancel
+
+    def run(self, known: list[tuple[str, int]]) -> None:
+        """``known``: the keys the pass's scan listed under the prefix, deleted first; then a
+        listing deletes whatever else is there (written since), so nothing is left behind."""
+        tomb = f"{self.base}{TOMBSTONES}{self.name}"
+        prefix = f"{self.base}{self.name}/"
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=tomb)
+        except Exception as exc:
+            if os_error(exc, tomb).errno == errno.ENOENT:
+                return  # finished by another keeper
+            self.removal.leave(self.where, os_error(exc, tomb).strerror or "")
+            return
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=prefix + self.marker)  # first
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            with ThreadPoolExecutor(self.workers) as pool:
+                marker = prefix + self.marker
+                known = [(k, n) for k, n in known if k.startswith(prefix) and k != marker]
+                for i in range(0, len(known), BATCH):
+                    pool.submit(self.batch, known[i : i + BATCH])
+            with ThreadPoolExecutor(self.workers) as pool:
+                for page in pages:
+                    if self.cancel is not None and self.cancel.is_set():
+                        self.removal.leave(self.where, "cancelled: the next pass finishes it")
+                        break
+                    objs = [
+                        (str(o["Key"]), int(o.get("Size", 0))) for o in page.get("Contents", ())
+                    ]
+                    for i in range(0, len(objs), BATCH):
+                        pool.submit(self.batch, objs[i : i + BATCH])
+        except Exception as exc:
+            self.removal.leave(self.where, os_error(exc, self.where).strerror or "")
+        if not self.removal.left:
+            with contextlib.suppress(Exception):
+                self.client.delete_object(Bucket=self.bucket, Key=tomb)
+
+    def batch(self, objs: list[tuple[str, int]]) -> None:
+        sizes = dict(objs)
+        todo, pause = list(sizes), 0.05
+        for attempt in range(_KEY_ATTEMPTS):
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in todo], "Quiet": True},
+                )
+            except Exception as exc:  # botocore already retried throttling with backoff
+                for key in todo:
+                    self.removal.leave(
+                        f"s3://{self.bucket}/{key}", os_error(exc, key).strerror or ""
+                    )
+                return
+            errors = resp.get("Errors", [])
+            failed = {str(e.get("Key")) for e in errors}
+            self.removal.add(files=len(todo) - len(failed), size=sum(
+                sizes.get(k, 0) for k in todo if k not in failed
+            ))  # fmt: skip
+            retry = [str(e["Key"]) for e in errors if e.get("Code") in RETRYABLE]
+            for e in errors:
+                if e.get("Code") not in RETRYABLE:
+                    where = f"s3://{self.bucket}/{e.get('Key')}"
+                    self.removal.leave(where, f"{e.get('Code')}: {e.get('Message', '')}")
+            if not retry:
+                return
+            todo = retry
+            if attempt + 1 < _KEY_ATTEMPTS:
+                time.sleep(pause)  # throttled keys: back off, then only those again
+                pause = min(pause * 2, 2.0)
+        for key in todo:
+            self.removal.leave(f"s3://{self.bucket}/{key}", "SlowDown: still throttled, retried")
+
+
+def commit(url: str, *, marker: str = ".complete", client: Any = None) -> str:
+    """Write the commit marker of the checkpoint at ``url`` (``s3://bucket/root/step_N``) after
+    every other object of it is written: the last step of a save by the trainer's own S3 writer.
+    Refuses an empty prefix (nothing was saved). Returns the marker's URL."""
+    from .stores import root_path
+
+    path = root_path(url)
+    bucket, key = split_url(path)
+    s3 = client if client is not None else make_client()
+    try:
+        if not s3.list_objects_v2(Bucket=bucket, Prefix=key + "/", MaxKeys=1).get("KeyCount"):
+            raise OSError(errno.ENOENT, "nothing saved under the prefix: not committed", url)
+        body: dict[str, Any] = {"time": datetime.now(UTC).isoformat(), "pid": os.getpid()}
+        body["host"] = socket.gethostname()
+        s3.put_object(Bucket=bucket, Key=f"{key}/{marker}", Body=json.dumps(body).encode())
+    except OSError:
+        raise
+    except Exception as exc:
+        raise os_error(exc, url) from None
+    return f"{root_url(path)}/{marker}"
