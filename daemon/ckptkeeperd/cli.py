@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
 from ckptkeeper import Policy
 from ckptkeeper.stores import is_url
@@ -32,7 +31,6 @@ from .lockscope import LockScopeWarner
 from .logs import LEVELS, ProblemLog, configure_logging, get_logger
 from .reconcile import EVENT_FOR, PolicySource, Report, preview, reconcile
 from .roots import SettingsResolver, expand_roots
-from .textfile import sweep_metrics, write_sweep_metrics
 
 __all__ = ["main"]
 
@@ -233,7 +231,11 @@ def sweep(
     """One pass over every root, then exit (cron, systemd timer)."""
     config = _build_config(roots, opts)
     _setup_logs(opts, config, to_stderr=as_json)
-    metrics = sweep_metrics(config, metrics_file)
+    metrics = None
+    if metrics_file is not None:  # prometheus_client only when asked for (a cold sweep's start)
+        from .textfile import sweep_metrics
+
+        metrics = sweep_metrics(config, metrics_file)
 
     def one(root: Path, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
         if dry_run:
@@ -260,6 +262,8 @@ def sweep(
 
     results = _passes(config, one)
     if metrics is not None and metrics_file is not None:
+        from .textfile import write_sweep_metrics
+
         write_sweep_metrics(config, metrics, [r for r, _ in results], metrics_file)
     if as_json:
         from .render import report_to_dict
@@ -289,6 +293,8 @@ def marker(policy: PolicySource) -> Callable[[], str]:
 )
 def status(roots: tuple[str, ...], as_json: bool, html_path: Path | None, **opts: Any) -> None:
     """What is on disk and what the policy decides for each step, with reasons. Changes nothing."""
+    from rich.console import Console
+
     from .render import print_reports, report_to_dict
 
     config = _build_config(roots, opts)

@@ -175,6 +175,17 @@ class KeeperMetrics:
                 r.in_flight_since = _in_flight_since(report, r, now)
                 r.last_pass = now
 
+    def observe_actions(self, report: Report) -> None:
+        """Count what a partial pass did (a marker's save) and its duration; the root's state
+        is taken by the full pass that follows."""
+        self.pass_duration.observe(report.duration_ms / 1000)
+        actions, failures, freed = _counts(report)
+        with self._lock:
+            r = self._roots.setdefault(Path(report.root), _Root())
+            _add(r.actions, actions)
+            _add(r.failures, failures)
+            r.freed += freed
+
     def forget_root(self, root: Path) -> None:
         """``root`` is no longer kept: its series go; its counts stay in the label-less sums."""
         with self._lock:

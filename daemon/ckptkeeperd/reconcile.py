@@ -42,7 +42,9 @@ from ckptkeeper import (
     scan_root,
 )
 from ckptkeeper.errors import errno_name, strerror
-from ckptkeeper.passes import locked_pass
+from ckptkeeper.layouts import get_layout
+from ckptkeeper.names import Kind
+from ckptkeeper.passes import RECOVERY, locked_pass, one_save
 from ckptkeeper.plan import Decision
 from ckptkeeper.space import disk_facts
 from ckptkeeper.stores import is_url, storage_for
@@ -50,7 +52,7 @@ from ckptkeeper.stores import is_url, storage_for
 from .logs import ProblemLog, emit, get_logger
 from .problems import problems_of
 
-__all__ = ["EVENT_FOR", "PolicySource", "Report", "preview", "reconcile"]
+__all__ = ["EVENT_FOR", "PolicySource", "Report", "finalize_marked", "preview", "reconcile"]
 
 #: A policy, or what resolves one (called once per plan).
 PolicySource = Policy | Callable[[], Policy]
@@ -322,6 +324,58 @@ def _reconcile(
         return
     report.scan, report.plan = result.scan, result.plan
     report.outcomes, report.removed = result.outcomes, result.removed
+
+
+def finalize_marked(
+    tmp: Path,
+    policy: PolicySource,
+    *,
+    cache: InfoCache | None = None,
+    clock: Callable[[], float] = time.time,
+    fs: Fs = OS_FS,
+    log: Any = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> Report | None:
+    """The marker arrived in ``tmp`` (a ``tmp_step_N``): finalize that one save at once, in a
+    locked pass limited to `RECOVERY` over a partial scan of step N (`scan_root(steps=...)`), so
+    its cost does not grow with the root and the planner decides as in a full pass. The caller
+    follows it with a full pass (debounced). None when the lock is busy or ``tmp`` is not a save
+    of the root's layout: the full pass does it. Never raises for a bad root or checkpoint."""
+    root = tmp.parent
+    log = log or get_logger(root=str(root))
+    report = Report(root)
+    started = time.perf_counter()
+    try:
+        now_policy = policy if isinstance(policy, Policy) else policy()
+        parsed = get_layout(now_policy.layout).parse(tmp.name)
+        if parsed is None or parsed.kind is not Kind.TMP or _check_root(root) is not None:
+            return None
+
+        def observe(o: Outcome) -> None:
+            if on_outcome is not None:
+                on_outcome(o)
+            _log_outcome(o, log)
+
+        result = locked_pass(
+            root,
+            now_policy,
+            actions=RECOVERY,
+            select=one_save(tmp, parsed.step),
+            steps={parsed.step},
+            lock_timeout=0.0,
+            clock=clock,
+            fs=fs,
+            cache=cache,
+            on_outcome=observe,
+        )
+    except OSError as exc:  # the root went or turned unusable: the full pass reports it
+        log.debug("finalize_marked_failed", path=str(tmp), error=errno_name(exc))
+        return None
+    if result.status == "busy":
+        return None
+    report.scan, report.plan, report.outcomes = result.scan, result.plan, result.outcomes
+    report.duration_ms = (time.perf_counter() - started) * 1000
+    return report
 
 
 def _log_outcome(

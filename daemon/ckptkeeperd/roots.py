@@ -58,7 +58,7 @@ from ckptkeeper.layouts import (
     available_layouts,
     get_layout,
 )
-from ckptkeeper.policy import PolicyError
+from ckptkeeper.policy import Policy, PolicyError
 from ckptkeeper.scan import CKPTKEEPER_DIR
 from ckptkeeper.stores import is_url, root_path
 
@@ -141,8 +141,23 @@ class SettingsResolver:
             self._memo[str(root)] = fresh
         return _copy(resolved)
 
+    def recovery_policy(
+        self, config: DaemonConfig, root: Path, entry_overrides: Mapping[str, Any]
+    ) -> Policy:
+        """The policy of a pass limited to recovery actions (a marker's save: finalize or
+        replace, which rank nothing): the settings without config.yaml's metric and direction,
+        so the newest steps' config.yaml files (and the root's names) are not looked at."""
+        resolved, _ = self._resolve(config, Path(root), entry_overrides, 0, ranking=False)
+        return resolved.settings.policy
+
     def _resolve(
-        self, config: DaemonConfig, root: Path, entry_overrides: Mapping[str, Any], now_ns: int
+        self,
+        config: DaemonConfig,
+        root: Path,
+        entry_overrides: Mapping[str, Any],
+        now_ns: int,
+        *,
+        ranking: bool = True,
     ) -> tuple[Resolved, YamlWalk | None]:
         """`resolve` without the memo; also the config.yaml walk (None when not needed)."""
         self.reads[RUN_FILE] += 1
@@ -154,7 +169,7 @@ class SettingsResolver:
         ]
         configured = {key: value for _, values in layers for key, value in values.items()}
         walk: YamlWalk | None = None
-        if "metric_name" not in configured or "higher_is_better" not in configured:
+        if ranking and ("metric_name" not in configured or "higher_is_better" not in configured):
             parses = self.yaml.parses  # (a count for tests: other threads may parse meanwhile)
             walk = walk_config_yaml(root, self.yaml, now_ns)
             self.reads["config.yaml"] += self.yaml.parses - parses

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ckptkeeper.errors import strerror
 from ckptkeeper.layouts import NEMO_RL
 from ckptkeeper.names import Kind, parse_name
@@ -162,6 +160,8 @@ class YamlFacts:
 
 
 def _parse(raw: bytes) -> YamlFacts:
+    import yaml  # only when a config.yaml is read: a sweep given the metric never loads it
+
     try:
         doc = yaml.safe_load(raw)
     except Exception as exc:  # corrupt YAML of any kind (syntax, encoding, tags, depth)
@@ -186,6 +186,8 @@ def _parse(raw: bytes) -> YamlFacts:
 
 
 def _yaml_error(exc: Exception) -> str:
+    import yaml
+
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc.context}"

@@ -23,6 +23,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from ckptkeeper import InfoCache, Policy
+from ckptkeeper.info import MEMO_TRUST_S
 from ckptkeeper.stores import is_url
 
 from .config import ConfigError, DaemonConfig, Resolved, Settings
@@ -32,7 +33,7 @@ from .lockscope import LockScopeWarner
 from .logs import ProblemLog, get_logger
 from .metrics import KeeperMetrics, deletions_paused
 from .page import page_for
-from .reconcile import Report, reconcile
+from .reconcile import Report, finalize_marked, reconcile
 from .roots import SettingsResolver, expand_roots
 from .sdnotify import Notifier, watchdog_interval
 from .sidecar import FinalPass, Sidecar
@@ -89,6 +90,7 @@ class Keeper:
             self.request,
             on_problem=self._watch_problem,
             max_tmp_watches=config.daemon.max_tmp_watches,
+            on_marker=self.finalize_now,
         )
         self._idle = threading.Condition(self._state_lock)
         self._last_action = "none yet"
@@ -186,6 +188,46 @@ class Keeper:
                 self._running.discard(root)
                 self._idle.notify_all()
 
+    def finalize_now(self, root: Path, tmp: Path) -> None:
+        """The marker arrived in ``tmp``: finalize that save in a pass of its own, at once (the
+        watcher follows it with a debounced full pass). Called from the watch threads."""
+        with self._state_lock:
+            if self._cancel.is_set() or root not in self.roots:
+                return
+        try:
+            self._pool.submit(self._run_finalize, root, tmp)
+        except RuntimeError:  # pool shut down during stop
+            return
+
+    def _run_finalize(self, root: Path, tmp: Path) -> None:
+        with self._state_lock:
+            state = self.roots.get(root)
+        if state is None:
+            return
+        try:
+            # Recovery ranks nothing: no config.yaml walk over the root's newest steps.
+            policy = self.settings.recovery_policy(self.config, root, state.overrides)
+            report = finalize_marked(
+                tmp,
+                policy,
+                cache=self.cache,
+                log=self.log.bind(root=str(root)),
+                on_outcome=self.metrics.finalize_hook(root, lambda: policy.complete_marker),
+            )
+        except Exception as exc:  # a bug must not kill the worker: the full pass follows
+            self.log.exception("pass_crashed", root=str(root), error=repr(exc))
+            report = None
+        if report is None:  # lock busy, or not a save: a full pass at once does it
+            self.request(root)
+            return
+        self.metrics.observe_actions(report)
+        self.pass_errors += report.errors
+        done = [o for o in report.outcomes if o.status == "done"]
+        if done:
+            with self._state_lock:
+                last = done[-1].decision
+                self._last_action = f"{last.action.value} {last.path.name} in {root}"
+
     def _run_pass(self, root: Path) -> None:
         while True:
             try:
@@ -214,6 +256,25 @@ class Keeper:
             )
         except Exception as exc:  # scheduler stopping: the periodic sweep retries anyway
             self.log.debug("retry_not_scheduled", root=str(root), error=repr(exc))
+
+    def _relist_later(self, root: Path) -> None:
+        """A listing made too soon after the root's last change cannot be trusted by the
+        marker's partial scan (`ckptkeeper.info.Listing`): list it again once it can be, so the
+        next save's marker costs no listing of the root."""
+        listing = self.cache.listing(str(root))
+        if listing is None or listing.trusted or self._cancel.is_set():
+            return
+        try:
+            self._scheduler.add_job(
+                self.request,
+                "date",
+                args=[root],
+                id=f"relist:{root}",
+                replace_existing=True,
+                run_date=datetime.now(UTC) + timedelta(seconds=MEMO_TRUST_S + 0.1),
+            )
+        except Exception as exc:  # scheduler stopping: a later pass lists it anyway
+            self.log.debug("relist_not_scheduled", root=str(root), error=repr(exc))
 
     def run_once(self, root: Path, *, lock_timeout: float = 0.0) -> Report:
         with self._state_lock:
@@ -254,6 +315,7 @@ class Keeper:
             self._update_status()
         if report.status == "ok":
             self._watcher.set_in_flight(root, report.in_flight)
+            self._relist_later(root)
         log.debug(
             "pass_done",
             status=report.status,

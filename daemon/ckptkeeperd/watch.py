@@ -97,8 +97,10 @@ class _Root:
 class RootWatcher:
     """Keeps watches on roots and their in-flight tmp dirs; calls ``on_change(root)`` (from one
     thread) when something may have changed there: at once for a completion marker, debounced
-    for anything else. ``max_tmp_watches``: in-flight saves watched by inotify at most (beyond
-    it they are polled every ``polling_interval`` seconds)."""
+    for anything else. With ``on_marker``, a marker arriving in a tmp dir calls
+    ``on_marker(root, tmp)`` at once instead (from the thread that saw it: it must not block),
+    and ``on_change(root)`` follows debounced. ``max_tmp_watches``: in-flight saves watched by
+    inotify at most (beyond it they are polled every ``polling_interval`` seconds)."""
 
     def __init__(
         self,
@@ -108,10 +110,12 @@ class RootWatcher:
         polling_interval: float = 1.0,
         on_problem: Callable[[Path, str], None] | None = None,
         max_tmp_watches: int = DEFAULT_MAX_TMP_WATCHES,
+        on_marker: Callable[[Path, Path], None] | None = None,
     ) -> None:
         if max_tmp_watches < 0:
             raise ValueError(f"max_tmp_watches must be >= 0, got {max_tmp_watches}")
         self._on_change = on_change
+        self._on_marker = on_marker
         self._on_problem = on_problem
         self._polling_interval = polling_interval
         self._max_tmp_watches = max_tmp_watches
@@ -174,7 +178,10 @@ class RootWatcher:
             if self._stopped or state is None:
                 return
             for tmp in [t for t in state.tmp if t not in wanted]:
-                self._unschedule(state.tmp.pop(tmp))
+                # A save created after the pass listed the root is not in ``tmp_dirs``: its
+                # watch stays while the directory it watches is still there.
+                if not state.tmp[tmp].current(_probe(tmp)[0]):
+                    self._unschedule(state.tmp.pop(tmp))
             for tmp in sorted(wanted):
                 if self._closing:  # stop() waits for this lock: let it have it now
                     break
@@ -251,7 +258,7 @@ class RootWatcher:
         # there already, a pass at once; its name not known (any new file may be it), a pass soon.
         name = self._markers.get(root)
         if os.path.lexists(tmp / (name or DEFAULT_MARKER)):
-            self._debouncer.trigger(root, now=True)
+            self._marked(root, tmp)
         elif name is None:
             self._debouncer.trigger(root)
 
@@ -354,7 +361,9 @@ class RootWatcher:
         self, root: Path, watched: Path, handle: Watch | Polled, event: ev.FileSystemEvent
     ) -> None:
         hint = event_hint(root, watched, event, self._markers.get(root))
-        if hint is not Hint.NONE:
+        if hint is Hint.NOW and watched != root:
+            self._marked(root, watched)
+        elif hint is not Hint.NONE:
             self._debouncer.trigger(root, now=hint is Hint.NOW)
         if not isinstance(event, ev.DirDeletedEvent | ev.DirCreatedEvent):
             return
@@ -370,6 +379,21 @@ class RootWatcher:
                 self._post(root, partial(self._sync_entry, root, src, only_if_watched=True))
             elif parsed is not None and parsed.kind is Kind.TMP:  # a new save: watch it now
                 self._post(root, partial(self._sync_entry, root, src, only_if_watched=False))
+
+    def _marked(self, root: Path, tmp: Path) -> None:
+        """The marker is in ``tmp``: that save now (``on_marker``), then a full pass debounced;
+        without ``on_marker``, a pass of the root at once."""
+        on_marker = self._on_marker
+        if on_marker is None or self._stopped:
+            self._debouncer.trigger(root, now=True)
+            return
+        try:
+            on_marker(root, tmp)
+        except Exception:
+            _logger.exception("on_marker callback failed for %s", tmp)
+            self._debouncer.trigger(root, now=True)
+            return
+        self._debouncer.trigger(root)
 
     def _post(self, root: Path, job: Callable[[], None]) -> None:
         """Run ``job`` on the worker thread, which may take our lock."""

@@ -8,6 +8,8 @@ apscheduler nor structlog.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .effects import (
     OS_FS,
     Fs,
@@ -17,7 +19,6 @@ from .effects import (
     writer_lock,
 )
 from .execute import Outcome, apply_plan, purge_trash
-from .manager import CheckpointingConfig, CheckpointManager, PathLike, _load_checkpoint_history
 from .names import Kind, ParsedName, parse_name
 from .plan import Action, Decision, Plan, plan
 from .policy import Policy, PolicyError, parse_duration
@@ -25,6 +26,31 @@ from .pressure import FreeSpace, Pressure
 from .records import Anomaly, Checkpoint, InFlight, Leftover, RootScan, TrashEntry
 from .removal import Removal, remove_tree
 from .scan import InfoCache, read_training_info, scan_root
+
+if TYPE_CHECKING:
+    from .manager import (
+        CheckpointingConfig,
+        CheckpointManager,
+        PathLike,
+        _load_checkpoint_history,
+    )
+
+#: The NeMo-RL-compatible manager (and PyYAML) loads on first use: ``sweep`` and ``status``
+#: never need it.
+_LAZY = frozenset(
+    {"CheckpointingConfig", "CheckpointManager", "PathLike", "_load_checkpoint_history"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import manager
+
+        value = getattr(manager, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "OS_FS",

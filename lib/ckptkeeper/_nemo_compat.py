@@ -17,7 +17,7 @@ import yaml
 
 from .execute import Outcome
 from .names import step_name
-from .passes import RECOVERY, locked_pass, recovery_needed
+from .passes import RECOVERY, locked_pass, one_save, recovery_needed
 from .plan import Action
 from .policy import Policy
 from .records import RootScan
@@ -199,18 +199,12 @@ def finalize_save(src: Path, step: int, policy: Policy) -> None:
     OSError when the pass failed or decided not to finalize it (the reason is in the message).
     """
     root = src.parent
-
-    def select(scan: RootScan) -> RootScan:  # this save only: other complete saves are not ours
-        return RootScan(
-            root,
-            steps=tuple(c for c in scan.steps if c.step == step),
-            in_flight=tuple(t for t in scan.in_flight if t.path == src),
-            leftovers=tuple(o for o in scan.leftovers if o.step == step),
-            ambiguous_steps=scan.ambiguous_steps & {step},
-        )
-
     leftovers = _Leftovers()
-    result = locked_pass(root, policy, actions=RECOVERY, select=select, on_removed=leftovers)
+    # This save only (other complete saves are not ours), from a partial scan of its step.
+    select = one_save(src, step)
+    result = locked_pass(
+        root, policy, actions=RECOVERY, select=select, steps={step}, on_removed=leftovers
+    )
     leftovers.warn()
     outcome = result.outcome_for(src)
     if outcome is not None and not outcome.ok:

@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .records import RootScan
 
-__all__ = ["INFO_FILE", "MAX_INFO_BYTES", "MEMO_TRUST_S", "InfoCache", "read_training_info"]
+__all__ = [
+    "INFO_FILE",
+    "MAX_INFO_BYTES",
+    "MEMO_TRUST_S",
+    "InfoCache",
+    "Listing",
+    "read_training_info",
+]
 
 INFO_FILE = NEMO_RL.info_file  # the nemo-rl layout's (a scan reads its layout's)
 MAX_INFO_BYTES = 16 * 1024 * 1024  # a training_info.json larger than this is not parsed
@@ -51,6 +58,30 @@ class _StepMemo:
         self.record = record
 
 
+class Listing:
+    """What a full scan's listing of a root found that a partial scan cannot probe for: the
+    spellings of a step other than its layout's (``step_07``), by step, and the root's
+    (st_dev, st_ino, st_mtime_ns, st_ctime_ns) taken before the listing. While the root still
+    has those, no entry was created, removed or renamed in it since, if the listing began at
+    least `MEMO_TRUST_S` after the root's last change (``trusted``)."""
+
+    __slots__ = ("odd", "stamp", "trusted")
+
+    def __init__(self, st: os.stat_result, listed_ns: int, odd: dict[int, list[str]]) -> None:
+        self.stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        self.trusted = listed_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= int(MEMO_TRUST_S * 1e9)
+        self.odd = odd
+
+    def holds(self, st: os.stat_result) -> bool:
+        """Still the root's listing (``st``: the root now)?"""
+        return self.trusted and self.stamp == (
+            st.st_dev,
+            st.st_ino,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
+
+
 class InfoCache:
     """Thread-safe cache of parsed training_info.json keyed by path and (inode, mtime_ns, size).
 
@@ -66,18 +97,27 @@ class InfoCache:
         self._steps: dict[str, dict[str, _StepMemo]] = {}
         self._plans: dict[str, tuple[RootScan, Plan] | None] = {}
         self._sizes: dict[str, dict[tuple[int, int, int], int]] = {}
+        self._listings: dict[str, Listing] = {}
         self.parses = 0  # how many files were actually parsed (for tests and benchmarks)
         self.memo_hits = 0  # step directories a memoized scan did not look inside (for tests)
+        self.listing_hits = 0  # partial scans that did not list the root (for tests, benchmarks)
 
     def get(self, path: Path, key: tuple[int, int, int]) -> _InfoResult | None:
-        with self._lock:
-            hit = self._roots.get(str(path.parent.parent), {}).get(path.parent.name)
-        return hit[1] if hit is not None and hit[0] == key else None
+        return self.lookup(str(path.parent.parent), path.parent.name, key)
 
     def put(self, path: Path, key: tuple[int, int, int], result: _InfoResult) -> None:
+        self.store(str(path.parent.parent), path.parent.name, key, result)
+
+    def lookup(self, root: str, name: str, key: tuple[int, int, int]) -> _InfoResult | None:
+        """`get` of the metrics file in ``root/name`` (strings: no path objects on a scan)."""
+        with self._lock:
+            hit = self._roots.get(root, {}).get(name)
+        return hit[1] if hit is not None and hit[0] == key else None
+
+    def store(self, root: str, name: str, key: tuple[int, int, int], result: _InfoResult) -> None:
         with self._lock:
             self.parses += 1
-            self._roots.setdefault(str(path.parent.parent), {})[path.parent.name] = (key, result)
+            self._roots.setdefault(root, {})[name] = (key, result)
 
     def retain(self, root: Path, names: Iterable[str]) -> None:
         """Forget the entries of ``root`` whose directory name is not in ``names``."""
@@ -93,6 +133,7 @@ class InfoCache:
             self._steps.pop(str(root), None)
             self._plans.pop(str(root), None)
             self._sizes.pop(str(root), None)
+            self._listings.pop(str(root), None)
 
     def last_plan(self, root: Path) -> tuple[RootScan, Plan] | None:
         """The scan and plan a caller kept with `keep_plan` (forgotten by `drop_root`)."""
@@ -112,6 +153,19 @@ class InfoCache:
         with self._lock:
             self._sizes[str(root)] = sizes  # replaced whole
 
+    def listing(self, root: str) -> Listing | None:
+        """The last full scan's `Listing` of ``root`` (None: none yet)."""
+        with self._lock:
+            return self._listings.get(root)
+
+    def keep_listing(self, root: str, listing: Listing) -> None:
+        with self._lock:
+            self._listings[root] = listing
+
+    def used_listing(self) -> None:
+        with self._lock:
+            self.listing_hits += 1
+
     def step_memo(self, root: str) -> dict[str, _StepMemo]:
         with self._lock:
             return self._steps.get(root, {})
@@ -127,6 +181,9 @@ def _reject_constant(name: str) -> float:
     return float(name)
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def read_training_info(directory: Path, cache: InfoCache | None = None) -> _InfoResult:
     """(info, None) for a usable JSON object, else (None, reason). Never raises for bad input."""
     return _read_info(directory / INFO_FILE, cache)[0]
@@ -134,38 +191,74 @@ def read_training_info(directory: Path, cache: InfoCache | None = None) -> _Info
 
 def _read_info(path: Path, cache: InfoCache | None) -> tuple[_InfoResult, _InfoKey | None]:
     """`read_training_info` of ``path`` and the file's cache key (None: not a regular file)."""
+    where = (str(path.parent.parent), path.parent.name)
+    return _read_info_at(None, str(path), where, path.name, cache)
+
+
+def _read_info_at(
+    dir_fd: int | None,
+    rel: str,
+    where: tuple[str, str],
+    label: str,
+    cache: InfoCache | None,
+) -> tuple[_InfoResult, _InfoKey | None]:
+    """`_read_info` of ``rel`` (relative to ``dir_fd`` when given): ``where`` is its (root,
+    directory name) in the cache, ``label`` the file's name in messages."""
     try:
-        st = os.lstat(path)
+        st = os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return (None, f"no {path.name}"), None
+        return (None, f"no {label}"), None
     except OSError as exc:
-        return (None, f"{path.name} unreadable: {errno_text(exc)}"), None
+        return (None, f"{label} unreadable: {errno_text(exc)}"), None
     if not stat.S_ISREG(st.st_mode):
-        return (None, f"{path.name} is not a regular file"), None
+        return (None, f"{label} is not a regular file"), None
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
-    if cache is not None and (hit := cache.get(path, key)) is not None:
+    if cache is not None and (hit := cache.lookup(*where, key)) is not None:
         return hit, key
-    result = _parse_info(path, st.st_size)
+    result = _parse_at(dir_fd, rel, label, st.st_size)
     if cache is not None:
-        cache.put(path, key, result)
+        cache.store(*where, key, result)
     return result, key
 
 
+def _read_bytes(dir_fd: int | None, rel: str, size: int) -> bytes:
+    """Up to ``MAX_INFO_BYTES + 1`` bytes of ``path`` with plain ``read`` calls: no buffered file
+    object (its fstat, ioctl and lseek, and a 16 MiB buffer mapped and unmapped per file). The
+    first read asks for one byte more than the lstat'ed size, so an unchanged file costs open,
+    read, read (EOF), close."""
+    fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        chunks: list[bytes] = []
+        total, want = 0, min(size, MAX_INFO_BYTES) + 1
+        while total <= MAX_INFO_BYTES:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            want = min(MAX_INFO_BYTES + 1 - total, 1 << 20) or 1
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _parse_info(path: Path, size: int) -> _InfoResult:
+    return _parse_at(None, str(path), path.name, size)
+
+
+def _parse_at(dir_fd: int | None, rel: str, label: str, size: int) -> _InfoResult:
     if size > MAX_INFO_BYTES:
-        return None, f"{path.name} too large ({size} bytes > {MAX_INFO_BYTES})"
+        return None, f"{label} too large ({size} bytes > {MAX_INFO_BYTES})"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as fh:
-            raw = fh.read(MAX_INFO_BYTES + 1)
+        raw = _read_bytes(dir_fd, rel, size)
     except OSError as exc:
-        return None, f"{path.name} unreadable: {errno_text(exc)}"
+        return None, f"{label} unreadable: {errno_text(exc)}"
     if len(raw) > MAX_INFO_BYTES:
-        return None, f"{path.name} too large (> {MAX_INFO_BYTES} bytes)"
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        return None, f"{label} too large (> {MAX_INFO_BYTES} bytes)"
+    try:  # json.loads(raw, parse_constant=...) would build a decoder per file
+        data = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, RecursionError) as exc:
-        return None, f"{path.name} is not valid JSON: {str(exc)[:80]}"
+        return None, f"{label} is not valid JSON: {str(exc)[:80]}"
     if not isinstance(data, dict):
-        return None, f"{path.name} is not a JSON object ({type(data).__name__})"
+        return None, f"{label} is not a JSON object ({type(data).__name__})"
     return data, None

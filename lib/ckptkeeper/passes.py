@@ -26,7 +26,14 @@ from .scan import InfoCache
 from .space import disk_facts
 from .storage import PosixStorage, Storage
 
-__all__ = ["EVERYTHING", "RECOVERY", "PassResult", "locked_pass", "recovery_needed"]
+__all__ = [
+    "EVERYTHING",
+    "RECOVERY",
+    "PassResult",
+    "locked_pass",
+    "one_save",
+    "recovery_needed",
+]
 
 #: Every action a pass may take: everything the executor applies, and trash purges.
 EVERYTHING: frozenset[Action] = APPLIED | {Action.PURGE}
@@ -60,6 +67,7 @@ def locked_pass(
     *,
     actions: Collection[Action] = EVERYTHING,
     select: Callable[[RootScan], RootScan] | None = None,
+    steps: Collection[int] | None = None,
     lock_timeout: float | None = None,
     clock: Callable[[], float] = time.time,
     fs: Fs = OS_FS,
@@ -76,7 +84,9 @@ def locked_pass(
     settings file edited while the pass waited for the lock counts).
 
     ``select`` narrows the scan the planner sees (e.g. the manager's NeMo-RL prune considers only
-    ``step_N`` with a training_info.json). ``lock_timeout`` None waits for the lock, 0 tries once.
+    ``step_N`` with a training_info.json); ``steps`` makes the scan itself a partial one of those
+    steps (`scan.scan_root`): for a ``select`` that keeps only them, at a cost that does not grow
+    with the root. ``lock_timeout`` None waits for the lock, 0 tries once.
     What this pass trashed is removed after the unlock when ``policy.trash_grace`` is 0; trash
     past its grace is purged when ``actions`` holds PURGE. Raises OSError only when the root
     itself cannot be listed or locked.
@@ -97,6 +107,7 @@ def locked_pass(
             marker=policy.complete_marker,
             cache=cache,
             stale_before=now - policy.stale_after,
+            steps=steps,
         )
         result.scan = select(scan) if select is not None else scan
         free = disk_facts(result.scan, policy, now, cache)  # statvfs; sizes only with min_free
@@ -137,3 +148,22 @@ def _remove_trash(
 def recovery_needed(scan: RootScan) -> bool:
     """True when a pass limited to `RECOVERY` could change something (an unlocked look)."""
     return bool(scan.leftovers) or any(t.complete for t in scan.in_flight)
+
+
+def one_save(src: Path, step: int) -> Callable[[RootScan], RootScan]:
+    """A ``select`` for `locked_pass` that keeps one save, ``src`` (``tmp_step_N`` of ``step``),
+    and what else names its step: other complete saves are left to their writer or a full pass.
+    With ``steps={step}`` the scan is a partial one and the pass's cost does not grow with the
+    root (the manager's inline finalize, the daemon's marker event)."""
+
+    def select(scan: RootScan) -> RootScan:
+        return RootScan(
+            scan.root,
+            steps=tuple(c for c in scan.steps if c.step == step),
+            in_flight=tuple(t for t in scan.in_flight if t.path == src),
+            leftovers=tuple(o for o in scan.leftovers if o.step == step),
+            ambiguous_steps=scan.ambiguous_steps & {step},
+            layout=scan.layout,
+        )
+
+    return select

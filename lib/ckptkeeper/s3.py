@@ -25,6 +25,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +84,7 @@ class S3Storage:
         cache: InfoCache | None = None,
         stale_before: float | None = None,
         memo: bool = False,
+        steps: Collection[int] | None = None,  # a full listing all the same: callers select
     ) -> RootScan:
         bucket, base = _base(root)
         marker = marker or layout.default_marker

@@ -27,8 +27,9 @@ import os
 import stat
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .classify import classify_entry
 from .dirfd import DIR_FLAGS, open_below
@@ -38,7 +39,9 @@ from .info import (
     MAX_INFO_BYTES,
     MEMO_TRUST_S,
     InfoCache,
+    Listing,
     _read_info,
+    _read_info_at,
     _StepMemo,
     read_training_info,
 )
@@ -82,11 +85,11 @@ def trash_dir(root: Path) -> Path:
     return root / CKPTKEEPER_DIR / "trash"
 
 
-def _exists(path: Path) -> bool:
+def _exists(rel: str | Path, dir_fd: int | None = None) -> bool:
+    """Does ``rel`` (relative to ``dir_fd`` when given; its last component not followed)
+    exist?"""
     try:
-        os.lstat(path)
-    except FileNotFoundError:
-        return False
+        os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
         return False
     return True
@@ -178,17 +181,25 @@ def scan_root(
     stale_before: float | None = None,
     memo: bool = False,
     layout: Layout = NEMO_RL,
+    steps: Collection[int] | None = None,
 ) -> RootScan:
     """Scan ``root`` as ``layout`` names it. ``marker``: the completion marker ("" for the
     layout's). ``stale_before`` (epoch seconds): probe unmarked tmp dirs for staleness.
 
     ``memo`` (needs ``cache``): reuse the previous scan's findings inside unchanged ``step_N``
-    directories (module docstring). Every scan with a cache refreshes the memo.
+    directories (module docstring). Every full scan with a cache refreshes the memo.
+
+    ``steps``: a partial scan of these steps only (a marker's save: its cost does not grow with
+    the root). The root is still listed, since any spelling of a step (``step_07`` beside
+    ``step_7``) must be seen for the step to be called ambiguous as a full scan would, but only
+    the entries of ``steps`` are looked at; their records are those a full scan makes. No trash,
+    and the cache's memo and entries of other steps are left as they are.
 
     Raises OSError only when the root itself cannot be listed.
     """
     root = Path(root)
     scanner = _Scanner(root, layout, marker or layout.default_marker, cache, stale_before, memo)
+    scanner.only = None if steps is None else frozenset(steps)
     # Entries are stat'ed relative to a descriptor of the root (a one-component lookup each),
     # which also reaches the trash without following a symlink.
     try:
@@ -199,7 +210,8 @@ def scan_root(
         direct = False
     try:
         scanner.read_entries(root_fd)
-        trash = _scan_trash(root, scanner.anomalies, root_fd if direct else None)
+        partial = scanner.only is not None
+        trash = [] if partial else _scan_trash(root, scanner.anomalies, root_fd if direct else None)
     finally:
         os.close(root_fd)
     return scanner.result(trash)
@@ -223,6 +235,8 @@ class _Scanner:
         self.previous = cache.step_memo(str(root)) if cache is not None else {}
         self.trusted = self.previous if memo else {}
         self.info_below = "/" + layout.info_file
+        self.root_str = str(root)  # the hot loop names files by strings, not path objects
+        self.root_fd = -1  # set by read_entries
         self.steps: list[Checkpoint] = []
         self.in_flight: list[InFlight] = []
         self.leftovers: list[Leftover] = []
@@ -233,8 +247,14 @@ class _Scanner:
         self.layout_reason = ""
         self.survey = Survey()
         self.classifier = False  # the layout looks inside entries (set once the root is listed)
+        self.only: frozenset[int] | None = None  # a partial scan of these steps (`scan_root`)
+        self.root_st: os.stat_result | None = None  # the root before the listing (with a cache)
+        self.spellings: dict[int, list[str]] = defaultdict(list)  # non-canonical names by step
 
     def read_entries(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        if self.cache is not None:
+            self.root_st = os.fstat(root_fd)  # before the listing: see `info.Listing`
         groups = self.group_entries()
         for (step, order), names in sorted(groups.items()):
             if len(names) > 1:
@@ -255,31 +275,34 @@ class _Scanner:
                 self.steps.append(self.checkpoint(root_fd, name, step, st))
             else:
                 self.save_or_leftover(name, step, order, st)
-        if self.cache is not None:
+        if self.cache is not None and self.only is None:
             self.cache.retain(self.root, [name for names in groups.values() for name in names])
 
     def group_entries(self) -> dict[tuple[int, int], list[str]]:
         """Checkpoint-named directories keyed by (step, kind order); the rest are anomalies."""
         groups: dict[tuple[int, int], list[str]] = defaultdict(list)
+        if self.only is not None and self.probes_names():
+            self.group_some(groups)
+            return groups
         with os.scandir(self.root) as it:  # by path: scandir(fd) costs 6 more system calls
             entries = list(it)
         self.look_around([entry.name for entry in entries])
         files = file_checkpoints(self.layout)
         for entry in entries:
             name = entry.name
-            known = self.previous.get(name)
-            if known is not None:  # a step directory last time: no need to parse its name
-                step, order = known.record.step, _STEP
-            elif (parsed := self.layout.parse(name)) is not None:
-                step, order = parsed.step, _ORDER[parsed.kind]
-            else:
+            if (key := self.classify(name)) is None:
                 continue
+            step = key[0]
+            if self.only is not None and step not in self.only:
+                continue
+            if key[2]:  # not the layout's spelling: a partial scan cannot probe for it
+                self.spellings[step].append(name)
             try:
                 # Not following symlinks, a directory is a real one (d_type; lstat if unknown).
                 if entry.is_dir(follow_symlinks=False) or (
                     files and entry.is_file(follow_symlinks=False)
                 ):
-                    groups[(step, order)].append(name)
+                    groups[key[:2]].append(name)
                     continue
                 odd = "symlink: not followed" if entry.is_symlink() else "not a directory"
             except OSError as exc:
@@ -349,19 +372,74 @@ class _Scanner:
             return None
         return (ist.st_ino, ist.st_mtime_ns, ist.st_size)
 
+    def probes_names(self) -> bool:
+        """Can a partial scan go by names alone? Not for a layout that is resolved from the
+        root's entries, looks inside them, or keeps checkpoints as files: those list the root
+        as a full scan does (keeping only the steps asked for)."""
+        layout = self.layout
+        return not (isinstance(layout, Resolver | Classifier) or file_checkpoints(layout))
+
+    def classify(self, name: str) -> tuple[int, int, bool] | None:
+        """(step, kind order, not the layout's spelling) of a checkpoint name; None for any
+        other name."""
+        known = self.previous.get(name)
+        if known is not None:  # a step directory last time: no need to parse its name
+            step = known.record.step
+            return step, _STEP, name != self.layout.format(Kind.STEP, step)
+        if (parsed := self.layout.parse(name)) is not None:
+            return parsed.step, _ORDER[parsed.kind], not parsed.canonical
+        return None
+
+    def group_some(self, groups: dict[tuple[int, int], list[str]]) -> None:
+        """`group_entries` of a partial scan, and an ``lstat`` of the few names of
+        ``self.only``: every spelling the layout gives them, and those the last full listing
+        found, while the root is unchanged since a trusted listing (`info.Listing`); otherwise
+        the names of a listing (no directory entry objects)."""
+        only = self.only
+        assert only is not None
+        names, probing = self.names_of(only)
+        for name in names:
+            key = self.classify(name)
+            if key is None or key[0] not in only:
+                continue
+            try:
+                mode = os.stat(name, dir_fd=self.root_fd, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                if probing:
+                    continue  # not there: the spelling a probe tried
+                self.odd(name, "cannot stat: No such file or directory", key[0])
+                continue
+            except OSError as exc:
+                self.odd(name, f"cannot stat: {errno_text(exc)}", key[0])
+                continue
+            if stat.S_ISDIR(mode):
+                groups[key[:2]].append(name)
+            else:
+                odd = "symlink: not followed" if stat.S_ISLNK(mode) else "not a directory"
+                self.odd(name, odd, key[0])
+
+    def names_of(self, only: frozenset[int]) -> tuple[list[str], bool]:
+        """The names a partial scan looks at, and whether they are probes (may not exist)."""
+        listing = None if self.cache is None else self.cache.listing(self.root_str)
+        if listing is not None and self.root_st is not None and listing.holds(self.root_st):
+            assert self.cache is not None
+            self.cache.used_listing()
+            names = [self.layout.format(kind, n) for n in sorted(only) for kind in _KINDS]
+            return names + [name for n in sorted(only) for name in listing.odd.get(n, ())], True
+        return os.listdir(self.root), False
+
     def checkpoint(self, root_fd: int, name: str, step: int, st: os.stat_result) -> Checkpoint:
         known = self.trusted.get(name)
         if known is not None and self.unchanged(root_fd, name, known, st):
             self.hits += 1
             self.memo_out[name] = known
             return known.record
-        path, layout = self.root / name, self.layout
-        (info, why), info_key = _read_info(path / layout.info_file, self.cache)
-        has_config = bool(layout.config_file) and _exists(path / layout.config_file)
+        layout = self.layout
+        (info, why), info_key = self.info(name)
+        has_config = bool(layout.config_file) and _exists(f"{name}/{layout.config_file}", root_fd)
+        pinned = _exists(f"{name}/{layout.pin_file}", root_fd)
         identity = (st.st_dev, st.st_ino)
-        record = Checkpoint(
-            step, path, info, why, _exists(path / layout.pin_file), identity, has_config
-        )
+        record = Checkpoint(step, self.root / name, info, why, pinned, identity, has_config)
         if self.cache is not None:
             trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
             self.memo_out[name] = _StepMemo(st, trusted, info_key, record)
@@ -388,15 +466,20 @@ class _Scanner:
             ist.st_mode
         )
 
+    def info(self, name: str) -> tuple[tuple[Any, str | None], tuple[int, int, int] | None]:
+        """The metrics file of ``name`` (read relative to the root's descriptor) and its key."""
+        rel, label = name + self.info_below, self.layout.info_file
+        return _read_info_at(self.root_fd, rel, (self.root_str, name), label, self.cache)
+
     def save_or_leftover(self, name: str, step: int, order: int, st: os.stat_result) -> None:
         path, layout = self.root / name, self.layout
         identity = (st.st_dev, st.st_ino)
-        info, why = _read_info(path / layout.info_file, self.cache)[0]
-        pinned = _exists(path / layout.pin_file)
+        info, why = self.info(name)[0]
+        pinned = _exists(f"{name}/{layout.pin_file}", self.root_fd)
         if order == _OLD:
             self.leftovers.append(Leftover(step, path, identity, info, why, pinned))
             return
-        complete = _exists(path / self.marker)
+        complete = _exists(f"{name}/{self.marker}", self.root_fd)
         probed = (
             _probe(path, layout.writer_lock, self.stale_before)
             if not complete
@@ -411,8 +494,11 @@ class _Scanner:
         self.anomalies.append(Anomaly(self.root / name, why, step))
 
     def result(self, trash: list[TrashEntry]) -> RootScan:
-        if self.cache is not None:
+        if self.cache is not None and self.only is None:
             self.cache.set_step_memo(str(self.root), self.memo_out, self.hits)
+            if self.root_st is not None:
+                listing = Listing(self.root_st, self.started_ns, dict(self.spellings))
+                self.cache.keep_listing(self.root_str, listing)
         return RootScan(
             self.root,
             tuple(self.steps),
@@ -449,6 +535,7 @@ def _probe(
 # The order of the kinds of one step in a scan's records (alphabetical, as it always was).
 _OLD, _STEP, _TMP = 0, 1, 2
 _ORDER = {Kind.OLD: _OLD, Kind.STEP: _STEP, Kind.TMP: _TMP}
+_KINDS = (Kind.OLD, Kind.STEP, Kind.TMP)
 _MEMO_TRUST_NS = int(MEMO_TRUST_S * 1e9)
 
 

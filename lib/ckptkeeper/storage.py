@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
@@ -50,9 +51,11 @@ class Storage(Protocol):
         cache: InfoCache | None = None,
         stale_before: float | None = None,
         memo: bool = False,
+        steps: Collection[int] | None = None,
     ) -> RootScan:
-        """List ``root`` once and read what the layout needs into records. Raises OSError only
-        when the root itself cannot be listed."""
+        """List ``root`` once and read what the layout needs into records. ``steps``: only the
+        entries of these steps (every spelling of them), no trash (`scan.scan_root`). Raises
+        OSError only when the root itself cannot be listed."""
         ...
 
     def lstat(self, path: Path) -> os.stat_result | None:
@@ -109,6 +112,7 @@ class PosixStorage:
         cache: InfoCache | None = None,
         stale_before: float | None = None,
         memo: bool = False,
+        steps: Collection[int] | None = None,
     ) -> RootScan:
         return scan_root(
             root,
@@ -117,6 +121,7 @@ class PosixStorage:
             stale_before=stale_before,
             memo=memo,
             layout=layout,
+            steps=steps,
         )
 
     def lstat(self, path: Path) -> os.stat_result | None:

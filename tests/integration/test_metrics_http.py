@@ -62,7 +62,8 @@ def test_live_daemon_metrics_move_with_finalize_and_delete(
         lambda: get("ckptkeeper_actions_total", action="finalize") == 3,
         what="finalize counted",
     )
-    assert get("ckptkeeper_checkpoints", state="kept") == 3  # top-2 {1, 2} + latest 3
+    # top-2 {1, 2} + latest 3, once the full pass that follows the marker's own has run
+    wait_until(lambda: get("ckptkeeper_checkpoints", state="kept") == 3, what="kept gauge")
     assert get("ckptkeeper_actions_total", action="delete") == 0
     write_checkpoint(root, 4, {"r": 0.7})  # top-2 {2, 4}, latest 4: steps 1 and 3 go
     d.wait_for("deleted", step=1)

@@ -435,7 +435,7 @@ def test_tmp_step_created_after_start_is_watched_without_waiting_for_the_daemon(
     assert rec.wait_change(root)
 
 
-def test_in_flight_set_is_exact_and_finalized_tmp_dirs_are_dropped(
+def test_in_flight_set_drops_gone_tmp_dirs_and_finalized_ones(
     tmp_path: Path, make_watcher: Callable[..., RootWatcher]
 ) -> None:
     root = tmp_path / "run"
@@ -447,9 +447,14 @@ def test_in_flight_set_is_exact_and_finalized_tmp_dirs_are_dropped(
     w.set_roots({root: "inotify"})
     w.set_in_flight(root, [*tmps, root / "tmp_step_9", root / "tmp_step_7"])
     assert w.watch_count() == 4  # the symlink and the missing dir are not watched
+    # Not listed but still there (a pass lists the root before a new save appears): kept.
     w.set_in_flight(root, tmps[:1])
-    assert w.watch_count() == 2
-    tmps[0].rename(root / "step_1")  # finalize: the root watch sees the move and drops the watch
+    assert w.watch_count() == 4
+    shutil.rmtree(tmps[2])
+    w.set_in_flight(root, tmps[:2])  # listed or gone: tmp_step_3's watch goes
+    assert w.watch_count() == 3
+    tmps[1].rename(root / "step_2")  # finalize: the root watch sees the move and drops the watch
+    tmps[0].rename(root / "step_1")
     wait_until(lambda: w.watch_count() == 1, timeout=TIMEOUT)
     with pytest.raises(ValueError, match="not directly inside"):
         w.set_in_flight(root, [tmp_path / "elsewhere" / "tmp_step_1"])
@@ -491,6 +496,9 @@ def test_watch_count_is_roots_plus_in_flight_tmp_dirs(
     assert w.watch_count() == 3 + 3
     w.set_roots({roots[1]: "polling", roots[2]: "inotify"})  # run0 and its tmp watches go
     assert w.watch_count() == 2 + 1
+    w.set_in_flight(roots[1], [])  # still there (new since the pass listed the root?): kept
+    assert w.watch_count() == 2 + 1
+    shutil.rmtree(roots[1] / "tmp_step_2")
     w.set_in_flight(roots[1], [])
     assert w.watch_count() == 2
 

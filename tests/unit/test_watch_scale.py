@@ -120,6 +120,8 @@ def test_in_flight_saves_past_max_tmp_watches_are_polled_and_it_is_logged_once(
     (tmps[-1] / ".complete").touch()  # a polled one (set_in_flight watches in name order)
     assert rec.wait_change(root)
     # Saves finalized: their inotify watches go to the next new save.
+    for t in tmps[:3]:
+        t.rename(root / t.name.removeprefix("tmp_"))
     w.set_in_flight(root, tmps[3:])
     assert inotify_wd_count() - wds == 1
     (root / "tmp_step_7").mkdir()

@@ -1,0 +1,58 @@
+"""A cron ``sweep`` and ``status`` load none of the daemon's machinery (issue 9, item 3): the
+NeMo-RL manager and PyYAML (no config.yaml needed), prometheus_client (no --metrics-file),
+watchdog, apscheduler, the keeper itself. Checked in a fresh interpreter that runs the command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = (
+    "apscheduler",
+    "ckptkeeper.manager",
+    "ckptkeeperd.service",
+    "ckptkeeperd.watch",
+    "prometheus_client",
+    "watchdog",
+    "yaml",
+)
+
+CHILD = """
+import json, sys
+from ckptkeeperd.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "loaded": sorted(m for m in HEAVY if m in sys.modules)}))
+""".replace("HEAVY", repr(HEAVY))
+
+
+@pytest.mark.parametrize("command", [["sweep"], ["sweep", "--json"], ["status", "--json"]])
+def test_sweep_and_status_load_none_of_the_daemons_machinery(
+    command: list[str], tmp_path: Path
+) -> None:
+    root = tmp_path / "run"
+    for n in (1, 2, 3):
+        (root / f"step_{n}").mkdir(parents=True)
+        (root / f"step_{n}" / "training_info.json").write_text(json.dumps({"loss": n}))
+        (root / f"step_{n}" / "config.yaml").write_text("checkpointing:\n  metric_name: loss\n")
+    flags = ["--keep-top-k", "1", "--metric", "loss", "--lower-is-better", str(root)]
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *command, *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result == {"code": 0, "loaded": []}, proc.stdout + proc.stderr
+    if command[0] == "sweep":
+        assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == [
+            "step_1",
+            "step_3",
+        ]
