@@ -179,7 +179,8 @@ def test_hf_trainer_daemon_keeps_top_k_newest_and_best_then_training_resumes(
     assert first["global_step"] == 12
     expected, _ = _best_and_newest(root)
     wait_until(lambda: names(root) == expected, timeout=30, what=f"only {sorted(expected)} left")
-    assert daemon.find("deleted")
+    # A deletion is logged once its trash entry is removed, just after the step left the root.
+    wait_until(lambda: daemon.find("deleted"), timeout=30, what="deleted logged")
     assert daemon.stop() == 0
 
     resumed = writer("hf_train", root, 16, True)
