@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..names import ParsedName
+from ..names import Kind, ParsedName
 
 __all__ = [
     "Classifier",
@@ -136,3 +136,16 @@ def settling(probe: Probe, settle_after: float, last_written: float) -> str:
         ago, settle = age_text(probe.now - last), age_text(settle_after)
         return f"settling: last write {ago} ago (settle_after {settle})"
     return ""
+
+
+#: More digits than this are not a step (an int of them would be unreasonably large to parse).
+MAX_STEP_DIGITS = 30
+
+
+def parse_step(digits: str | None, name: str, canonical: Callable[[int], str]) -> ParsedName | None:
+    """``name`` as a complete checkpoint of step ``digits`` (ASCII digits already matched by the
+    layout's grammar, None when it did not match); ``canonical`` spells a step's own name."""
+    if digits is None or not digits or len(digits) > MAX_STEP_DIGITS:
+        return None
+    step = int(digits)
+    return ParsedName(Kind.STEP, step, name, name == canonical(step))

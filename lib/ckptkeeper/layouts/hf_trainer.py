@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Reader, Survey, settling
+from .base import Look, Probe, Reader, Survey, parse_step, settling
 
 __all__ = ["HF_TRAINER", "HfTrainer"]
 
@@ -43,10 +43,10 @@ class HfTrainer:
 
     def parse(self, name: str) -> ParsedName | None:
         m = _RE.fullmatch(name)
-        if m is None or len(m[1]) > 30:
-            return None
-        step = int(m[1])
-        return ParsedName(Kind.STEP, step, name, name == self.format(Kind.STEP, step))
+        return parse_step(None if m is None else m[1], name, self._canonical)
+
+    def _canonical(self, step: int) -> str:
+        return self.format(Kind.STEP, step)
 
     def format(self, kind: Kind, step: int) -> str:
         return f"checkpoint-{step}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, metrics_or_empty
+from .base import Look, Probe, metrics_or_empty, parse_step
 
 __all__ = ["TORCHTITAN", "Torchtitan"]
 
@@ -34,10 +34,10 @@ class Torchtitan:
 
     def parse(self, name: str) -> ParsedName | None:
         m = _RE.fullmatch(name)
-        if m is None or len(m[1]) > 30:
-            return None
-        step = int(m[1])
-        return ParsedName(Kind.STEP, step, name, name == self.format(Kind.STEP, step))
+        return parse_step(None if m is None else m[1], name, self._canonical)
+
+    def _canonical(self, step: int) -> str:
+        return self.format(Kind.STEP, step)
 
     def format(self, kind: Kind, step: int) -> str:
         return f"step-{step}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Reader, Survey, metrics_or_empty
+from .base import Look, Probe, Reader, Survey, metrics_or_empty, parse_step
 
 __all__ = ["DEEPSPEED", "MEGATRON", "Tracked"]
 
@@ -43,10 +43,11 @@ class Tracked:
         if not name.startswith(self.prefix):
             return None
         digits = name[len(self.prefix) :]
-        if not digits or len(digits) > 30 or not all("0" <= c <= "9" for c in digits):
-            return None
-        step = int(digits)
-        return ParsedName(Kind.STEP, step, name, name == self.format(Kind.STEP, step))
+        ascii_digits = all("0" <= c <= "9" for c in digits)
+        return parse_step(digits if ascii_digits else None, name, self._canonical)
+
+    def _canonical(self, step: int) -> str:
+        return self.format(Kind.STEP, step)
 
     def format(self, kind: Kind, step: int) -> str:
         return f"{self.prefix}{step:0{self.width}d}" if self.width else f"{self.prefix}{step}"
