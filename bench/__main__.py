@@ -51,8 +51,8 @@ MODULES: tuple[tuple[str, str, str], ...] = (
     ("P6", "bench.p6_page", "status page rendering and disk-pressure sizing"),
     ("P7", "bench.p7_layouts", "pass cost per checkpoint for each layout"),
     ("P8", "bench.p8_s3", "S3 roots: deleting a checkpoint, an idle pass over many roots"),
-    ("P2S", "bench.p7_scale", "finalize latency as the root grows (P2-scale)"),
-    ("P9", "bench.p7_cost", "system calls and cold sweep per checkpoint; one keeper at scale"),
+    ("P2S", "bench.p2s_scale", "finalize latency as the root grows (P2-scale)"),
+    ("P9", "bench.p9_cost", "system calls and cold sweep per checkpoint; one keeper at scale"),
 )
 BENCHMARKS_MD = _REPO / "BENCHMARKS.md"
 _DATA_RE = re.compile(r"<!-- bench-data\n(.*?)\n-->", re.S)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import p3_pass, p7_cost  # noqa: E402
+from bench import p3_pass, p9_cost  # noqa: E402
 from tests.unit.test_bench_quick import run_quick  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def test_p2_scale_and_p7_quick_report_every_row(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
 def test_call_counts_are_per_checkpoint_of_passes_that_saw_them(tmp_path: Path) -> None:
     roots = p3_pass.make_fleet(tmp_path / "fleet", 3, steps=5)
-    counts = p7_cost.count_calls(roots)
+    counts = p9_cost.count_calls(roots)
     assert counts["steps"] == 15
     # Every checkpoint costs each side at least its training_info.json's open and read.
     assert float(counts["ours"]) >= 2 and float(counts["naive"]) >= 2  # type: ignore[arg-type]
