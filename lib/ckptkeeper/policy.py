@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from .layouts import DEFAULT_LAYOUT, NEMO_RL, Layout, LayoutError, configured, get_layout
+from .layouts.base import PIN_FILE, SETTLE_AFTER
 from .records import Checkpoint
 from .sizes import MinFree, parse_min_free
 
@@ -93,7 +94,7 @@ class Policy:
     min_free: str | None = None  # "15%" or "500G": delete beyond the rules below it (pressure)
     min_keep: int = 1  # under disk pressure, at least this many checkpoints remain
     metrics_file: str | None = None  # JSON file inside each checkpoint (layouts without metrics)
-    settle_after: float = 120.0  # a layout without commit signal: untouched this long -> counts
+    settle_after: float = SETTLE_AFTER  # no commit signal: untouched this long -> counts
 
     def __post_init__(self) -> None:
         for name in ("keep_top_k", "keep_latest_n"):
@@ -343,7 +344,7 @@ class KeepEveryN:
 
 @dataclass(frozen=True, slots=True)
 class KeepPinned:
-    pin_file: str = NEMO_RL.pin_file
+    pin_file: str = PIN_FILE
 
     def __call__(self, checkpoints: Sequence[Checkpoint]) -> Verdicts:
         why = f"pinned ({self.pin_file} file)"

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
+from .base import COMPLETE_MARKER, Conventions
+from .nemo_rl import NEMO_RL
 
 __all__ = ["Auto", "Refused"]
 
@@ -21,16 +23,13 @@ _TRACKERS = {"latest_checkpointed_iteration.txt": "megatron", "latest": "deepspe
 
 
 @dataclass(frozen=True)
-class Refused:
+class Refused(Conventions):
     """Two layouts' names in one root: parses nothing, so nothing is touched."""
 
     reason: str
     name: str = "auto"
-    default_marker: str = ".complete"
-    info_file: str = "training_info.json"
-    pin_file: str = "KEEP"
-    writer_lock: str = ".writer.lock"
-    config_file: str = ""
+    default_marker: str = COMPLETE_MARKER
+    info_file: str = NEMO_RL.info_file  # what an empty root is assumed to hold
 
     def parse(self, name: str) -> ParsedName | None:
         return None
@@ -43,14 +42,11 @@ class Refused:
 
 
 @dataclass(frozen=True)
-class Auto:
+class Auto(Conventions):
     candidates: Callable[[], Sequence[Any]]  # the built-in layouts, configured
     name: str = "auto"
-    default_marker: str = ".complete"
-    info_file: str = "training_info.json"
-    pin_file: str = "KEEP"
-    writer_lock: str = ".writer.lock"
-    config_file: str = ""
+    default_marker: str = COMPLETE_MARKER
+    info_file: str = NEMO_RL.info_file  # what an empty root is assumed to hold
 
     def parse(self, name: str) -> ParsedName | None:
         return None  # resolve() is always asked first
@@ -73,8 +69,8 @@ class Auto:
             [(layout, example)] = found.values()
             return layout, f"auto: {example} is a {layout.name} name"
         if not found:
-            default = next(lay for lay in self.candidates() if lay.name == "nemo-rl")
-            return default, "auto: no checkpoint names yet, nemo-rl assumed"
+            default = next(lay for lay in self.candidates() if lay.name == NEMO_RL.name)
+            return default, f"auto: no checkpoint names yet, {NEMO_RL.name} assumed"
         both = ", ".join(f"{name} ({example})" for name, (_, example) in sorted(found.items()))
         why = f"auto: names of several layouts in one root: {both}; set layout to choose"
         return Refused(why), why

@@ -20,19 +20,56 @@ from typing import Any, Protocol, runtime_checkable
 from ..names import Kind, ParsedName
 
 __all__ = [
+    "COMPLETE_MARKER",
+    "PIN_FILE",
+    "SETTLE_AFTER",
+    "WRITER_LOCK",
     "Classifier",
+    "Conventions",
     "Look",
     "Probe",
     "Reader",
     "Resolver",
     "Survey",
     "Surveyor",
+    "Tunable",
     "age_text",
     "metrics_or_empty",
     "settling",
 ]
 
 Info = tuple[Mapping[str, Any] | None, str | None]
+
+# The ckptkeeper protocol's own names (DESIGN.md section 2), not a framework's: every layout
+# spells them the same way.
+#: Inside a checkpoint (beside a file checkpoint: ``<name>.KEEP``): never deleted by policy.
+PIN_FILE = "KEEP"
+#: A writer may hold ``flock(LOCK_EX)`` on it while it writes.
+WRITER_LOCK = ".writer.lock"
+#: The protocol's completion marker, for a layout whose framework has none of its own.
+COMPLETE_MARKER = ".complete"
+#: The policy's default ``settle_after`` (seconds), for a layout without a commit signal.
+SETTLE_AFTER = 120.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Conventions:
+    """What every built-in layout spells the same way: the protocol's pin file and writer lock,
+    and no config file unless the framework has one. Keyword-only, so a layout's own fields keep
+    their positions."""
+
+    pin_file: str = PIN_FILE
+    writer_lock: str = WRITER_LOCK
+    config_file: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tunable(Conventions):
+    """A layout that takes the policy's ``metrics_file`` and ``settle_after`` (`configured`
+    sets them; a layout without these fields keeps its own metrics and commit signal)."""
+
+    metrics_file: str | None = None
+    settle_after: float = SETTLE_AFTER
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Reader, Survey, parse_step, settling
+from .base import COMPLETE_MARKER, Look, Probe, Reader, Survey, Tunable, parse_step, settling
 
 __all__ = ["HF_TRAINER", "HfTrainer"]
 
@@ -31,15 +31,10 @@ _MAX_STATE = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class HfTrainer:
+class HfTrainer(Tunable):
     name: str = "hf-trainer"
-    default_marker: str = ".complete"
+    default_marker: str = COMPLETE_MARKER
     info_file: str = STATE
-    pin_file: str = "KEEP"
-    writer_lock: str = ".writer.lock"
-    config_file: str = ""
-    metrics_file: str | None = None
-    settle_after: float = 120.0
 
     def parse(self, name: str) -> ParsedName | None:
         m = _RE.fullmatch(name)

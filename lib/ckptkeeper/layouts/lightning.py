@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Reader, Survey, settling
+from .base import COMPLETE_MARKER, Look, Probe, Reader, Survey, Tunable, settling
 
 __all__ = ["LIGHTNING", "Lightning"]
 
@@ -30,15 +30,10 @@ LAST = "last.ckpt"
 
 
 @dataclass(frozen=True)
-class Lightning:
+class Lightning(Tunable):
     name: str = "lightning"
-    default_marker: str = ".complete"
+    default_marker: str = COMPLETE_MARKER
     info_file: str = ""
-    pin_file: str = "KEEP"
-    writer_lock: str = ".writer.lock"
-    config_file: str = ""
-    metrics_file: str | None = None
-    settle_after: float = 120.0
     file_checkpoints: bool = True
 
     def parse(self, name: str) -> ParsedName | None:

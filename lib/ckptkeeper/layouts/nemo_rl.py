@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..names import Kind, ParsedName
+from .base import COMPLETE_MARKER, Conventions
 
 __all__ = ["NEMO_RL", "NemoRL"]
 
@@ -23,13 +24,11 @@ _PREFIXES = {Kind.STEP: "step_", Kind.TMP: "tmp_step_", Kind.OLD: "old_step_"}
 
 
 @dataclass(frozen=True)
-class NemoRL:
+class NemoRL(Conventions):
     name: str = "nemo-rl"
-    default_marker: str = ".complete"
+    default_marker: str = COMPLETE_MARKER
     info_file: str = "training_info.json"
-    pin_file: str = "KEEP"
-    writer_lock: str = ".writer.lock"
-    config_file: str = "config.yaml"
+    config_file: str = field(default="config.yaml", kw_only=True)  # names the metric
     # [0-9] rather than \d: \d also matches Arabic-Indic and other Unicode digits.
     _pattern: re.Pattern[str] = field(
         default=re.compile(r"(?P<prefix>step_|tmp_step_|old_step_)(?P<digits>[0-9]+)"),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe
+from .base import Look, Probe, Tunable
 
 __all__ = ["ORBAX", "Orbax"]
 
@@ -27,15 +27,10 @@ METRICS = "metrics/metrics"
 
 
 @dataclass(frozen=True)
-class Orbax:
+class Orbax(Tunable):
     name: str = "orbax"
     default_marker: str = COMMIT
     info_file: str = METADATA
-    pin_file: str = "KEEP"
-    writer_lock: str = ".writer.lock"
-    config_file: str = ""
-    metrics_file: str | None = None
-    settle_after: float = 120.0
 
     def parse(self, name: str) -> ParsedName | None:
         m = _RE.fullmatch(name)

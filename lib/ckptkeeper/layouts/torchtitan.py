@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, metrics_or_empty, parse_step
+from .base import Look, Probe, Tunable, metrics_or_empty, parse_step
 
 __all__ = ["TORCHTITAN", "Torchtitan"]
 
@@ -22,15 +22,10 @@ _RE = re.compile(r"step-([0-9]+)")
 
 
 @dataclass(frozen=True)
-class Torchtitan:
+class Torchtitan(Tunable):
     name: str = "torchtitan"
     default_marker: str = ".metadata"
     info_file: str = ".metadata"
-    pin_file: str = "KEEP"
-    writer_lock: str = ".writer.lock"
-    config_file: str = ""
-    metrics_file: str | None = None
-    settle_after: float = 120.0
 
     def parse(self, name: str) -> ParsedName | None:
         m = _RE.fullmatch(name)

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..names import Kind, ParsedName
-from .base import Look, Probe, Reader, Survey, metrics_or_empty, parse_step
+from .base import (
+    COMPLETE_MARKER,
+    Look,
+    Probe,
+    Reader,
+    Survey,
+    Tunable,
+    metrics_or_empty,
+    parse_step,
+)
 
 __all__ = ["DEEPSPEED", "MEGATRON", "Tracked"]
 
@@ -26,18 +35,13 @@ _MAX_TRACKER = 4096
 
 
 @dataclass(frozen=True)
-class Tracked:
+class Tracked(Tunable):
     name: str
     prefix: str
     width: int  # zero padding of the canonical name (0: none)
     tracker_file: str
-    default_marker: str = ".complete"
+    default_marker: str = COMPLETE_MARKER
     info_file: str = ""
-    pin_file: str = "KEEP"
-    writer_lock: str = ".writer.lock"
-    config_file: str = ""
-    metrics_file: str | None = None
-    settle_after: float = 120.0
 
     def parse(self, name: str) -> ParsedName | None:
         if not name.startswith(self.prefix):
