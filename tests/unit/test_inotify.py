@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from tests.userns import inotify_limited, userns_unavailable
+from tests.watching import inotify_wd_count
 
 from ckptkeeperd.inotify import (
     IN_CLOSE_WRITE,
@@ -83,18 +84,6 @@ def reader(heard: Heard) -> Iterator[InotifyReader]:
     r.stop()
 
 
-def wds_held() -> int:
-    """inotify watches held by this process (all its inotify fds), from /proc/self/fdinfo."""
-    count = 0
-    for fd in os.listdir("/proc/self/fdinfo"):
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                count += sum(1 for line in f if line.startswith("inotify wd:"))
-        except OSError:
-            continue
-    return count
-
-
 def test_create_write_moves_and_delete_arrive_in_order(
     tmp_path: Path, reader: InotifyReader, heard: Heard
 ) -> None:
@@ -128,14 +117,14 @@ def test_a_watched_dir_removed_ends_its_watch_with_in_ignored(
 ) -> None:
     watched = tmp_path / "w"
     watched.mkdir()
-    before = wds_held()
+    before = inotify_wd_count()
     watch = reader.add(str(watched), IN_DELETE_SELF, heard.callback("w"))
-    assert watch.alive and reader.watch_count() == 1 and wds_held() == before + 1
+    assert watch.alive and reader.watch_count() == 1 and inotify_wd_count() == before + 1
     watched.rmdir()
     events = heard.wait_for(("w", "ignored", ""))
     assert events == [("w", "delete_self", ""), ("w", "ignored", "")]
     assert not watch.alive
-    assert reader.watch_count() == 0 and wds_held() == before
+    assert reader.watch_count() == 0 and inotify_wd_count() == before
     reader.remove(watch)  # already ended: a no-op
 
 
@@ -145,10 +134,12 @@ def test_two_paths_to_one_dir_share_a_wd_and_each_hears_its_own_mask(
     real = tmp_path / "real" / "d"
     real.mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "real")  # a symlink above: the same inode
-    before = wds_held()
+    before = inotify_wd_count()
     creates = reader.add(str(real), IN_CREATE, heard.callback("creates"))
     deletes = reader.add(str(tmp_path / "link" / "d"), IN_DELETE, heard.callback("deletes"))
-    assert creates.wd == deletes.wd and reader.watch_count() == 1 and wds_held() == before + 1
+    assert (
+        creates.wd == deletes.wd and reader.watch_count() == 1 and inotify_wd_count() == before + 1
+    )
     (real / "f").touch()
     (real / "f").unlink()
     assert heard.wait_for(("deletes", "delete", "f")) == [
@@ -156,13 +147,13 @@ def test_two_paths_to_one_dir_share_a_wd_and_each_hears_its_own_mask(
         ("deletes", "delete", "f"),
     ]
     reader.remove(creates)  # the other subscription keeps the kernel's watch
-    assert wds_held() == before + 1
+    assert inotify_wd_count() == before + 1
     (real / "g").touch()
     (real / "g").unlink()
     assert heard.wait_for(("deletes", "delete", "g"))[-1] == ("deletes", "delete", "g")
     assert ("creates", "create", "g") not in heard.events
     reader.remove(deletes)
-    assert reader.watch_count() == 0 and wds_held() == before
+    assert reader.watch_count() == 0 and inotify_wd_count() == before
 
 
 def test_add_refuses_what_is_not_a_directory_and_never_follows_a_symlink(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import wait_until
+from tests.watching import watchers
 
 from ckptkeeper import InfoCache, Policy, RootScan, scan_root, write_marker
 from ckptkeeper.plan import Action, plan
@@ -184,16 +185,8 @@ class Marks:
 
 @pytest.fixture
 def make_watcher() -> Iterator[Callable[..., RootWatcher]]:
-    made: list[RootWatcher] = []
-
-    def make(on_change: Callable[[Path], None], **kwargs: object) -> RootWatcher:
-        w = RootWatcher(on_change, polling_interval=0.2, **kwargs)  # type: ignore[arg-type]
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.stop()
+    with watchers(polling_interval=0.2) as make:
+        yield make
 
 
 @pytest.mark.parametrize("kind", ["inotify", "polling"])

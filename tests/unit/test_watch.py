@@ -6,9 +6,9 @@ deadline), never by sleeping a fixed time and hoping.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import wait_until
 from tests.userns import inotify_limited, userns_unavailable
+from tests.watching import Recorder, inotify_wd_count, watchers
 from watchdog.events import (
     DirAttribEvent,
     DirCreatedEvent,
@@ -38,55 +39,14 @@ from watchdog.events import (
 
 from ckptkeeper import write_marker
 from ckptkeeper.scan import writer_lock_held
+from ckptkeeperd import inotify as ino
 from ckptkeeperd.fstype import ObserverChooser, filesystem_type, is_network_fs
 from ckptkeeperd.hints import Debouncer, Hint, event_hint, from_inotify
-from ckptkeeperd.inotify import (
-    IN_CLOSE_WRITE,
-    IN_CREATE,
-    IN_DELETE,
-    IN_DELETE_SELF,
-    IN_IGNORED,
-    IN_ISDIR,
-    IN_MOVE_SELF,
-    IN_MOVED_FROM,
-    IN_MOVED_TO,
-)
 from ckptkeeperd.watch import RootWatcher, resolve_observer
 
 KINDS = ["inotify", "polling"]
 TIMEOUT = 10.0
 SLOW = 30.0  # a debounce no test waits for: a callback well before it was not debounced
-
-
-class Recorder:
-    """Collects on_change / on_problem calls; lets a test wait for a given one."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.changes: list[Path] = []
-        self.problems: list[tuple[Path, str]] = []
-
-    def on_change(self, root: Path) -> None:
-        with self.cond:
-            self.changes.append(root)
-            self.cond.notify_all()
-
-    def on_problem(self, root: Path, reason: str) -> None:
-        with self.cond:
-            self.problems.append((root, reason))
-            self.cond.notify_all()
-
-    def clear(self) -> None:
-        with self.cond:
-            self.changes.clear()
-
-    def wait_change(self, root: Path, timeout: float = TIMEOUT) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: root in self.changes, timeout)
-
-    def changes_of(self, root: Path) -> int:
-        with self.cond:
-            return self.changes.count(root)
 
 
 @pytest.fixture
@@ -96,30 +56,8 @@ def rec() -> Recorder:
 
 @pytest.fixture
 def make_watcher(rec: Recorder) -> Iterator[Callable[..., RootWatcher]]:
-    made: list[RootWatcher] = []
-
-    def make(**kwargs: float) -> RootWatcher:
-        kwargs.setdefault("debounce", 0.05)
-        kwargs.setdefault("polling_interval", 0.2)
-        w = RootWatcher(rec.on_change, on_problem=rec.on_problem, **kwargs)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.stop()
-
-
-def inotify_wd_count() -> int:
-    """inotify watches held by this process, from /proc/self/fdinfo ('inotify wd:' lines)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fdinfo"):
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                count += sum(1 for line in f if line.startswith("inotify wd:"))
-        except OSError:
-            continue  # fd closed meanwhile
-    return count
+    with watchers(on_problem=rec.on_problem, debounce=0.05, polling_interval=0.2) as make:
+        yield functools.partial(make, rec.on_change)
 
 
 def settle_initial_trigger(rec: Recorder, root: Path) -> None:
@@ -274,17 +212,17 @@ def test_inotify_events_stand_for_the_events_event_hint_reads(tmp_path: Path) ->
     w = tmp_path / "run"
     f, d = str(w / "x"), str(w / "x")
     cases = [
-        (IN_CREATE, "x", FileCreatedEvent(f)),
-        (IN_CREATE | IN_ISDIR, "x", DirCreatedEvent(d)),
-        (IN_MOVED_TO, "x", FileCreatedEvent(f)),  # a rename's new name
-        (IN_MOVED_TO | IN_ISDIR, "x", DirCreatedEvent(d)),
-        (IN_MOVED_FROM | IN_ISDIR, "x", DirDeletedEvent(d)),  # a rename's old name
-        (IN_DELETE, "x", FileDeletedEvent(f)),
-        (IN_CLOSE_WRITE, "x", FileClosedEvent(f)),
-        (IN_DELETE_SELF, "", DirDeletedEvent(str(w))),  # the watched dir: its watch is dead
-        (IN_MOVE_SELF, "", DirDeletedEvent(str(w))),
-        (IN_IGNORED, "", DirDeletedEvent(str(w))),
-        (IN_CLOSE_WRITE | IN_ISDIR, "x", None),
+        (ino.IN_CREATE, "x", FileCreatedEvent(f)),
+        (ino.IN_CREATE | ino.IN_ISDIR, "x", DirCreatedEvent(d)),
+        (ino.IN_MOVED_TO, "x", FileCreatedEvent(f)),  # a rename's new name
+        (ino.IN_MOVED_TO | ino.IN_ISDIR, "x", DirCreatedEvent(d)),
+        (ino.IN_MOVED_FROM | ino.IN_ISDIR, "x", DirDeletedEvent(d)),  # a rename's old name
+        (ino.IN_DELETE, "x", FileDeletedEvent(f)),
+        (ino.IN_CLOSE_WRITE, "x", FileClosedEvent(f)),
+        (ino.IN_DELETE_SELF, "", DirDeletedEvent(str(w))),  # the watched dir: its watch is dead
+        (ino.IN_MOVE_SELF, "", DirDeletedEvent(str(w))),
+        (ino.IN_IGNORED, "", DirDeletedEvent(str(w))),
+        (ino.IN_CLOSE_WRITE | ino.IN_ISDIR, "x", None),
     ]
     assert [from_inotify(w, mask, name) for mask, name, _ in cases] == [e for _, _, e in cases]
 

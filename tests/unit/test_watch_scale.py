@@ -6,6 +6,7 @@ inotify queue overflow (the watching process stopped while events pile up).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -18,27 +19,13 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 from tests.userns import inotify_limited, userns_unavailable
+from tests.watching import Recorder, inotify_wd_count, watchers
 
 from ckptkeeper import write_marker
 from ckptkeeperd.watch import RootWatcher
 
 TIMEOUT = 10.0
 SLOW = 30.0  # a debounce no test waits for
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.changes: list[Path] = []
-
-    def on_change(self, root: Path) -> None:
-        with self.cond:
-            self.changes.append(root)
-            self.cond.notify_all()
-
-    def wait_change(self, root: Path) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: root in self.changes, TIMEOUT)
 
 
 @pytest.fixture
@@ -48,28 +35,8 @@ def rec() -> Recorder:
 
 @pytest.fixture
 def make_watcher(rec: Recorder) -> Iterator[Callable[..., RootWatcher]]:
-    made: list[RootWatcher] = []
-
-    def make(**kwargs: float) -> RootWatcher:
-        kwargs.setdefault("polling_interval", 0.1)
-        w = RootWatcher(rec.on_change, debounce=SLOW, **kwargs)  # type: ignore[arg-type]
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.stop()
-
-
-def inotify_wd_count() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fdinfo"):
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                count += sum(1 for line in f if line.startswith("inotify wd:"))
-        except OSError:
-            continue
-    return count
+    with watchers(debounce=SLOW, polling_interval=0.1) as make:
+        yield functools.partial(make, rec.on_change)
 
 
 def saves(root: Path, count: int) -> list[Path]:
