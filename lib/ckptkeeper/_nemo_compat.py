@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import yaml
 
@@ -19,13 +19,16 @@ from .execute import Outcome
 from .names import step_name
 from .passes import RECOVERY, locked_pass, one_save, recovery_needed
 from .plan import Action
-from .policy import Policy
+from .policy import Policy, metric_value
 from .records import RootScan
 from .removal import Removal, remove_tree
-from .scan import scan_root
+from .scan import read_training_info, scan_root
 
 __all__ = [
     "REQUIRED",
+    "PathLike",
+    "best_path",
+    "checkpoint_history",
     "config_value",
     "finalize_complete_saves",
     "finalize_save",
@@ -36,6 +39,8 @@ __all__ = [
     "resume_paths",
     "run_config_data",
 ]
+
+PathLike: TypeAlias = str | os.PathLike[Any]
 
 REQUIRED: Any = object()
 
@@ -158,6 +163,54 @@ def resume_paths(
         stacklevel=3,
     )
     return weights, None
+
+
+# -- the checkpoint history (step_N holding a training_info.json) -----------------------------
+
+
+def checkpoint_history(
+    paths: Iterable[tuple[int, str]],
+) -> list[tuple[int, PathLike, dict[str, Any]]]:
+    """(step, path, training_info) of the ``step_N`` at ``paths`` whose training_info.json is a
+    readable JSON object (the others are left out), in the order given."""
+    history: list[tuple[int, PathLike, dict[str, Any]]] = []
+    for step, path in paths:
+        info, _ = read_training_info(Path(path))
+        if info is not None:
+            history.append((step, path, dict(info)))
+    return history
+
+
+def best_path(
+    history: list[tuple[int, PathLike, dict[str, Any]]], metric: Any, higher_is_better: bool
+) -> str | None:
+    """The best of ``history`` by ``metric`` (ties: the higher step), warning about checkpoints
+    without it; None (a second warning) when none has it. Non-numeric, NaN and inf values rank
+    after every number. Warnings name the caller of the manager's method."""
+    valid = [h for h in history if metric in h[2]]
+    missing = [h[0] for h in history if metric not in h[2]]
+    hint = "Consider enabling val_at_end or adjusting val_period to align with max_steps."
+    if missing:
+        warnings.warn(
+            f"Ignoring {len(missing)} checkpoint(s) at step(s) {missing} that do not have "
+            f"metric '{metric}'. {hint}",
+            stacklevel=3,
+        )
+    if not valid:
+        warnings.warn(
+            f"No checkpoints contain metric '{metric}'. Returning latest checkpoint. {hint}",
+            stacklevel=3,
+        )
+        return None
+    sign = -1.0 if higher_is_better else 1.0
+
+    def rank(entry: tuple[int, PathLike, dict[str, Any]]) -> tuple[int, float, int]:
+        value = metric_value(entry[2], str(metric))
+        if isinstance(value, str):
+            return (1, 0.0, -entry[0])
+        return (0, sign * value, -entry[0])
+
+    return str(min(valid, key=rank)[1])
 
 
 # -- passes on a root (ckptkeeper's one locked pass; the caller decides when) ----------------

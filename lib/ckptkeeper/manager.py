@@ -26,21 +26,20 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NotRequired, TypeAlias
+from typing import Any, Literal, NotRequired
 
 import yaml
 from typing_extensions import TypedDict
 
 from . import _nemo_compat as compat
+from ._nemo_compat import PathLike
 from .effects import RootLock, move_to_trash, write_marker
 from .layouts.nemo_rl import NEMO_RL
 from .names import Kind
-from .policy import Policy, metric_value
-from .scan import INFO_FILE, read_training_info
+from .policy import Policy
+from .scan import INFO_FILE
 
 __all__ = ["CheckpointManager", "CheckpointingConfig", "PathLike", "PretrainedCheckpointConfig"]
-
-PathLike: TypeAlias = str | os.PathLike[Any]
 
 _RETENTION_MODES = ("inline", "daemon")
 
@@ -101,12 +100,7 @@ def _load_checkpoint_history(
     Unlike NeMo-RL, a training_info.json that is not a readable JSON object leaves its checkpoint
     out instead of raising. A missing ``checkpoint_dir`` gives ``[]``.
     """
-    history: list[tuple[int, PathLike, dict[str, Any]]] = []
-    for step, path in _history_paths(checkpoint_dir):
-        info, _ = read_training_info(Path(path))
-        if info is not None:
-            history.append((step, path, dict(info)))
-    return history
+    return compat.checkpoint_history(_history_paths(checkpoint_dir))
 
 
 def _load_megatron_common_state_dict(iteration_dir: Path) -> Any:
@@ -275,31 +269,8 @@ class CheckpointManager:
         history = _load_checkpoint_history(self.checkpoint_dir)
         if not history:
             return None
-        m = self.metric_name
-        valid = [h for h in history if m in h[2]]
-        missing = [h[0] for h in history if m not in h[2]]
-        hint = "Consider enabling val_at_end or adjusting val_period to align with max_steps."
-        if missing:
-            warnings.warn(
-                f"Ignoring {len(missing)} checkpoint(s) at step(s) {missing} that do not have "
-                f"metric '{m}'. {hint}",
-                stacklevel=2,
-            )
-        if not valid:
-            warnings.warn(
-                f"No checkpoints contain metric '{m}'. Returning latest checkpoint. {hint}",
-                stacklevel=2,
-            )
-            return self._latest_path()
-        sign = -1.0 if self.higher_is_better else 1.0
-
-        def rank(entry: tuple[int, PathLike, dict[str, Any]]) -> tuple[int, float, int]:
-            value = metric_value(entry[2], str(m))
-            if isinstance(value, str):
-                return (1, 0.0, -entry[0])
-            return (0, sign * value, -entry[0])
-
-        return str(min(valid, key=rank)[1])
+        best = compat.best_path(history, self.metric_name, self.higher_is_better)
+        return best if best is not None else self._latest_path()
 
     def get_latest_checkpoint_path(self) -> str | None:
         """Path of the highest ``step_N`` (strict name; ``step_1-hf`` is ignored), or None."""
