@@ -6,11 +6,11 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Row", "machine_line", "median", "percentile", "timed"]
+__all__ = ["Row", "machine_line", "median", "percentile", "print_rows", "timed"]
 
 
 @dataclass
@@ -25,6 +25,15 @@ class Row:
     goal: str  # the goal from the issue, in words
     met: bool | None  # None: informational row without a goal
     notes: list[str] = field(default_factory=list)
+
+
+def print_rows(rows: Iterable[Row]) -> None:
+    """A module's rows as plain text (``python -m bench.<module>``)."""
+    for row in rows:
+        print(f"{row.id}: {row.what}\n  ours {row.ours} | baseline {row.baseline} | {row.ratio}")
+        print(f"  goal {row.goal}: {row.met}")
+        for note in row.notes:
+            print(f"  - {note}")
 
 
 def median(values: list[float]) -> float:

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, drop_caches, median
+from bench.common import Row, drop_caches, median, print_rows
 
 __all__ = ["make_fleet", "naive_pass", "ours_pass", "run"]
 
@@ -478,11 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    for row in run(quick=args.quick):
-        print(f"{row.id}: {row.what}\n  ours {row.ours} | baseline {row.baseline} | {row.ratio}")
-        print(f"  goal {row.goal}: {row.met}")
-        for note in row.notes:
-            print(f"  - {note}")
+    print_rows(run(quick=args.quick))
     return 0
 
 

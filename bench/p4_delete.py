@@ -39,7 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from unittest import mock
 
-from bench.common import Row, drop_caches, median
+from bench.common import Row, drop_caches, median, print_rows
 
 __all__ = ["Shape", "contenders", "make_tree", "run", "run_fuse", "run_local"]
 
@@ -195,14 +195,17 @@ def _best(times: dict[str, list[float]]) -> tuple[str, float]:
 
 
 def _workers_note(times: dict[str, list[float]]) -> str:
+    from ckptkeeper.removal import Pacing  # the threads remove_tree starts with
+
     parts = [
         f"{n.split('=')[1]}: {median(v):.2f} s"
         for n, v in times.items()
         if n.startswith("remove_tree") and not n.endswith(NO_BYTES)
     ]
+    cores = Pacing().start()
     return (
-        f"remove_tree by workers (the bound; it starts with one thread per core, {_cores()} "
-        "here, and adds threads only while each waits > 100 us per entry): " + ", ".join(parts)
+        f"remove_tree by workers (the bound; it starts with one thread per core, {cores} here, "
+        "and adds threads only while each waits > 100 us per entry): " + ", ".join(parts)
     )
 
 
@@ -219,13 +222,6 @@ def _no_bytes_note(times: dict[str, list[float]], rm_t: float, sh_t: float) -> l
         "without the lstat per file that counts Removal.bytes (remove_tree(count_bytes=False); "
         "not what the daemon runs, it logs bytes): " + "; ".join(parts)
     ]
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # -- P4: local disk -------------------------------------------------------------------------
@@ -495,11 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-fuse", action="store_true")
     args = parser.parse_args(argv)
-    for row in run(quick=args.quick, fuse=not args.no_fuse):
-        print(f"{row.id}: {row.what}\n  ours {row.ours} | baseline {row.baseline} | {row.ratio}")
-        print(f"  goal {row.goal}: {row.met}")
-        for note in row.notes:
-            print(f"  - {note}")
+    print_rows(run(quick=args.quick, fuse=not args.no_fuse))
     return 0
 
 
