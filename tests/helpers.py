@@ -38,6 +38,13 @@ def wait_until(
         time.sleep(interval)
 
 
+def manager_config(root: Path | str, **overrides: Any) -> dict[str, Any]:
+    """A NeMo-RL checkpointing config (dict form) for `CheckpointManager`: metric ``loss``, lower
+    is better, every step saved, with ``overrides`` on top."""
+    base = {"enabled": True, "checkpoint_dir": root, "metric_name": "loss"}
+    return {**base, "higher_is_better": False, "save_period": 1, **overrides}
+
+
 def write_checkpoint(
     root: Path,
     step: int,

@@ -4,7 +4,6 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from tests.helpers import Daemon
 
 
 @pytest.fixture(autouse=True)
@@ -17,11 +16,3 @@ def no_thread_leak() -> Iterator[None]:
         t.join(timeout=5)
     leaked = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
     assert not leaked, f"threads leaked: {leaked}"
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.helpers import manager_config
 
 import ckptkeeper.manager as manager_module
 from ckptkeeper import RootLock
@@ -28,17 +29,9 @@ def root(tmp_path: Path) -> Path:
 
 
 def make_manager(root: Path, retention: str = "daemon", **overrides: Any) -> CheckpointManager:
-    config: dict[str, Any] = {
-        "enabled": True,
-        "checkpoint_dir": root,
-        "metric_name": "loss",
-        "higher_is_better": False,
-        "save_period": 1,
-        "keep_top_k": 1,
-        "retention": retention,
-    }
-    config.update(overrides)
-    return CheckpointManager(config)
+    return CheckpointManager(
+        manager_config(root, **{"keep_top_k": 1, "retention": retention, **overrides})
+    )
 
 
 def names(root: Path) -> list[str]:

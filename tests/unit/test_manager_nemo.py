@@ -21,6 +21,7 @@ from unittest.mock import MagicMock
 
 import pytest
 import yaml
+from tests.helpers import manager_config
 
 import ckptkeeper.manager as manager_module
 from ckptkeeper import Kind, Policy, RootLock, parse_name
@@ -43,17 +44,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def make_config(root: Path | str, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "enabled": True,
-        "checkpoint_dir": root,
-        "metric_name": "loss",
-        "higher_is_better": False,
-        "save_period": 1,
-        "keep_top_k": 3,
-        "save_optimizer": True,
-    }
-    config.update(overrides)
-    return config
+    return manager_config(root, **{"keep_top_k": 3, "save_optimizer": True, **overrides})
 
 
 @pytest.fixture

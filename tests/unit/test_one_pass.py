@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.helpers import manager_config
 
 from ckptkeeper import Action, Policy
 from ckptkeeper.manager import CheckpointManager
@@ -18,17 +19,9 @@ MARKER = ".complete"
 
 
 def make_manager(root: Path, retention: str, **overrides: Any) -> CheckpointManager:
-    config: dict[str, Any] = {
-        "enabled": True,
-        "checkpoint_dir": root,
-        "metric_name": "loss",
-        "higher_is_better": False,
-        "save_period": 1,
-        "keep_top_k": 2,
-        "retention": retention,
-    }
-    config.update(overrides)
-    return CheckpointManager(config)
+    return CheckpointManager(
+        manager_config(root, **{"keep_top_k": 2, "retention": retention, **overrides})
+    )
 
 
 def daemon_policy(manager: CheckpointManager) -> Policy:
