@@ -146,14 +146,19 @@ def _bad_info(raw: bytes) -> Callable[[Path, Path], None]:
     return build
 
 
-def _info_layout(name: str, raw: bytes, *reason: str) -> Layout:
+def _unranked_step_1(name: str, build: Callable[[Path, Path], None], *reason: str) -> Layout:
+    """step_1 (beside step_2 and step_3) cannot be ranked, for ``reason``: it is kept, untouched."""
     return Layout(
         name,
-        _bad_info(raw),
+        build,
         (Expect("unranked", "step_1", reason),),
         remain=("step_1", "step_2", "step_3"),
         untouched=("step_1",),
     )
+
+
+def _info_layout(name: str, raw: bytes, *reason: str) -> Layout:
+    return _unranked_step_1(name, _bad_info(raw), *reason)
 
 
 def _build_huge(root: Path, outside: Path) -> None:
@@ -588,41 +593,11 @@ LAYOUTS: list[Layout] = [
     _info_layout("info_scalar", b"0.5", "not a JSON object", "float"),
     _info_layout("info_deep_nesting", b"[" * 200_000 + b"]" * 200_000, "not valid JSON"),
     _info_layout("info_invalid_utf8", b'{"val": "\xff\xfe\xfa"}', "not valid JSON"),
-    Layout(
-        "info_huge_100mb",
-        _build_huge,
-        (Expect("unranked", "step_1", ("too large",)),),
-        remain=("step_1", "step_2", "step_3"),
-        untouched=("step_1",),
-    ),
-    Layout(
-        "info_fifo",
-        _build_info_fifo,
-        (Expect("unranked", "step_1", ("not a regular file",)),),
-        remain=("step_1", "step_2", "step_3"),
-        untouched=("step_1",),
-    ),
-    Layout(
-        "info_symlink_outside",
-        _build_info_symlink,
-        (Expect("unranked", "step_1", ("not a regular file",)),),
-        remain=("step_1", "step_2", "step_3"),
-        untouched=("step_1",),
-    ),
-    Layout(
-        "info_is_directory",
-        _build_info_dir,
-        (Expect("unranked", "step_1", ("not a regular file",)),),
-        remain=("step_1", "step_2", "step_3"),
-        untouched=("step_1",),
-    ),
-    Layout(
-        "info_missing",
-        _build_no_info,
-        (Expect("unranked", "step_1", ("no training_info.json",)),),
-        remain=("step_1", "step_2", "step_3"),
-        untouched=("step_1",),
-    ),
+    _unranked_step_1("info_huge_100mb", _build_huge, "too large"),
+    _unranked_step_1("info_fifo", _build_info_fifo, "not a regular file"),
+    _unranked_step_1("info_symlink_outside", _build_info_symlink, "not a regular file"),
+    _unranked_step_1("info_is_directory", _build_info_dir, "not a regular file"),
+    _unranked_step_1("info_missing", _build_no_info, "no training_info.json"),
     # metric values
     _metric_layout("metric_nan", float("nan"), "not finite"),
     _metric_layout("metric_inf", float("inf"), "not finite"),
