@@ -326,6 +326,25 @@ def _perm_build(mode: int, *, subdir: bool = False) -> Callable[[Path, Path], No
     return build
 
 
+def _trash_denied(name: str, build: Callable[[Path, Path], None]) -> Layout:
+    """step_1 goes to trash, but (as nobody) part of it cannot be removed: reported as
+    ``removal_incomplete``, never ``purged``."""
+    trashed = ".ckptkeeper/trash/*-step_1"
+    return Layout(
+        name,
+        build,
+        (
+            Expect("removal_incomplete", trashed, ("EACCES",), once=False),
+            Expect("removal_incomplete", trashed, ("EACCES",), modes=("run",)),
+            Expect("purged", trashed, modes=("run",), absent=True),
+        ),
+        remain=("step_3",),
+        gone=("step_1", "step_2"),
+        user=NOBODY,
+        extra={"repeat_check": True},
+    )
+
+
 def _build_root_denied(root: Path, outside: Path) -> None:
     _steps(root, (1, 0.1), (2, 0.2))
     os.chmod(root, 0o700)  # owned by root: nobody cannot even list it
@@ -702,52 +721,8 @@ LAYOUTS: list[Layout] = [
         untouched=("step_1",),
         user=NOBODY,
     ),
-    Layout(
-        "perm_step_no_read",
-        _perm_build(0o300),
-        (
-            Expect("removal_incomplete", ".ckptkeeper/trash/*-step_1", ("EACCES",), once=False),
-            Expect(
-                "removal_incomplete",
-                ".ckptkeeper/trash/*-step_1",
-                ("EACCES",),
-                modes=("run",),
-            ),
-            Expect(
-                "purged",
-                ".ckptkeeper/trash/*-step_1",
-                modes=("run",),
-                absent=True,
-            ),
-        ),
-        remain=("step_3",),
-        gone=("step_1", "step_2"),
-        user=NOBODY,
-        extra={"repeat_check": True},
-    ),
-    Layout(
-        "perm_subdir_mode_000",
-        _perm_build(0o000, subdir=True),
-        (
-            Expect("removal_incomplete", ".ckptkeeper/trash/*-step_1", ("EACCES",), once=False),
-            Expect(
-                "removal_incomplete",
-                ".ckptkeeper/trash/*-step_1",
-                ("EACCES",),
-                modes=("run",),
-            ),
-            Expect(
-                "purged",
-                ".ckptkeeper/trash/*-step_1",
-                modes=("run",),
-                absent=True,
-            ),
-        ),
-        remain=("step_3",),
-        gone=("step_1", "step_2"),
-        user=NOBODY,
-        extra={"repeat_check": True},
-    ),
+    _trash_denied("perm_step_no_read", _perm_build(0o300)),
+    _trash_denied("perm_subdir_mode_000", _perm_build(0o000, subdir=True)),
     Layout(
         "perm_root_not_accessible",
         _build_root_denied,
