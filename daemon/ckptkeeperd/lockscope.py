@@ -94,6 +94,9 @@ class LockScopeWarner:
         self._lock = threading.Lock()
         self._fixed = mountinfo
         self._read: tuple[float, str] | None = None
+        # The scope by st_dev: a superblock's fstype and the options judged (flock, local_lock,
+        # nobrl) are the same on every mount of it. Dropped when the mount table is read again.
+        self._by_dev: dict[int, LockScope] = {}
 
     def _mounts(self) -> str | None:
         """The mount table, read at most once a minute (a sweep over 1,000 roots reads it once)."""
@@ -105,7 +108,26 @@ class LockScopeWarner:
                 self._read = (now, _read_mountinfo())
             except OSError:
                 return None  # lock_scope reads it again and says why it cannot
+            with self._lock:
+                self._by_dev.clear()
         return self._read[1]
+
+    def _scope(self, root: str) -> LockScope:
+        """`lock_scope` of ``root``, judged once per filesystem (st_dev) while the mount table
+        is unchanged: a sweep over 1,000 roots on one filesystem parses it once, not 1,000 times."""
+        mounts = self._mounts()
+        try:
+            dev = os.stat(root).st_dev
+        except OSError:
+            return lock_scope(root, mounts)  # says "unknown" or finds the mount without it
+        with self._lock:
+            known = self._by_dev.get(dev)
+        if known is None:
+            known = lock_scope(root, mounts)
+            if known.scope != "unknown":
+                with self._lock:
+                    self._by_dev[dev] = known
+        return known
 
     def check(self, root: str | os.PathLike[str], log: Any) -> LockScope | None:
         key = os.fspath(root)
@@ -113,7 +135,7 @@ class LockScopeWarner:
             if key in self._seen:
                 return None
             self._seen.add(key)
-        scope = lock_scope(root, self._mounts())
+        scope = self._scope(key)
         if scope.scope == "local":
             log.warning(
                 "lock_scope",

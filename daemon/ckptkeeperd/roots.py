@@ -105,6 +105,9 @@ class SettingsResolver:
         self._memo: dict[str, _Memo] = {}
         self.yaml = YamlCache()
         self.reads: Counter[str] = Counter()
+        # Layers -> what `_apply_layers` made of them, when that raised no problem (a problem
+        # names its root): a fleet of roots configured alike validates its settings once.
+        self._layered: dict[object, tuple[Settings, dict[str, str]]] = {}
 
     def forget(self) -> None:
         """Drop every memoized result (as a freshly started keeper has none)."""
@@ -150,6 +153,24 @@ class SettingsResolver:
         resolved, _ = self._resolve(config, Path(root), entry_overrides, 0, ranking=False)
         return resolved.settings.policy
 
+    def _apply(
+        self, root: Path, layers: list[tuple[str, Mapping[str, Any]]], problems: list[str]
+    ) -> tuple[Settings, dict[str, str], bool]:
+        """`_apply_layers`, memoized by the layers' values while they raise no problem."""
+        key = _layers_key(layers)
+        with self._lock:
+            hit = None if key is None else self._layered.get(key)
+        if hit is not None:
+            return hit[0], dict(hit[1]), True
+        before = len(problems)
+        settings, origins, run_file_ok = _apply_layers(root, layers, problems)
+        if key is not None and len(problems) == before and run_file_ok:
+            with self._lock:
+                if len(self._layered) >= self._max_roots:
+                    self._layered.clear()
+                self._layered[key] = (settings, dict(origins))
+        return settings, origins, run_file_ok
+
     def _resolve(
         self,
         config: DaemonConfig,
@@ -175,7 +196,7 @@ class SettingsResolver:
             self.reads["config.yaml"] += self.yaml.parses - parses
             layers.insert(0, ("config.yaml", _from_yaml(walk, configured)))
         problems = [run_file.problem] if run_file.problem else []
-        settings, origins, run_file_ok = _apply_layers(root, layers, problems)
+        settings, origins, run_file_ok = self._apply(root, layers, problems)
         run_file_ok = run_file_ok and run_file.problem is None and run_file.reachable
         doubt = _yaml_doubt(walk, configured, settings)
         if walk is not None:
@@ -193,6 +214,20 @@ class SettingsResolver:
                 for p in problems
             ]
         return Resolved(settings, problems, origins), walk
+
+
+def _layers_key(layers: list[tuple[str, Mapping[str, Any]]]) -> object | None:
+    """A hashable key of ``layers`` that tells ``1``, ``1.0`` and ``True`` apart (None: a value
+    is not hashable, e.g. a list)."""
+    key = tuple(
+        (origin, tuple(sorted((k, type(v), v) for k, v in values.items())))
+        for origin, values in layers
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _memoizable(walk: YamlWalk) -> bool:

@@ -224,19 +224,22 @@ def _read_info_at(
 def _read_bytes(dir_fd: int | None, rel: str, size: int) -> bytes:
     """Up to ``MAX_INFO_BYTES + 1`` bytes of ``path`` with plain ``read`` calls: no buffered file
     object (its fstat, ioctl and lseek, and a 16 MiB buffer mapped and unmapped per file). The
-    first read asks for one byte more than the lstat'ed size, so an unchanged file costs open,
-    read, read (EOF), close."""
+    first read asks for one byte more than the lstat'ed size: a regular file that returns exactly
+    that size, short of the request, is at its end (a read of a regular file is short only
+    there), so an unchanged file costs open, read, close. Any other count reads on to EOF."""
     fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        chunks: list[bytes] = []
-        total, want = 0, min(size, MAX_INFO_BYTES) + 1
-        while total <= MAX_INFO_BYTES:
-            chunk = os.read(fd, want)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            want = min(MAX_INFO_BYTES + 1 - total, 1 << 20) or 1
+        want = min(size, MAX_INFO_BYTES) + 1
+        first = os.read(fd, want)
+        if len(first) == want - 1 == size:
+            return first
+        chunks, total = [first], len(first)
+        want = min(MAX_INFO_BYTES + 1 - total, 1 << 16) or 1
+        while first and total <= MAX_INFO_BYTES:
+            first = os.read(fd, want)
+            chunks.append(first)
+            total += len(first)
+            want = min(MAX_INFO_BYTES + 1 - total, 1 << 16) or 1
         return b"".join(chunks)
     finally:
         os.close(fd)

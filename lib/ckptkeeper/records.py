@@ -28,7 +28,9 @@ class Checkpoint:
     )
     pinned: bool = False
     identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) at scan time, re-checked before deletion
-    config_yaml: bool = False  # a config.yaml is present (metric name/direction may come from it)
+    # A config.yaml is present: known where a listing says so for free (S3); a local scan does
+    # not probe for it (None: not looked at). Nothing decides by it.
+    config_yaml: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -436,10 +436,11 @@ class _Scanner:
             return known.record
         layout = self.layout
         (info, why), info_key = self.info(name)
-        has_config = bool(layout.config_file) and _exists(f"{name}/{layout.config_file}", root_fd)
+        # No probe for the layout's config_file: nothing acts on its presence (the settings
+        # resolver reads the newest step's config.yaml itself), so ``config_yaml`` stays None.
         pinned = _exists(f"{name}/{layout.pin_file}", root_fd)
         identity = (st.st_dev, st.st_ino)
-        record = Checkpoint(step, self.root / name, info, why, pinned, identity, has_config)
+        record = Checkpoint(step, self.root / name, info, why, pinned, identity)
         if self.cache is not None:
             trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
             self.memo_out[name] = _StepMemo(st, trusted, info_key, record)

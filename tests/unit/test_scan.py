@@ -89,9 +89,10 @@ def test_scan_returns_records_for_every_kind_of_entry(tmp_path: Path) -> None:
     assert [c.step for c in scan.steps] == [1, 10]
     s1, s10 = scan.steps
     assert (s1.path, s1.info, s1.info_error) == (root / "step_1", {"step": 1, "val": 0.5}, None)
-    assert (s1.pinned, s1.config_yaml, s1.identity) == (False, True, identity(root / "step_1"))
+    # config.yaml is not probed: nothing decides by it (the settings resolver reads it itself)
+    assert (s1.pinned, s1.config_yaml, s1.identity) == (False, None, identity(root / "step_1"))
     assert (s10.path, s10.info, s10.info_error) == (root / "step_10", None, "no training_info.json")
-    assert (s10.config_yaml, s10.identity) == (False, identity(root / "step_10"))
+    assert (s10.config_yaml, s10.identity) == (None, identity(root / "step_10"))
 
     assert [(t.step, t.complete) for t in scan.in_flight] == [(11, True), (12, False)]
     t11, t12 = scan.in_flight
@@ -563,17 +564,6 @@ def test_a_keep_file_added_to_an_unchanged_step_is_seen_by_the_next_scan(
     (root / "step_2" / "KEEP").unlink()
     scan = scan_root(root, cache=cache, memo=True)
     assert {c.step: c.pinned for c in scan.steps} == {1: False, 2: False, 3: False}
-
-
-def test_a_config_yaml_added_to_an_unchanged_step_is_seen_by_the_next_scan(
-    tmp_path: Path, later: Callable[[], InfoCache]
-) -> None:
-    root = memo_root(tmp_path)
-    cache = later()
-    scan_root(root, cache=cache, memo=True)
-    (root / "step_3" / "config.yaml").write_text("checkpointing: {}\n")
-    scan = scan_root(root, cache=cache, memo=True)
-    assert {c.step: c.config_yaml for c in scan.steps} == {1: False, 2: False, 3: True}
 
 
 def test_training_info_rewritten_in_place_is_seen_by_the_next_scan(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -116,6 +115,8 @@ AUTO = "auto"
 
 def available_layouts() -> list[str]:
     """Built-in layout names and those registered through the entry-point group."""
+    from importlib import metadata  # not at import: a sweep of built-in layouts never needs it
+
     names = {*_BUILTIN, AUTO}
     names.update(ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
     return sorted(names)
@@ -173,6 +174,8 @@ def survey(layout: Layout, root: Path, names: list[str], read: Reader | None = N
 
 @functools.cache  # loaded once per process, as importlib keeps the modules it imports
 def _registered(name: str) -> Layout:
+    from importlib import metadata
+
     found = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not found:
         known = ", ".join(available_layouts())

@@ -21,6 +21,7 @@ from .base import COMPLETE_MARKER, Conventions
 __all__ = ["NEMO_RL", "NemoRL"]
 
 _PREFIXES = {Kind.STEP: "step_", Kind.TMP: "tmp_step_", Kind.OLD: "old_step_"}
+_KIND_OF = {prefix: kind for kind, prefix in _PREFIXES.items()}
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,13 @@ class NemoRL(Conventions):
         match = self._pattern.fullmatch(name)
         if match is None:
             return None
+        prefix, digits = match.group("prefix", "digits")
         try:
-            step = int(match["digits"])
+            step = int(digits)
         except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
             return None
-        kind = next(k for k, p in _PREFIXES.items() if p == match["prefix"])
-        return ParsedName(kind, step, name, name == self.format(kind, step))
+        # Canonical (``format(kind, step)``, i.e. prefix + str(step)): no leading zeros.
+        return ParsedName(_KIND_OF[prefix], step, name, digits == str(step))
 
     def format(self, kind: Kind, step: int) -> str:
         if step < 0:
