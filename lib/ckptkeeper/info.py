@@ -65,12 +65,25 @@ class Listing:
     has those, no entry was created, removed or renamed in it since, if the listing began at
     least `MEMO_TRUST_S` after the root's last change (``trusted``)."""
 
-    __slots__ = ("odd", "stamp", "trusted")
+    __slots__ = ("layout", "odd", "stamp", "steps", "trusted")
 
-    def __init__(self, st: os.stat_result, listed_ns: int, odd: dict[int, list[str]]) -> None:
+    def __init__(
+        self,
+        st: os.stat_result,
+        listed_ns: int,
+        odd: dict[int, list[str]],
+        steps: Mapping[str, object] | None = None,
+        layout: str = "",
+    ) -> None:
         self.stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         self.trusted = listed_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= int(MEMO_TRUST_S * 1e9)
         self.odd = odd
+        # The step directories the listing classified, by name (the same scan's step memo, not a
+        # copy): a name's step follows from the name alone, so while or after the root changes a
+        # partial scan need not classify these again; their spellings of a step other than the
+        # layout's are all in ``odd``.
+        self.steps: Mapping[str, object] = steps if steps is not None else {}
+        self.layout = layout  # the layout the names were classified by
 
     def holds(self, st: os.stat_result) -> bool:
         """Still the root's listing (``st``: the root now)?"""

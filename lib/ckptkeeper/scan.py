@@ -421,12 +421,33 @@ class _Scanner:
     def names_of(self, only: frozenset[int]) -> tuple[list[str], bool]:
         """The names a partial scan looks at, and whether they are probes (may not exist)."""
         listing = None if self.cache is None else self.cache.listing(self.root_str)
+        if listing is not None and listing.layout != self.layout.name:
+            listing = None  # classified by another layout: its names say nothing here
+        spelled = (
+            []
+            if listing is None
+            else [
+                name
+                for n in sorted(only)
+                for name in (
+                    *(self.layout.format(kind, n) for kind in _KINDS),
+                    *listing.odd.get(n, ()),
+                )
+            ]
+        )
         if listing is not None and self.root_st is not None and listing.holds(self.root_st):
             assert self.cache is not None
             self.cache.used_listing()
-            names = [self.layout.format(kind, n) for n in sorted(only) for kind in _KINDS]
-            return names + [name for n in sorted(only) for name in listing.odd.get(n, ())], True
-        return os.listdir(self.root), False
+            return spelled, True
+        names = os.listdir(self.root)
+        if listing is None or not listing.steps:
+            return names, False
+        # The root changed since the last full listing: of the names it classified as step
+        # directories only those spelled for `only` (the layout's or the odd ones it found) can
+        # be of these steps; every other name is new to it and classified by the caller.
+        present = set(names)
+        fresh = present.difference(listing.steps)
+        return [*fresh, *(n for n in spelled if n in present and n not in fresh)], False
 
     def checkpoint(self, root_fd: int, name: str, step: int, st: os.stat_result) -> Checkpoint:
         known = self.trusted.get(name)
@@ -498,7 +519,10 @@ class _Scanner:
         if self.cache is not None and self.only is None:
             self.cache.set_step_memo(str(self.root), self.memo_out, self.hits)
             if self.root_st is not None:
-                listing = Listing(self.root_st, self.started_ns, dict(self.spellings))
+                spellings = dict(self.spellings)
+                listing = Listing(
+                    self.root_st, self.started_ns, spellings, self.memo_out, self.layout.name
+                )
                 self.cache.keep_listing(self.root_str, listing)
         return RootScan(
             self.root,

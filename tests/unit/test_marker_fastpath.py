@@ -316,3 +316,56 @@ def test_a_marked_saves_policy_reads_no_config_yaml(tmp_path: Path) -> None:
     assert policy.complete_marker == ".done" and resolver.yaml.parses == 0
     assert resolver.resolve(config, found, overrides).settings.policy.metric_name == "val_loss"
     assert resolver.yaml.parses == 1
+
+
+class CountingNemo:
+    """The nemo-rl layout, counting the names it parses or spells (a cost that would grow
+    with the root)."""
+
+    def __init__(self) -> None:
+        from ckptkeeper.layouts import get_layout
+
+        self.inner = get_layout("nemo-rl")
+        self.calls = 0
+        for attr in ("name", "default_marker", "info_file", "pin_file", "writer_lock"):
+            setattr(self, attr, getattr(self.inner, attr))
+        self.config_file = self.inner.config_file
+
+    def parse(self, name: str) -> object:
+        self.calls += 1
+        return self.inner.parse(name)
+
+    def format(self, kind: object, step: int) -> str:
+        self.calls += 1
+        return self.inner.format(kind, step)  # type: ignore[arg-type]
+
+    def glob(self, kind: object) -> str:
+        return self.inner.glob(kind)  # type: ignore[arg-type]
+
+    def pointers(self, root: Path) -> dict[int, str]:
+        return {}
+
+
+def test_a_changed_root_classifies_only_the_names_new_to_its_listing(tmp_path: Path) -> None:
+    """The marker right after the mkdir of its tmp dir: the root changed since the last full
+    listing, so it is listed again, but only names the listing did not classify as step
+    directories are classified (not every step of the root), with the records of a full scan."""
+    root = tmp_path / "run"
+    fleet(root, 200)
+    save(root, "step_07", 7.0)  # step 7 ambiguous, known to the listing
+    layout = CountingNemo()
+    cache = InfoCache(clock_ns=later_clock(60))
+    scan_root(root, cache=cache, layout=layout)  # type: ignore[arg-type]
+    save(root, "tmp_step_7", 0.7, marked=True)  # the root changes after the listing
+    save(root, "tmp_step_201", 2.0, marked=True)
+    save(root, "step_012", 12.0)  # a new odd spelling: step 12 now ambiguous
+    shutil.rmtree(root / "step_5")  # gone since the listing
+    save(root, "tmp_step_5", 0.5, marked=True)
+    for steps in ({7}, {12}, {201}, {5}, {7, 12, 201, 5}, {99}):
+        layout.calls = 0
+        part = scan_root(root, cache=cache, steps=steps, layout=layout)  # type: ignore[arg-type]
+        assert layout.calls <= 8 * len(steps) + 10, layout.calls  # not ~200
+        same_records(root, part, steps)
+    assert cache.listing_hits == 0
+    assert scan_root(root, cache=cache, steps={12}).ambiguous_steps == {12}
+    assert scan_root(root, cache=cache, steps={7}).ambiguous_steps == {7}
