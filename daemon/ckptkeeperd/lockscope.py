@@ -116,6 +116,8 @@ class LockScopeWarner:
         """`lock_scope` of ``root``, judged once per filesystem (st_dev) while the mount table
         is unchanged: a sweep over 1,000 roots on one filesystem parses it once, not 1,000 times."""
         mounts = self._mounts()
+        if self._fixed is not None:  # a given table need not describe this host's devices
+            return lock_scope(root, mounts)
         try:
             dev = os.stat(root).st_dev
         except OSError:

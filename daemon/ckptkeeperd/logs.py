@@ -4,6 +4,10 @@ Event names and keys are stable (tests assert them): ``finalized``, ``replaced``
 ``garbage_collected``, ``deleted``, ``purged``, ``skipped``, ``action_failed``, ``would_<action>``,
 ``root_problem``, ``pass_done`` ... with ``root``, ``step``, ``path``, ``reason``, ``bytes``,
 ``duration_ms``.
+
+structlog (with rich and asyncio, about a third of a cold ``sweep``'s start) is imported when
+something is first logged, not before: a cron sweep with nothing to report never imports it.
+Once it is imported (the daemon, or a test capturing logs) everything is as it always was.
 """
 
 from __future__ import annotations
@@ -13,19 +17,42 @@ import sys
 import threading
 from typing import Any, TextIO
 
-import structlog
-
 __all__ = ["LEVELS", "ProblemLog", "configure_logging", "emit", "get_logger"]
 
 LEVELS = ("debug", "info", "warning", "error")
+
+# The configuration asked for before structlog was imported: applied on first use.
+_pending: dict[str, Any] | None = None
+_pending_lock = threading.Lock()
 
 
 def configure_logging(
     level: str = "info", *, json_output: bool | None = None, stream: TextIO | None = None
 ) -> None:
+    global _pending
     out = stream if stream is not None else sys.stdout
     if json_output is None:
         json_output = not out.isatty()
+    with _pending_lock:
+        _pending = {"level": level, "json_output": json_output, "out": out}
+        if "structlog" not in sys.modules:
+            return  # applied by the first logger that is used (`_structlog`)
+    _structlog()
+
+
+def _structlog() -> Any:
+    """The structlog module, configured as last asked (`configure_logging`)."""
+    global _pending
+    import structlog
+
+    with _pending_lock:
+        pending, _pending = _pending, None
+    if pending is not None:
+        _apply(structlog, **pending)
+    return structlog
+
+
+def _apply(structlog: Any, level: str, json_output: bool, out: TextIO) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if json_output
@@ -57,7 +84,26 @@ class _DropStopRace(logging.Filter):
 
 
 def get_logger(**bind: Any) -> Any:
-    return structlog.get_logger("ckptkeeper").bind(**bind)
+    """A structlog logger bound to ``bind``; before structlog is imported, a stand-in that
+    imports it (and applies `configure_logging`) when first used."""
+    if "structlog" in sys.modules and _pending is None:
+        return sys.modules["structlog"].get_logger("ckptkeeper").bind(**bind)
+    return _Deferred(bind)
+
+
+class _Deferred:
+    """A logger not made yet: the first attribute asked for (``info``, ``bind``...) makes it."""
+
+    __slots__ = ("_bind", "_made")
+
+    def __init__(self, bind: dict[str, Any]) -> None:
+        self._bind = bind
+        self._made: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._made is None:
+            self._made = _structlog().get_logger("ckptkeeper").bind(**self._bind)
+        return getattr(self._made, name)
 
 
 def emit(log: Any, fields: dict[str, Any]) -> None:

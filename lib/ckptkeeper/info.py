@@ -271,8 +271,13 @@ def _parse_at(dir_fd: int | None, rel: str, label: str, size: int) -> _InfoResul
         return None, f"{label} unreadable: {errno_text(exc)}"
     if len(raw) > MAX_INFO_BYTES:
         return None, f"{label} too large (> {MAX_INFO_BYTES} bytes)"
+    # A JSON object's "{" followed by a byte that is not NUL: UTF-8, as json.detect_encoding
+    # says for it (no BOM, not UTF-16/32), without calling it.
+    utf8 = raw[:1] == b"{" and raw[1:2] != b"\0"
     try:  # json.loads(raw, parse_constant=...) would build a decoder per file
-        data = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        data = _DECODER.decode(
+            raw.decode("utf-8" if utf8 else json.detect_encoding(raw), "surrogatepass")
+        )
     except (ValueError, RecursionError) as exc:
         return None, f"{label} is not valid JSON: {str(exc)[:80]}"
     if not isinstance(data, dict):

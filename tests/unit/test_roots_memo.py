@@ -170,3 +170,25 @@ def test_the_memo_hands_out_independent_results(tmp_path: Path, later: SettingsR
     first.problems.clear()
     assert later.resolve(config, root, {}).problems  # the memo's copy is untouched
     assert reads(later) == ["ckptkeeper.toml"]
+
+
+def test_roots_configured_alike_share_settings_and_each_problem_names_its_root(
+    tmp_path: Path, later: SettingsResolver
+) -> None:
+    """Settings validated once for roots whose layers are alike are still each root's: a value
+    that differs only in type (1, 1.0, true) is judged on its own, and a problem names the root
+    it is in (a problem is never taken from another root's layers)."""
+    runs = {}
+    for name, value in (("a", "1"), ("b", "1"), ("c", "true"), ("d", "true"), ("e", "1.0")):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "ckptkeeper.toml").write_text(f"keep_top_k = {value}\n")
+        runs[name] = root
+    config = config_from_flags(list(runs.values()), FLAGS)
+    got = {name: later.resolve(config, root, {}) for name, root in runs.items()}
+    assert got["a"].settings == got["b"].settings and got["a"].settings.policy.keep_top_k == 1
+    assert not got["a"].problems and not got["b"].problems
+    for bad in ("c", "d", "e"):
+        problems = got[bad].problems
+        assert len(problems) == 1 and str(runs[bad] / "ckptkeeper.toml") in problems[0], problems
+        assert got[bad].settings.policy.keep_top_k is None  # deletions paused

@@ -147,3 +147,28 @@ def test_sweep_warns_on_a_real_mount_with_node_local_flock(tmp_path: Path) -> No
     warned = [e for e in events if e["event"] == "lock_scope"]
     assert len(warned) == 1 and warned[0]["lock_scope"] == "local"
     assert warned[0]["fstype"] == "fuse.ckptpassthrough"
+
+
+@pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+def test_sweep_judges_each_filesystem_once_and_warns_for_each_of_its_roots(tmp_path: Path) -> None:
+    """The scope is judged once per filesystem (st_dev) in a sweep: every root on the FUSE mount
+    is warned about, none on the host's filesystem, whatever order they come in."""
+    source, mountpoint = tmp_path / "src", tmp_path / "mnt"
+    for name in ("run1", "run2"):
+        (source / name).mkdir(parents=True)
+    mountpoint.mkdir()
+    host = [tmp_path / "host1", tmp_path / "host2"]
+    for root in host:
+        write_checkpoint(root, 1, {"loss": 1.0}, final=True)
+    with passthrough_mount(source, mountpoint) as mnt:
+        fused = [mnt / "run1", mnt / "run2"]
+        for root in fused:
+            write_checkpoint(root, 1, {"loss": 1.0}, final=True)
+        order = [host[0], fused[0], host[1], fused[1]]
+        out = subprocess.run(
+            [CKPTKEEPER, "sweep", *map(str, order)], capture_output=True, text=True, timeout=60
+        )
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    warned = [e["root"] for e in events if e["event"] == "lock_scope"]
+    assert warned == [str(fused[0]), str(fused[1])]
