@@ -56,3 +56,31 @@ def test_sweep_and_status_load_none_of_the_daemons_machinery(
             "step_1",
             "step_3",
         ]
+
+
+LOGGING = ("asyncio", "rich", "structlog")
+
+
+def test_a_sweep_imports_structlog_only_when_it_logs(tmp_path: Path) -> None:
+    """Nothing to report: structlog (with rich and asyncio) is never imported. Something to
+    report: it is, configured as asked, and the events are logged as JSON lines."""
+    root = tmp_path / "run"
+    for n in (1, 2, 3):
+        (root / f"step_{n}").mkdir(parents=True)
+        (root / f"step_{n}" / "training_info.json").write_text(json.dumps({"loss": n}))
+    child = CHILD.replace(repr(HEAVY), repr(LOGGING))
+    results = []
+    for keep in ("3", "1"):  # keep all (nothing to do), then delete step_2
+        flags = ["--keep-top-k", keep, "--metric", "loss", "--lower-is-better", str(root)]
+        proc = subprocess.run(
+            [sys.executable, "-c", child, "sweep", *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = proc.stdout.strip().splitlines()
+        results.append((json.loads(lines[-1]), [json.loads(line) for line in lines[:-1]]))
+    (quiet, quiet_logs), (acted, acted_logs) = results
+    assert quiet == {"code": 0, "loaded": []} and quiet_logs == []
+    assert acted == {"code": 0, "loaded": list(LOGGING)}
+    assert [(e["event"], e["step"], e["level"]) for e in acted_logs] == [("deleted", 2, "info")]
