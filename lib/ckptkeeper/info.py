@@ -1,5 +1,5 @@
 """``training_info.json``: reading it safely, and the per-root cache that makes a repeated scan
-of an unchanged root parse no JSON (keyed by (inode, mtime_ns, size)) and, for memoized scans,
+of an unchanged root parse no JSON (keyed by (inode, mtime_ns, size, ctime_ns)) and, for memoized scans,
 look inside no unchanged step directory (see `scan.scan_root`). Reads only, never writes."""
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ MAX_INFO_BYTES = 16 * 1024 * 1024  # a training_info.json larger than this is no
 MEMO_TRUST_S = 2.0
 
 _InfoResult = tuple[Mapping[str, Any] | None, str | None]
-_InfoKey = tuple[int, int, int]  # training_info.json: (st_ino, st_mtime_ns, st_size)
+# training_info.json: (st_ino, st_mtime_ns, st_size, st_ctime_ns). The ctime counts: a rewrite
+# in place that keeps the size and puts the old mtime back (utime) still moves it.
+_InfoKey = tuple[int, int, int, int]
 
 
 class _StepMemo:
@@ -96,7 +98,7 @@ class Listing:
 
 
 class InfoCache:
-    """Thread-safe cache of parsed training_info.json keyed by path and (inode, mtime_ns, size).
+    """Thread-safe cache of parsed training_info.json keyed by path and (inode, mtime_ns, size, ctime_ns).
 
     Entries are grouped per root; a scan of a root drops that root's entries for vanished steps.
     It also holds, per root, the step-directory memo of ``scan_root(..., memo=True)`` (judged by
@@ -115,19 +117,19 @@ class InfoCache:
         self.memo_hits = 0  # step directories a memoized scan did not look inside (for tests)
         self.listing_hits = 0  # partial scans that did not list the root (for tests, benchmarks)
 
-    def get(self, path: Path, key: tuple[int, int, int]) -> _InfoResult | None:
+    def get(self, path: Path, key: _InfoKey) -> _InfoResult | None:
         return self.lookup(str(path.parent.parent), path.parent.name, key)
 
-    def put(self, path: Path, key: tuple[int, int, int], result: _InfoResult) -> None:
+    def put(self, path: Path, key: _InfoKey, result: _InfoResult) -> None:
         self.store(str(path.parent.parent), path.parent.name, key, result)
 
-    def lookup(self, root: str, name: str, key: tuple[int, int, int]) -> _InfoResult | None:
+    def lookup(self, root: str, name: str, key: _InfoKey) -> _InfoResult | None:
         """`get` of the metrics file in ``root/name`` (strings: no path objects on a scan)."""
         with self._lock:
             hit = self._roots.get(root, {}).get(name)
         return hit[1] if hit is not None and hit[0] == key else None
 
-    def store(self, root: str, name: str, key: tuple[int, int, int], result: _InfoResult) -> None:
+    def store(self, root: str, name: str, key: _InfoKey, result: _InfoResult) -> None:
         with self._lock:
             self.parses += 1
             self._roots.setdefault(root, {})[name] = (key, result)
@@ -225,7 +227,7 @@ def _read_info_at(
         return (None, f"{label} unreadable: {errno_text(exc)}"), None
     if not stat.S_ISREG(st.st_mode):
         return (None, f"{label} is not a regular file"), None
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
     if cache is not None and (hit := cache.lookup(*where, key)) is not None:
         return hit, key
     result = _parse_at(dir_fd, rel, label, st.st_size)

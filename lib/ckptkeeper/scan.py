@@ -1,7 +1,7 @@
 """Read one checkpoint root into plain records (`records.RootScan`). Reads only, never writes.
 
 Symlinks are never followed: a ``step_N`` that is a symlink or a regular file is an anomaly.
-Parsed ``training_info.json`` is cached by (inode, mtime_ns, size) so a repeated scan of an
+Parsed ``training_info.json`` is cached by (inode, mtime_ns, size, ctime_ns) so a repeated scan of an
 unchanged root parses no JSON.
 
 With ``memo=True`` (and a cache) a scan also reuses what the previous scan found inside a
@@ -336,7 +336,7 @@ class _Scanner:
         seen = self.info_stat(root_fd, name, st)
         info_key = None
         if seen and (ist := seen[self.layout.info_file]) is not None and stat.S_ISREG(ist.st_mode):
-            info_key = (ist.st_ino, ist.st_mtime_ns, ist.st_size)
+            info_key = (ist.st_ino, ist.st_mtime_ns, ist.st_size, ist.st_ctime_ns)
         now = self.started_ns / 1e9
         record = classify_entry(
             self.layout, self.root / name, st, now, self.survey, self.cache, self.stale_before, seen
@@ -362,12 +362,14 @@ class _Scanner:
             ist = None
         return {self.layout.info_file: ist}
 
-    def info_key(self, root_fd: int, name: str, st: os.stat_result) -> tuple[int, int, int] | None:
+    def info_key(
+        self, root_fd: int, name: str, st: os.stat_result
+    ) -> tuple[int, int, int, int] | None:
         """The key of the layout's ``info_file`` inside a directory entry (None: none there)."""
         ist = self.info_stat(root_fd, name, st).get(self.layout.info_file)
         if ist is None or not stat.S_ISREG(ist.st_mode):
             return None
-        return (ist.st_ino, ist.st_mtime_ns, ist.st_size)
+        return (ist.st_ino, ist.st_mtime_ns, ist.st_size, ist.st_ctime_ns)
 
     def probes_names(self) -> bool:
         """Can a partial scan go by names alone? Not for a layout that is resolved from the
@@ -481,11 +483,10 @@ class _Scanner:
             ist = os.stat(name + self.info_below, dir_fd=root_fd, follow_symlinks=False)
         except OSError:
             return False
-        return (ist.st_ino, ist.st_mtime_ns, ist.st_size) == known.info_key and stat.S_ISREG(
-            ist.st_mode
-        )
+        key = (ist.st_ino, ist.st_mtime_ns, ist.st_size, ist.st_ctime_ns)
+        return key == known.info_key and stat.S_ISREG(ist.st_mode)
 
-    def info(self, name: str) -> tuple[tuple[Any, str | None], tuple[int, int, int] | None]:
+    def info(self, name: str) -> tuple[tuple[Any, str | None], tuple[int, int, int, int] | None]:
         """The metrics file of ``name`` (read relative to the root's descriptor) and its key."""
         rel, label = name + self.info_below, self.layout.info_file
         return _read_info_at(self.root_fd, rel, (self.root_str, name), label, self.cache)

@@ -566,6 +566,36 @@ def test_a_keep_file_added_to_an_unchanged_step_is_seen_by_the_next_scan(
     assert {c.step: c.pinned for c in scan.steps} == {1: False, 2: False, 3: False}
 
 
+@pytest.mark.parametrize("memo", [True, False])
+def test_a_metric_rewritten_in_place_with_its_size_and_mtime_kept_is_read_again(
+    tmp_path: Path, later: Callable[[], InfoCache], memo: bool
+) -> None:
+    """Same inode, same size, the old mtime put back with utime: only the ctime (which utime
+    cannot set back) moved. The cached metrics (and the step memo) must not be trusted over the
+    file: the next scan reads the new value."""
+    root = memo_root(tmp_path)
+    cache = later()
+    scan_root(root, cache=cache, memo=memo)
+    info = root / "step_2" / "training_info.json"
+    before = os.stat(info)
+    old = info.read_bytes()
+    new = old.replace(b'"val": 0.2', b'"val": 0.7')
+    assert len(new) == len(old) and new != old
+    time.sleep(0.01)  # a later ctime than the first write (clock ticks are ~4 ms)
+    with open(info, "r+b") as f:
+        f.write(new)
+    os.utime(info, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(info)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert after.st_ctime_ns != before.st_ctime_ns
+    scan = scan_root(root, cache=cache, memo=memo)
+    assert {c.step: c.info for c in scan.steps}[2] == {"step": 2, "val": 0.7}
+
+
 def test_training_info_rewritten_in_place_is_seen_by_the_next_scan(
     tmp_path: Path, later: Callable[[], InfoCache]
 ) -> None:
