@@ -1,6 +1,7 @@
 """``training_info.json``: reading it safely, and the per-root cache that makes a repeated scan
-of an unchanged root parse no JSON (keyed by (inode, mtime_ns, size, ctime_ns)) and, for memoized scans,
-look inside no unchanged step directory (see `scan.scan_root`). Reads only, never writes."""
+of an unchanged root parse no JSON (keyed by (inode, mtime_ns, size, ctime_ns)) and, for
+memoized scans, look inside no unchanged step directory (see `scan.scan_root`). Reads only,
+never writes."""
 
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ class Listing:
 
 
 class InfoCache:
-    """Thread-safe cache of parsed training_info.json keyed by path and (inode, mtime_ns, size, ctime_ns).
+    """Thread-safe cache of parsed training_info.json keyed by path and (inode, mtime_ns, size,
+    ctime_ns).
 
     Entries are grouped per root; a scan of a root drops that root's entries for vanished steps.
     It also holds, per root, the step-directory memo of ``scan_root(..., memo=True)`` (judged by

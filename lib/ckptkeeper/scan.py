@@ -1,8 +1,8 @@
 """Read one checkpoint root into plain records (`records.RootScan`). Reads only, never writes.
 
 Symlinks are never followed: a ``step_N`` that is a symlink or a regular file is an anomaly.
-Parsed ``training_info.json`` is cached by (inode, mtime_ns, size, ctime_ns) so a repeated scan of an
-unchanged root parses no JSON.
+Parsed ``training_info.json`` is cached by (inode, mtime_ns, size, ctime_ns) so a repeated scan
+of an unchanged root parses no JSON.
 
 With ``memo=True`` (and a cache) a scan also reuses what the previous scan found inside a
 ``step_N`` directory (``KEEP``, ``config.yaml``) when that directory is unchanged, so an unchanged
