@@ -123,7 +123,8 @@ def run(quick: bool) -> list[Row]:
                     "on_marker -> Keeper.finalize_now -> reconcile.finalize_marked): a locked "
                     "RECOVERY pass over a partial scan of step N (only step N's entries are "
                     "looked at; the root's names are listed unless it is unchanged since a "
-                    "trusted listing); the full pass follows debounced.",
+                    "trusted listing, and then only names new to the last full listing are "
+                    "classified); the full pass follows debounced.",
                 ],
             )
         )
