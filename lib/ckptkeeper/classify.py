@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import scan as _scan  # its helpers, read at call time (scan imports this module)
 from .info import InfoCache, _read_info
 from .layouts import Classifier, Layout, Look, Survey, pin_paths, survey
+from .probes import exists, newest_mtime, stale_probe
 from .records import Checkpoint, InFlight
 
 __all__ = ["classify_entry", "look_again"]
@@ -35,12 +35,12 @@ def classify_entry(
     assert parsed is not None and isinstance(layout, Classifier)
     probe = _EntryProbe(path, st, now, seen, cache, stats)
     look: Look = layout.classify(parsed, probe)
-    pinned = any(_scan._exists(p) for p in pin_paths(layout, path))
+    pinned = any(exists(p) for p in pin_paths(layout, path))
     identity = (st.st_dev, st.st_ino)
     if look.complete:
         return Checkpoint(parsed.step, path, look.info, look.info_error, pinned, identity)
     locked, newest, unreadable = (
-        _scan._probe(path, layout.writer_lock, stale_before)
+        stale_probe(path, layout.writer_lock, stale_before)
         if look.collectable and stat.S_ISDIR(st.st_mode)
         else (None, None, None)
     )
@@ -115,6 +115,6 @@ class _EntryProbe:
         if not self.is_dir:
             return max(self.st.st_mtime, self.st.st_ctime)
         try:
-            return _scan.newest_mtime(self.path, stop_above=stop_above)
+            return newest_mtime(self.path, stop_above=stop_above)
         except OSError:
             return self.now  # vanished or unreadable: as if written just now (never "settled")
