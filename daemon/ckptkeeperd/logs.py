@@ -33,22 +33,26 @@ def configure_logging(
     out = stream if stream is not None else sys.stdout
     if json_output is None:
         json_output = not out.isatty()
+    inotify_logger = logging.getLogger("watchdog.observers.inotify")
+    if not any(isinstance(f, _DropStopRace) for f in inotify_logger.filters):
+        inotify_logger.addFilter(_DropStopRace())
     with _pending_lock:
         _pending = {"level": level, "json_output": json_output, "out": out}
-        if "structlog" not in sys.modules:
-            return  # applied by the first logger that is used (`_structlog`)
-    _structlog()
+    if "structlog" in sys.modules:
+        _structlog()  # otherwise applied by the first logger that is used
 
 
 def _structlog() -> Any:
-    """The structlog module, configured as last asked (`configure_logging`)."""
+    """The structlog module, configured as last asked (`configure_logging`). A logger made
+    while another thread applies the configuration waits for it (the lock is held throughout)."""
     global _pending
     import structlog
 
-    with _pending_lock:
-        pending, _pending = _pending, None
-    if pending is not None:
-        _apply(structlog, **pending)
+    if _pending is not None:
+        with _pending_lock:
+            if _pending is not None:
+                _apply(structlog, **_pending)
+                _pending = None
     return structlog
 
 
@@ -70,9 +74,6 @@ def _apply(structlog: Any, level: str, json_output: bool, out: TextIO) -> None:
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    inotify_logger = logging.getLogger("watchdog.observers.inotify")
-    if not any(isinstance(f, _DropStopRace) for f in inotify_logger.filters):
-        inotify_logger.addFilter(_DropStopRace())
 
 
 class _DropStopRace(logging.Filter):
