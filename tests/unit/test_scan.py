@@ -288,8 +288,13 @@ def test_pinned_step_and_pinned_tmp(tmp_path: Path) -> None:
     make_dir(root / "tmp_step_3", None, "KEEP")
     make_dir(root / "step_4", {"step": 4})
     (root / "step_4" / "KEEP").mkdir()  # any entry named KEEP pins
+    make_dir(root / "step_5", {"step": 5})
+    (root / "step_5" / "KEEP").symlink_to(tmp_path / "nowhere")  # a dangling symlink pins too
+    make_dir(root / "step_6", {"step": 6})
+    (root / "step_6" / "keep").touch()  # the name is exact
     scan = scan_root(root)
-    assert {c.step: c.pinned for c in scan.steps} == {1: True, 2: False, 4: True}
+    pins = {1: True, 2: False, 4: True, 5: True, 6: False}
+    assert {c.step: c.pinned for c in scan.steps} == pins
     assert scan.in_flight[0].pinned is True
 
 
