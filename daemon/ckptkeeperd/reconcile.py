@@ -8,8 +8,8 @@ unlocked scan: it only decides whether the lock is worth taking, and it may reus
 scan found in unchanged step directories (``scan_root(memo=True)``); the scan under the lock
 reads every step in full. `preview` is the read-only half for ``status`` and ``--dry-run``.
 
-A pass with nothing to do costs no lock, and with a cache a plan identical to the last one (same
-policy, the very same step records, nothing in flight, no leftovers, no trash) is reused.
+A pass with nothing to do costs no lock, and with a cache no JSON and no look inside an unchanged
+step directory; its plan is made again (pure and cheap next to the scan's calls).
 
 The policy may be given as a callable (the daemon and ``sweep`` resolve the root's settings with
 it): it is called for the unlocked plan and again once the lock is held, so the plan acted on
@@ -30,7 +30,6 @@ from typing import Any
 from ckptkeeper import (
     OS_FS,
     Action,
-    FreeSpace,
     Fs,
     InfoCache,
     Outcome,
@@ -109,36 +108,6 @@ def _check_root(root: Path) -> str | None:
     return None
 
 
-def _plan_memoized(
-    scan: RootScan, policy: Policy, now: float, cache: InfoCache, free: FreeSpace | None
-) -> Plan:
-    """`plan`, reusing the root's last decisions when the inputs are the same: the same policy
-    over the very same (immutable) step records, the same anomalies, and nothing in flight, no
-    leftovers, no trash (the only inputs whose decisions depend on ``now``), and no ``min_free``
-    (its decisions depend on the free space). `plan` is pure, so the decisions are those it would
-    make."""
-    last = cache.last_plan(scan.root)
-    if last is not None and _same_inputs(last[0], last[1].policy, scan, policy):
-        return Plan(scan.root, policy, now, last[1].decisions, last[1].layout, free=free)
-    fresh = plan(scan, policy, now, free)
-    timeless = _timeless(scan) and policy.min_free is None
-    cache.keep_plan(scan.root, (scan, fresh) if timeless else None)
-    return fresh
-
-
-def _timeless(scan: RootScan) -> bool:
-    return not (scan.in_flight or scan.leftovers or scan.trash)
-
-
-def _same_inputs(before: RootScan, was: Policy, scan: RootScan, policy: Policy) -> bool:
-    if not _timeless(scan) or was != policy or before.root != scan.root:
-        return False
-    if before.anomalies != scan.anomalies or before.ambiguous_steps != scan.ambiguous_steps:
-        return False
-    old, new = before.steps, scan.steps
-    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
-
-
 def _scan_and_plan(
     root: Path,
     policy: Policy,
@@ -150,9 +119,8 @@ def _scan_and_plan(
 ) -> bool:
     """Scan and plan into ``report``; False (and status "error") when the root cannot be listed.
 
-    ``memo``: the scan may reuse the cache's memo of unchanged step directories and the plan the
-    root's last decisions; only for a plan that decides whether to act, never for one that is
-    acted on."""
+    ``memo``: the scan may reuse the cache's memo of unchanged step directories; only for a plan
+    that decides whether to act, never for one that is acted on."""
     try:
         # POSIX roots: scan_root itself, as before; others through their storage (stores.py)
         scan = (storage_for(root).scan if is_url(root) else scan_root)(
@@ -169,10 +137,9 @@ def _scan_and_plan(
         return False
     report.scan = scan
     free = disk_facts(scan, policy, now, cache)  # statvfs; sizes only with min_free
-    if memo and cache is not None:
-        report.plan = _plan_memoized(scan, policy, now, cache, free)
-    else:
-        report.plan = plan(scan, policy, now, free)
+    # Planned afresh (pure, ~2 us a step): keeping every root's last decisions to reuse them
+    # would hold far more memory per checkpoint than the memoized scan (bench P9K).
+    report.plan = plan(scan, policy, now, free)
     return True
 
 

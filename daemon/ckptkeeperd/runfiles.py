@@ -15,7 +15,7 @@ import os
 import stat
 import threading
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .config import DAEMON_KEYS, MAX_RUN_FILE_BYTES, MAX_YAML_BYTES, POLICY_KEYS
 
 __all__ = [
     "WALK_LIMIT",
+    "Looked",
     "RunFile",
     "StatKey",
     "YamlCache",
@@ -50,7 +51,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 CONFIG_FILE = NEMO_RL.config_file  # the run config NeMo-RL writes into each step
 
 
-def stat_key(path: Path, now_ns: int) -> StatKey | None:
+def stat_key(path: str | Path, now_ns: int) -> StatKey | None:
     """What a change to ``path`` would change: () when absent; None when it cannot be relied on
     (changed within MEMO_TRUST_S of ``now_ns``, or not even ``lstat``-able)."""
     try:
@@ -229,6 +230,40 @@ class YamlCache:
         return facts
 
 
+class Looked:
+    """The (step directory name, its config.yaml's `StatKey`) pairs a walk looked at, in order,
+    kept compactly (a keeper holds one walk per root, of up to `WALK_LIMIT` steps): the names
+    in one string, the keys in a tuple (an absent file's ``()`` is shared)."""
+
+    __slots__ = ("_keys", "_names")
+
+    def __init__(self, pairs: Iterable[tuple[str, StatKey | None]] = ()) -> None:
+        names, keys = [], []
+        for name, key in pairs:
+            names.append(name)
+            keys.append(key)
+        self._names = "/".join(names)  # "/" is in no directory name
+        self._keys: tuple[StatKey | None, ...] = tuple(keys)
+
+    def __iter__(self) -> Iterator[tuple[str, StatKey | None]]:
+        names = self._names.split("/") if self._keys else []
+        return zip(names, self._keys, strict=True)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Looked):
+            return NotImplemented
+        return (self._names, self._keys) == (other._names, other._keys)
+
+    def __hash__(self) -> int:
+        return hash((self._names, self._keys))
+
+    def __repr__(self) -> str:
+        return f"Looked({list(self)!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class YamlWalk:
     """What the newest usable config.yaml says, and what the walk met on its way.
@@ -244,7 +279,7 @@ class YamlWalk:
     source: Path | None = None
     problems: tuple[str, ...] = ()
     exhausted: bool = False
-    inputs: tuple[StatKey | None, tuple[tuple[str, StatKey | None], ...]] = ((), ())
+    inputs: tuple[StatKey | None, Looked] = ((), Looked())
 
 
 def _steps_newest_first(root: Path) -> list[str]:
@@ -269,20 +304,21 @@ def walk_config_yaml(root: Path, cache: YamlCache, now_ns: int) -> YamlWalk:
     names = _steps_newest_first(root)
     problems: list[str] = []
     looked: list[tuple[str, StatKey | None]] = []
+    prefix = f"{root}/"  # strings: a path object per step would cost more than its lstat
     for name in names[:WALK_LIMIT]:
-        path = root / name / CONFIG_FILE
-        key = stat_key(path, now_ns)
+        key = stat_key(f"{prefix}{name}/{CONFIG_FILE}", now_ns)
         looked.append((name, key))
         if key == ():
             continue
+        path = root / name / CONFIG_FILE
         facts = cache.facts(path, now_ns)
         if facts.problem is not None:
             problems.append(f"{path}: {facts.problem}")
         elif facts.metric is not None:
-            inputs = (root_key, tuple(looked))
+            inputs = (root_key, Looked(looked))
             return YamlWalk(facts.metric, facts.direction, path, tuple(problems), False, inputs)
     exhausted = len(names) > WALK_LIMIT
-    return YamlWalk(None, None, None, tuple(problems), exhausted, (root_key, tuple(looked)))
+    return YamlWalk(None, None, None, tuple(problems), exhausted, (root_key, Looked(looked)))
 
 
 def walk_unchanged(root: Path, inputs: YamlWalk, now_ns: int) -> bool:
@@ -290,7 +326,8 @@ def walk_unchanged(root: Path, inputs: YamlWalk, now_ns: int) -> bool:
     root_key, looked = inputs.inputs
     if root_key is None or stat_key(root, now_ns) != root_key:
         return False
+    prefix = f"{root}/"
     for name, key in looked:
-        if key is None or stat_key(root / name / CONFIG_FILE, now_ns) != key:
+        if key is None or stat_key(f"{prefix}{name}/{CONFIG_FILE}", now_ns) != key:
             return False
     return True

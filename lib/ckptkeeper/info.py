@@ -8,19 +8,17 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import errno_text
 from .layouts.nemo_rl import NEMO_RL
 from .records import Checkpoint
-
-if TYPE_CHECKING:
-    from .plan import Plan
-    from .records import RootScan
 
 __all__ = [
     "INFO_FILE",
@@ -46,19 +44,180 @@ _InfoKey = tuple[int, int, int, int]
 
 class _StepMemo:
     """What a scan found in one ``step_N`` directory, for the next memoized scan. The directory
-    is unchanged while its (st_dev, st_ino) is ``record.identity`` and its st_mtime_ns and
-    st_ctime_ns are the same."""
+    is unchanged while its (st_dev, st_ino) is ``identity`` and its st_mtime_ns and st_ctime_ns
+    are the same.
 
-    __slots__ = ("ctime_ns", "info_key", "mtime_ns", "record", "trusted")
+    A keeper holds one per checkpoint it watches (a million of them), so an entry keeps only
+    what rebuilds the scan's record, in one ``bytes``: the directory's identity and times, the
+    metrics file's key, the step, the pin and config flags and, when the metrics are a flat
+    object of numbers (as training_info.json is), their values under a shared `_Schemas` shape.
+    Any other metrics object (or why there is none) is kept as it is. `record` makes the
+    record again (a new path and a new metrics dict each time: nothing else holds them)."""
+
+    __slots__ = ("_info", "_stamp")
 
     def __init__(
         self, st: os.stat_result, trusted: bool, info_key: _InfoKey | None, record: Checkpoint
     ) -> None:
-        self.mtime_ns = st.st_mtime_ns
-        self.ctime_ns = st.st_ctime_ns
-        self.trusted = trusted  # the checks below were made >= MEMO_TRUST_S after the last change
-        self.info_key = info_key  # None: training_info.json was not a readable regular file
-        self.record = record
+        """Raises ValueError for a record that does not fit (see `make`)."""
+        flags = (_TRUSTED if trusted else 0) | (_PINNED if record.pinned else 0)
+        flags |= _CONFIG if record.config_yaml else _NO_CONFIG if record.config_yaml is False else 0
+        ino, mtime, size, ctime = info_key if info_key is not None else (0, 0, 0, 0)
+        flags |= _HAS_KEY if info_key is not None else 0
+        shape, values = 0, b""
+        self._info: object = record.info_error
+        if record.info is not None:
+            packed = _SCHEMAS.pack(record.info)
+            if packed is None:
+                self._info = record.info
+                flags |= _INFO_OBJECT
+            else:
+                shape, values = packed
+                self._info = None
+                flags |= _INFO_PACKED
+        dev, dino = record.identity
+        try:
+            times = (st.st_mtime_ns, st.st_ctime_ns, ino, mtime, size, ctime)
+            head = _HEAD.pack(dev, dino, *times, record.step, flags, shape)
+        except struct.error as exc:
+            raise ValueError(str(exc)) from None
+        self._stamp = head + values
+
+    @classmethod
+    def make(
+        cls, st: os.stat_result, trusted: bool, info_key: _InfoKey | None, record: Checkpoint
+    ) -> _StepMemo | None:
+        """An entry, or None when a number does not fit 64 bits (the step is then read again
+        by the next scan, as if it had changed)."""
+        try:
+            return cls(st, trusted, info_key, record)
+        except ValueError:
+            return None
+
+    def _head(self) -> tuple[int, ...]:
+        return _HEAD.unpack_from(self._stamp)
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        dev, ino = _HEAD.unpack_from(self._stamp)[:2]
+        return dev, ino
+
+    @property
+    def step(self) -> int:
+        return int(self._head()[8])
+
+    @property
+    def mtime_ns(self) -> int:
+        return int(self._head()[2])
+
+    @mtime_ns.setter
+    def mtime_ns(self, value: int) -> None:
+        self._set(2, value)
+
+    @property
+    def ctime_ns(self) -> int:
+        return int(self._head()[3])
+
+    @ctime_ns.setter
+    def ctime_ns(self, value: int) -> None:
+        self._set(3, value)
+
+    @property
+    def trusted(self) -> bool:
+        return bool(self._head()[9] & _TRUSTED)
+
+    @property
+    def info_key(self) -> _InfoKey | None:
+        head = self._head()
+        return (head[4], head[5], head[6], head[7]) if head[9] & _HAS_KEY else None
+
+    def _set(self, index: int, value: int) -> None:
+        head = list(self._head())
+        head[index] = value
+        self._stamp = _HEAD.pack(*head) + self._stamp[_HEAD.size :]
+
+    def matches(self, st: os.stat_result) -> bool:
+        """Trusted, and ``st`` (the directory now) has the identity and times it had."""
+        dev, ino, mtime, ctime, *_, flags, _ = _HEAD.unpack_from(self._stamp)
+        return bool(
+            flags & _TRUSTED
+            and mtime == st.st_mtime_ns
+            and ctime == st.st_ctime_ns
+            and ino == st.st_ino
+            and dev == st.st_dev
+        )
+
+    def info_result(self) -> _InfoResult:
+        """The metrics file's (info, why) as the scan that made this entry read it."""
+        flags, shape = _HEAD.unpack_from(self._stamp)[9:]
+        if flags & _INFO_PACKED:
+            return _SCHEMAS.unpack(shape, self._stamp, _HEAD.size), None
+        if flags & _INFO_OBJECT:
+            return self._info, None  # type: ignore[return-value]
+        return None, self._info  # type: ignore[return-value]
+
+    def record(self, path: Path) -> Checkpoint:
+        """The scan's record of the step directory ``path``, made again."""
+        dev, ino, _, _, _, _, _, _, step, flags, _ = _HEAD.unpack_from(self._stamp)
+        info, why = self.info_result()
+        pinned = bool(flags & _PINNED)
+        config = True if flags & _CONFIG else False if flags & _NO_CONFIG else None
+        return Checkpoint(step, path, info, why, pinned, (dev, ino), config)
+
+
+# _StepMemo's bytes: st_dev, st_ino, st_mtime_ns, st_ctime_ns of the directory; the metrics
+# file's (st_ino, st_mtime_ns, st_size, st_ctime_ns); the step; flags; the shape of packed
+# metrics.
+_HEAD = struct.Struct("<QQqqQqqqqBH")
+_TRUSTED, _PINNED, _CONFIG, _HAS_KEY, _INFO_PACKED, _INFO_OBJECT = 1, 2, 4, 8, 16, 32
+_NO_CONFIG = 64  # config_yaml False (neither flag: None, not probed)
+
+
+class _Schemas:
+    """The shapes of flat metrics objects (their keys, in order, and which values are ints and
+    which floats), numbered once per process: a checkpoint's metrics are then 8 bytes a value.
+    Bounded: past `LIMIT` shapes (or 64 keys, or a value that is not an int of 64 bits or a
+    float) an object is not packed."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: dict[tuple[tuple[str, ...], str], int] = {}
+        self._shapes: list[tuple[tuple[str, ...], struct.Struct]] = []
+
+    def pack(self, info: Mapping[str, Any]) -> tuple[int, bytes] | None:
+        if type(info) is not dict or not 0 < len(info) <= 64:
+            return None
+        codes: list[str] = []
+        for value in info.values():
+            kind = type(value)
+            if kind is float:
+                codes.append("d")
+            elif kind is int and -(1 << 63) <= value < (1 << 63):
+                codes.append("q")
+            else:
+                return None
+        if any(type(key) is not str for key in info):
+            return None
+        shape = (tuple(info), "".join(codes))
+        with self._lock:
+            number = self._ids.get(shape)
+            if number is None:
+                if len(self._shapes) >= self.LIMIT:
+                    return None
+                keys = tuple(sys.intern(k) for k in shape[0])
+                number = len(self._shapes)
+                self._shapes.append((keys, struct.Struct("<" + shape[1])))
+                self._ids[shape] = number
+        return number, self._shapes[number][1].pack(*info.values())
+
+    def unpack(self, number: int, data: bytes, offset: int) -> dict[str, Any]:
+        keys, layout = self._shapes[number]
+        return dict(zip(keys, layout.unpack_from(data, offset), strict=True))
+
+
+_SCHEMAS = _Schemas()
 
 
 class Listing:
@@ -104,7 +263,10 @@ class InfoCache:
 
     Entries are grouped per root; a scan of a root drops that root's entries for vanished steps.
     It also holds, per root, the step-directory memo of ``scan_root(..., memo=True)`` (judged by
-    ``clock_ns``, the wall clock in ns) and the last plan a caller made from a memoized scan.
+    ``clock_ns``, the wall clock in ns). A step directory's metrics are kept once: in its memo
+    entry (`_StepMemo`) once a full scan made one, else (a save in flight, a partial scan's
+    step) as parsed. No plan is kept: planning an unchanged root again costs less than keeping
+    every decision of a million checkpoints would (bench P9K).
     """
 
     def __init__(self, clock_ns: Callable[[], int] = time.time_ns) -> None:
@@ -112,7 +274,6 @@ class InfoCache:
         self._lock = threading.Lock()
         self._roots: dict[str, dict[str, tuple[_InfoKey, _InfoResult]]] = {}
         self._steps: dict[str, dict[str, _StepMemo]] = {}
-        self._plans: dict[str, tuple[RootScan, Plan] | None] = {}
         self._sizes: dict[str, dict[tuple[int, int, int], int]] = {}
         self._listings: dict[str, Listing] = {}
         self.parses = 0  # how many files were actually parsed (for tests and benchmarks)
@@ -128,7 +289,10 @@ class InfoCache:
     def lookup(self, root: str, name: str, key: _InfoKey) -> _InfoResult | None:
         """`get` of the metrics file in ``root/name`` (strings: no path objects on a scan)."""
         with self._lock:
+            memo = self._steps.get(root, {}).get(name)
             hit = self._roots.get(root, {}).get(name)
+        if memo is not None and memo.info_key == key:
+            return memo.info_result()
         return hit[1] if hit is not None and hit[0] == key else None
 
     def store(self, root: str, name: str, key: _InfoKey, result: _InfoResult) -> None:
@@ -148,18 +312,8 @@ class InfoCache:
         with self._lock:
             self._roots.pop(str(root), None)
             self._steps.pop(str(root), None)
-            self._plans.pop(str(root), None)
             self._sizes.pop(str(root), None)
             self._listings.pop(str(root), None)
-
-    def last_plan(self, root: Path) -> tuple[RootScan, Plan] | None:
-        """The scan and plan a caller kept with `keep_plan` (forgotten by `drop_root`)."""
-        with self._lock:
-            return self._plans.get(str(root))
-
-    def keep_plan(self, root: Path, made: tuple[RootScan, Plan] | None) -> None:
-        with self._lock:
-            self._plans[str(root)] = made
 
     def tree_sizes(self, root: Path) -> dict[tuple[int, int, int], int]:
         """Bytes of the checkpoint trees measured in ``root``, by (st_dev, st_ino, st_ctime_ns)."""
@@ -191,6 +345,9 @@ class InfoCache:
         with self._lock:
             self._steps[root] = memo  # replaced whole: a concurrent scan of the root reads either
             self.memo_hits += hits
+            parsed = self._roots.get(root)
+            if parsed:  # what the memo holds is not kept twice
+                self._roots[root] = {n: v for n, v in parsed.items() if n not in memo}
 
 
 def _reject_constant(name: str) -> float:

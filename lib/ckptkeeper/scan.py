@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Collection
@@ -250,8 +251,8 @@ class _Scanner:
         known = self.trusted.get(name)
         if known is not None and self.unchanged(root_fd, name, known, st):
             self.hits += 1
-            self.memo_out[name] = known
-            self.steps.append(known.record)
+            self.memo_out[sys.intern(name)] = known
+            self.steps.append(known.record(self.root / name))
             return
         # The layout's info_file, stat'ed before the layout reads it (a rewrite after that
         # changes the key the memo keeps) and handed to the probe (not stat'ed twice).
@@ -267,9 +268,7 @@ class _Scanner:
             self.in_flight.append(record)
             return
         self.steps.append(record)
-        if self.cache is not None:
-            trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
-            self.memo_out[name] = _StepMemo(st, trusted, info_key, record)
+        self.remember(name, st, info_key, record)
 
     def info_stat(
         self, root_fd: int, name: str, st: os.stat_result
@@ -305,7 +304,7 @@ class _Scanner:
         other name."""
         known = self.previous.get(name)
         if known is not None:  # a step directory last time: no need to parse its name
-            step = known.record.step
+            step = known.step
             return step, _STEP, name != self.layout.format(Kind.STEP, step)
         if (parsed := self.layout.parse(name)) is not None:
             return parsed.step, _ORDER[parsed.kind], not parsed.canonical
@@ -374,8 +373,8 @@ class _Scanner:
         known = self.trusted.get(name)
         if known is not None and self.unchanged(root_fd, name, known, st):
             self.hits += 1
-            self.memo_out[name] = known
-            return known.record
+            self.memo_out[sys.intern(name)] = known
+            return known.record(self.root / name)
         layout = self.layout
         (info, why), info_key = self.info(name)
         # No probe for the layout's config_file: nothing acts on its presence (the settings
@@ -383,21 +382,27 @@ class _Scanner:
         pinned = exists(f"{name}/{layout.pin_file}", root_fd)
         identity = (st.st_dev, st.st_ino)
         record = Checkpoint(step, self.root / name, info, why, pinned, identity)
-        if self.cache is not None:
-            trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
-            self.memo_out[name] = _StepMemo(st, trusted, info_key, record)
+        self.remember(name, st, info_key, record)
         return record
+
+    def remember(
+        self,
+        name: str,
+        st: os.stat_result,
+        key: tuple[int, int, int, int] | None,
+        record: Checkpoint,
+    ) -> None:
+        """A memo entry for the next memoized scan (with a cache)."""
+        if self.cache is not None and record.path.name == name:
+            trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
+            if (entry := _StepMemo.make(st, trusted, key, record)) is not None:
+                self.memo_out[sys.intern(name)] = entry
 
     def unchanged(self, root_fd: int, name: str, known: _StepMemo, st: os.stat_result) -> bool:
         """Unchanged since a scan that came MEMO_TRUST_S after its last change: no entry was
         created or removed in it since. Only the metrics file may have been rewritten in place,
         which changes its own key: look at that alone."""
-        if not (
-            known.trusted
-            and known.mtime_ns == st.st_mtime_ns
-            and known.ctime_ns == st.st_ctime_ns
-            and known.record.identity == (st.st_dev, st.st_ino)
-        ):
+        if not known.matches(st):
             return False
         if self.classifier and known.info_key is None:  # no info_file to re-check (a .ckpt)
             return self.info_key(root_fd, name, st) is None
