@@ -52,7 +52,8 @@ MODULES: tuple[tuple[str, str, str], ...] = (
     ("P7", "bench.p7_layouts", "pass cost per checkpoint for each layout"),
     ("P8", "bench.p8_s3", "S3 roots: deleting a checkpoint, an idle pass over many roots"),
     ("P2S", "bench.p2s_scale", "finalize latency as the root grows (P2-scale)"),
-    ("P9", "bench.p9_cost", "system calls and cold sweep per checkpoint; one keeper at scale"),
+    ("P9", "bench.p9_cost", "system calls and cold sweep per checkpoint"),
+    ("P9K", "bench.p9_keeper", "one keeper at scale: 1,000 x 100 and 10,000 x 100 checkpoints"),
 )
 BENCHMARKS_MD = _REPO / "BENCHMARKS.md"
 _DATA_RE = re.compile(r"<!-- bench-data\n(.*?)\n-->", re.S)

@@ -1,4 +1,4 @@
-"""P3-ops, P3-cold and P9-keeper: what a cold pass and a long-running keeper cost per checkpoint.
+"""P3-ops and P3-cold: what a cold pass costs per checkpoint (the keeper at scale: bench P9K).
 
 - P3-ops: system calls per checkpoint of a cold ``ckptkeeper sweep`` process (``strace -f -c``)
   over R roots x 20 steps (P3's fleet), minus the same command with no roots (start-up and
@@ -6,9 +6,6 @@
   in a Python process, minus that process over no roots. Both in one run.
 - P3-cold: the wall time of a whole ``ckptkeeper sweep`` process over 1,000 x 20 (best of 3)
   against the naive loop in a warm process (best of 3 after one run): what cron pays.
-- P9-keeper (P6 in the issue; P6 on main is the status page): ``ckptkeeper run`` over R roots x S
-  steps: time to READY (the first pass over everything), RSS over the same daemon on one empty
-  root, threads, and the CPU it burns idle over a window after READY.
 """
 
 from __future__ import annotations
@@ -24,17 +21,13 @@ from pathlib import Path
 
 from .common import Row
 from .p3_pass import FLAGS, make_fleet, naive_pass
-from .p5_idle import cpu_seconds, status_kib
 
 __all__ = ["count_calls", "run"]
 
 CKPTKEEPER = str(Path(sys.executable).with_name("ckptkeeper"))
 OPS_ROOTS_FULL, OPS_ROOTS_QUICK = 100, 5
 COLD_ROOTS_FULL, COLD_ROOTS_QUICK = 1000, 20
-KEEPER_FULL, KEEPER_QUICK = (1000, 100), (10, 10)
-IDLE_WINDOW_FULL, IDLE_WINDOW_QUICK = 60.0, 3.0
 GOAL_OPS = 4.0
-GOAL_THREADS, GOAL_BYTES_PER_CKPT, GOAL_IDLE_CPU_PER_MIN = 50, 400, 0.2
 
 _NAIVE = """
 import sys
@@ -127,43 +120,6 @@ def time_cold(roots: Sequence[Path]) -> dict[str, float]:
     }
 
 
-def _populate(base: Path, roots: int, steps: int) -> list[Path]:
-    out = []
-    for r in range(roots):
-        root = base / f"run-{r:05d}"
-        for n in range(1, steps + 1):
-            d = root / f"step_{n}"
-            d.mkdir(parents=True)
-            (d / "training_info.json").write_text(f'{{"step": {n}, "val_reward": {n % 7}}}')
-        out.append(root)
-    return out
-
-
-def measure_keeper(roots: Sequence[Path], idle: float) -> dict[str, float]:
-    """READY time, RSS (KiB), threads and idle CPU seconds over ``idle`` s of one keeper."""
-    from tests.helpers import Daemon
-
-    args = [*map(str, roots), "--sweep-interval", "1h", "--observer", "inotify"]
-    t0 = time.perf_counter()
-    daemon = Daemon(args)
-    try:
-        daemon.wait_ready(timeout=600.0)
-        ready = time.perf_counter() - t0
-        pid = daemon.proc.pid
-        time.sleep(1.0)  # the first pass's stragglers (watch updates) settle
-        cpu0 = cpu_seconds(pid)
-        time.sleep(idle)
-        idle_cpu = cpu_seconds(pid) - cpu0
-        return {
-            "ready": ready,
-            "rss_kib": status_kib(pid, "VmRSS"),
-            "threads": status_kib(pid, "Threads"),
-            "idle_cpu": idle_cpu,
-        }
-    finally:
-        daemon.stop()
-
-
 def _ops_row(ops: dict[str, object]) -> Row:
     ours, naive = float(ops["ours"]), float(ops["naive"])  # type: ignore[arg-type]
     return Row(
@@ -207,38 +163,6 @@ def _cold_row(cold: dict[str, float], roots: int) -> Row:
     )
 
 
-def _keeper_row(big: dict[str, float], base: dict[str, float], shape: tuple[int, int]) -> Row:
-    count = shape[0] * shape[1]
-    per = (big["rss_kib"] - base["rss_kib"]) * 1024 / count
-    per_min = big["idle_cpu"] / IDLE_WINDOW_FULL * 60 if shape == KEEPER_FULL else big["idle_cpu"]
-    met = (
-        big["threads"] <= GOAL_THREADS
-        and per <= GOAL_BYTES_PER_CKPT
-        and big["ready"] <= 120.0
-        and per_min <= GOAL_IDLE_CPU_PER_MIN
-    )
-    return Row(
-        id="P9-keeper",
-        what=f"one keeper over {shape[0]:,} roots x {shape[1]} checkpoints",
-        ours=(
-            f"READY {big['ready']:.1f} s; RSS {big['rss_kib'] / 1024:.0f} MB; "
-            f"{big['threads']:.0f} threads; idle {per_min:.2f} CPU-s/min"
-        ),
-        baseline=(
-            f"one empty root: RSS {base['rss_kib'] / 1024:.0f} MB, {base['threads']:.0f} threads"
-        ),
-        ratio=f"{per:.0f} bytes per checkpoint over the base",
-        goal="<= 50 threads; <= 400 B/checkpoint; READY <= 2 min at 1 M; idle <= 0.2 CPU-s/min",
-        met=met,
-        notes=[
-            "Named P9-keeper: P6 on main is the status page, P7 the layouts' pass cost, P8 S3. "
-            "Roots are plain `step_N` dirs with a "
-            "training_info.json, keep every checkpoint (no retention rule), inotify, hourly "
-            "sweep; the idle window starts 1 s after READY. 10,000 x 100 not measured yet.",
-        ],
-    )
-
-
 def run(quick: bool) -> list[Row]:
     base = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-p7-"))
     rows: list[Row] = []
@@ -249,13 +173,6 @@ def run(quick: bool) -> list[Row]:
         cold_roots = COLD_ROOTS_QUICK if quick else COLD_ROOTS_FULL
         rows.append(_cold_row(time_cold(make_fleet(base / "cold", cold_roots)), cold_roots))
         shutil.rmtree(base / "cold", ignore_errors=True)
-        shape = KEEPER_QUICK if quick else KEEPER_FULL
-        idle = IDLE_WINDOW_QUICK if quick else IDLE_WINDOW_FULL
-        empty = base / "empty" / "run"
-        empty.mkdir(parents=True)
-        base_keeper = measure_keeper([empty], idle)
-        big = measure_keeper(_populate(base / "keeper", *shape), idle)
-        rows.append(_keeper_row(big, base_keeper, shape))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return rows
