@@ -70,12 +70,15 @@ def measure_keeper(roots: Sequence[Path], idle: float) -> dict[str, float]:
         daemon.wait_ready(timeout=900.0)
         ready = time.perf_counter() - t0
         pid = daemon.proc.pid
+        complete = any(e.get("first_pass_complete") for e in daemon.find("ready"))
+        if not complete:  # READY after FIRST_PASS_WAIT anyway: wait for the pass to end
+            _settle(pid)
+        ready = time.perf_counter() - t0 if not complete else ready
         ready_cpu = cpu_seconds(pid)  # the whole process's, start-up included
         time.sleep(1.0)  # the first pass's stragglers (watch updates) settle
         cpu0 = cpu_seconds(pid)
         time.sleep(idle)
         idle_cpu = cpu_seconds(pid) - cpu0
-        complete = any(e.get("first_pass_complete") for e in daemon.find("ready"))
         return {
             "ready": ready,
             "ready_cpu": ready_cpu,
@@ -88,6 +91,18 @@ def measure_keeper(roots: Sequence[Path], idle: float) -> dict[str, float]:
         }
     finally:
         daemon.stop(timeout=60.0)
+
+
+def _settle(pid: int, quiet: float = 0.05, timeout: float = 1800.0) -> None:
+    """Wait until ``pid`` burns under ``quiet`` CPU-s in each of two seconds in a row (its first
+    pass over every root is over: READY came at FIRST_PASS_WAIT with it still running)."""
+    deadline = time.monotonic() + timeout
+    calm, before = 0, cpu_seconds(pid)
+    while calm < 2 and time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = cpu_seconds(pid)
+        calm = calm + 1 if now - before < quiet else 0
+        before = now
 
 
 def _row(big: dict[str, float], base: dict[str, float], shape: tuple[int, int], built: str) -> Row:
@@ -106,7 +121,7 @@ def _row(big: dict[str, float], base: dict[str, float], shape: tuple[int, int], 
         id=f"P9K-{label}",
         what=f"one keeper over {shape[0]:,} roots x {shape[1]} checkpoints ({count:,})",
         ours=(
-            f"READY {big['ready']:.1f} s ({big['ready_cpu']:.0f} CPU-s); "
+            f"first pass {big['ready']:.1f} s ({big['ready_cpu']:.0f} CPU-s); "
             f"RSS {big['rss_kib'] / 1024:.0f} MB; "
             f"{big['threads']:.0f} threads; idle {big['idle_cpu_per_min']:.3f} CPU-s/min"
         ),
@@ -117,8 +132,14 @@ def _row(big: dict[str, float], base: dict[str, float], shape: tuple[int, int], 
         goal="<= 50 threads; <= 400 B/checkpoint; READY <= 2 min at 1 M; idle <= 0.2 CPU-s/min",
         met=met,
         notes=[
-            f"{label}: peak RSS {big['hwm_kib'] / 1024:.0f} MB; first pass complete at READY: "
-            f"{'yes' if big['complete'] else 'no'}; {big['ready_cpu'] * 1e6 / count:.0f} CPU-us "
+            f"{label}: peak RSS {big['hwm_kib'] / 1024:.0f} MB; READY "
+            + (
+                "with the first pass done"
+                if big["complete"]
+                else "sent at FIRST_PASS_WAIT (60 s) "
+                "with the first pass still running: the time given is the pass's end"
+            )
+            + f"; {big['ready_cpu'] * 1e6 / count:.0f} CPU-us "
             f"per checkpoint to READY; load average {big['load']:.1f} at READY; tree {built}.",
         ],
     )

@@ -144,6 +144,15 @@ class SettingsResolver:
             self._memo[str(root)] = fresh
         return _copy(resolved)
 
+    def resolve_unranked(
+        self, config: DaemonConfig, root: Path, entry_overrides: Mapping[str, Any]
+    ) -> Resolved:
+        """`resolve` without config.yaml's metric and direction (no walk over the root's
+        newest steps, no memo): what a keeper needs to watch and schedule a root (observer,
+        marker, sweep interval), which config.yaml never sets."""
+        resolved, _ = self._resolve(config, Path(root), entry_overrides, 0, ranking=False)
+        return resolved
+
     def recovery_policy(
         self, config: DaemonConfig, root: Path, entry_overrides: Mapping[str, Any]
     ) -> Policy:

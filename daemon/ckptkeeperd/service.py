@@ -108,7 +108,10 @@ class Keeper:
         """Re-expand configured and discovered roots, resolve each root's settings, sync watches."""
         found: dict[Path, _RootState] = {}
         for root, overrides in expand_roots(self.config):
-            resolved = self._resolve(root, overrides)
+            # Watching and scheduling need no config.yaml (a walk over every root's newest
+            # steps was most of a 1 M-checkpoint keeper's start); each pass resolves in full
+            # and reports the root's config problems.
+            resolved = self.settings.resolve_unranked(self.config, root, overrides)
             try:  # an object store sends no events: its sweeps are its polls
                 kind = "sweep" if is_url(root) else self.observers(root, resolved.settings.observer)
             except OSError:
@@ -123,6 +126,8 @@ class Keeper:
             self.log.info("root_added", root=str(root), observer=found[root].observer)
             if not is_url(root):
                 self._lock_scope.check(root, self.log)
+            if self._scheduler.running:  # found by a later refresh: its first pass now
+                self.request(root)
         for root in sorted(removed):
             self.log.info("root_removed", root=str(root))
             self.cache.drop_root(root)
