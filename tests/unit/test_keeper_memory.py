@@ -174,3 +174,21 @@ def test_a_pin_added_reaches_the_keepers_next_memoized_look(
     reasons = {d.step: d.reasons for d in report.plan.decisions}
     assert any("pinned" in why for why in reasons[1])
     assert not any("pinned" in why for why in reasons[2])
+
+
+def test_watching_a_root_walks_no_config_yaml_and_its_pass_does(
+    tmp_path: Path, keepers: list[Keeper]
+) -> None:
+    # At 1 M checkpoints the walk over every root's newest steps for a config.yaml, made to
+    # watch and schedule the roots before any pass, was most of a keeper's start (bench P9K).
+    root = tmp_path / "run"
+    for n in (1, 2, 3):
+        (root / f"step_{n}").mkdir(parents=True)
+        (root / f"step_{n}" / "training_info.json").write_text(json.dumps({"loss": n}))
+        (root / f"step_{n}" / "config.yaml").write_text("checkpointing:\n  metric_name: loss\n")
+    keeper = make_keeper([root])  # refresh_roots: the root is watched and scheduled
+    keepers.append(keeper)
+    assert keeper.settings.reads["config.yaml"] == 0
+    report = keeper.run_once(root)
+    assert keeper.settings.reads["config.yaml"] == 1  # the newest step's, by the pass
+    assert report.plan is not None and report.plan.policy.metric_name == "loss"
