@@ -43,6 +43,8 @@ def test_complete_saves_are_finalized_and_pruned_by_events_alone(
     wait_until(
         lambda: step_names(root) == {"step_2", "step_4", "step_5"}, timeout=10, what="pruned set"
     )
+    # "deleted" is logged once a step's trash entry is removed, just after it left the root.
+    wait_until(lambda: len(d.find("deleted")) >= 2, timeout=10, what="two deleted events")
     deleted = {e["step"] for e in d.find("deleted")}
     assert deleted == {1, 3}
     for e in d.find("deleted"):
