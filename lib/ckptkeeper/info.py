@@ -57,10 +57,16 @@ class _StepMemo:
     __slots__ = ("_info", "_stamp")
 
     def __init__(
-        self, st: os.stat_result, trusted: bool, info_key: _InfoKey | None, record: Checkpoint
+        self,
+        st: os.stat_result,
+        trusted: bool,
+        info_key: _InfoKey | None,
+        record: Checkpoint,
+        derived: bool = False,
     ) -> None:
         """Raises ValueError for a record that does not fit (see `make`)."""
         flags = (_TRUSTED if trusted else 0) | (_PINNED if record.pinned else 0)
+        flags |= 0 if derived else _INFO_IS_FILE
         flags |= _CONFIG if record.config_yaml else _NO_CONFIG if record.config_yaml is False else 0
         ino, mtime, size, ctime = info_key if info_key is not None else (0, 0, 0, 0)
         flags |= _HAS_KEY if info_key is not None else 0
@@ -85,12 +91,19 @@ class _StepMemo:
 
     @classmethod
     def make(
-        cls, st: os.stat_result, trusted: bool, info_key: _InfoKey | None, record: Checkpoint
+        cls,
+        st: os.stat_result,
+        trusted: bool,
+        info_key: _InfoKey | None,
+        record: Checkpoint,
+        derived: bool = False,
     ) -> _StepMemo | None:
         """An entry, or None when a number does not fit 64 bits (the step is then read again
-        by the next scan, as if it had changed)."""
+        by the next scan, as if it had changed). ``derived``: the record's metrics are not the
+        metrics file as parsed but what a layout made of it (hf-trainer's entries of one step
+        in trainer_state.json): they may not stand for the file (`of_file`)."""
         try:
-            return cls(st, trusted, info_key, record)
+            return cls(st, trusted, info_key, record, derived)
         except ValueError:
             return None
 
@@ -125,6 +138,11 @@ class _StepMemo:
     @property
     def trusted(self) -> bool:
         return bool(self._head()[9] & _TRUSTED)
+
+    @property
+    def of_file(self) -> bool:
+        """Are the metrics the file of `info_key` as parsed (so a read of it may use them)?"""
+        return bool(self._head()[9] & _INFO_IS_FILE)
 
     @property
     def info_key(self) -> _InfoKey | None:
@@ -171,6 +189,7 @@ class _StepMemo:
 _HEAD = struct.Struct("<QQqqQqqqqBH")
 _TRUSTED, _PINNED, _CONFIG, _HAS_KEY, _INFO_PACKED, _INFO_OBJECT = 1, 2, 4, 8, 16, 32
 _NO_CONFIG = 64  # config_yaml False (neither flag: None, not probed)
+_INFO_IS_FILE = 128  # the metrics are the metrics file as parsed (not derived by a layout)
 
 
 class _Schemas:
@@ -291,7 +310,7 @@ class InfoCache:
         with self._lock:
             memo = self._steps.get(root, {}).get(name)
             hit = self._roots.get(root, {}).get(name)
-        if memo is not None and memo.info_key == key:
+        if memo is not None and memo.info_key == key and memo.of_file:
             return memo.info_result()
         return hit[1] if hit is not None and hit[0] == key else None
 
@@ -346,8 +365,10 @@ class InfoCache:
             self._steps[root] = memo  # replaced whole: a concurrent scan of the root reads either
             self.memo_hits += hits
             parsed = self._roots.get(root)
-            if parsed:  # what the memo holds is not kept twice
-                self._roots[root] = {n: v for n, v in parsed.items() if n not in memo}
+            if parsed:  # what the memo holds as the file is not kept twice
+                self._roots[root] = {
+                    n: v for n, v in parsed.items() if n not in memo or not memo[n].of_file
+                }
 
 
 def _reject_constant(name: str) -> float:

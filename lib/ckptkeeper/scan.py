@@ -268,7 +268,7 @@ class _Scanner:
             self.in_flight.append(record)
             return
         self.steps.append(record)
-        self.remember(name, st, info_key, record)
+        self.remember(name, st, info_key, record, derived=True)
 
     def info_stat(
         self, root_fd: int, name: str, st: os.stat_result
@@ -391,11 +391,13 @@ class _Scanner:
         st: os.stat_result,
         key: tuple[int, int, int, int] | None,
         record: Checkpoint,
+        derived: bool = False,
     ) -> None:
-        """A memo entry for the next memoized scan (with a cache)."""
+        """A memo entry for the next memoized scan (with a cache); ``derived``: see
+        `_StepMemo.make`."""
         if self.cache is not None and record.path.name == name:
             trusted = self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _MEMO_TRUST_NS
-            if (entry := _StepMemo.make(st, trusted, key, record)) is not None:
+            if (entry := _StepMemo.make(st, trusted, key, record, derived)) is not None:
                 self.memo_out[sys.intern(name)] = entry
 
     def unchanged(self, root_fd: int, name: str, known: _StepMemo, st: os.stat_result) -> bool:

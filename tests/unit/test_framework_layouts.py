@@ -14,8 +14,9 @@ import pytest
 
 from ckptkeeper import Action, Policy, PolicyError
 from ckptkeeper.info import InfoCache
-from ckptkeeper.layouts import available_layouts
+from ckptkeeper.layouts import available_layouts, get_layout
 from ckptkeeper.passes import PassResult, locked_pass
+from ckptkeeper.scan import scan_root
 
 HOUR = 3600.0
 
@@ -458,3 +459,20 @@ def test_lightning_checkpoint_still_being_copied_in_is_not_deleted(tmp_path: Pat
     assert "settling" in reasons(result, young.name)
     later = run(tmp_path, ahead=3 * 60, **policy, keep_latest=False)
     assert actions(later)[young.name] is Action.DELETE and not young.exists()
+
+
+def test_hf_trainer_metrics_survive_a_cache_that_memoized_the_steps(tmp_path: Path) -> None:
+    """A keeper's cache holds a memo of each step (its metrics as the layout derived them from
+    trainer_state.json). A later scan that reads trainer_state.json through the same cache
+    (the locked pass, a step not trusted yet) must get the file, not the derived metrics: it
+    once got ``{"step": N}`` and ranked the best checkpoint last, then deleted it."""
+    hf_run(tmp_path, {10: 0.1, 20: 0.9, 30: 0.8}, best=10)
+    cache = InfoCache(clock_ns=lambda: int((time.time() + HOUR) * 1e9))
+    policy = Policy(layout="hf-trainer", keep_top_k=1, metric_name="eval_loss", settle_after=0.0)
+    for memo in (False, True, False):  # full, memoized look, and the locked pass's full scan
+        scan = scan_root(tmp_path, cache=cache, memo=memo, layout=get_layout("hf-trainer"))
+        losses = {c.path.name: (c.info or {}).get("eval_loss") for c in scan.steps}
+        assert losses == {"checkpoint-10": 0.1, "checkpoint-20": 0.9, "checkpoint-30": 0.8}
+    result = locked_pass(tmp_path, policy, clock=lambda: time.time() + HOUR, cache=cache)
+    assert listing(tmp_path) == {"checkpoint-10", "checkpoint-30"}
+    assert "top-1 by eval_loss=0.1" in reasons(result, "checkpoint-10")
