@@ -1,0 +1,79 @@
+"""A real ``ckptkeeper run`` decides what time alone makes decidable (`Plan.revisit_at`): an
+hf-trainer checkpoint once it settles, an abandoned nemo-rl save once stale, with no event after
+the last write and the periodic pass an hour away."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tests.helpers import Daemon, step_names, wait_until, write_checkpoint
+
+SETTLE = 4.0  # longer than the relisting pass that follows a change (MEMO_TRUST_S)
+SLACK = 6.0  # a pass, its scan and the deletion, on a loaded machine
+
+
+def _last_change(path: Path) -> float:
+    return max(max(st.st_mtime, st.st_ctime) for st in map(os.lstat, [path, *path.rglob("*")]))
+
+
+def _hf_checkpoint(staging: Path, root: Path, step: int, eval_loss: float) -> Path:
+    """``checkpoint-N`` with its ``trainer_state.json``, moved in whole: the root's watch sees
+    it once, complete (a pass then sees it settling, never half-written)."""
+    built = staging / f"checkpoint-{step}"
+    built.mkdir(parents=True)
+    (built / "model.safetensors").write_bytes(b"w" * 1024)
+    history = [{"step": step, "eval_loss": eval_loss}]
+    (built / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    return built.rename(root / built.name)
+
+
+def test_hf_trainer_checkpoints_are_decided_once_settled_without_an_event(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    root, staging = tmp_path / "run", tmp_path / "staging"
+    root.mkdir()
+    flags = ["--layout", "hf-trainer", "--keep-top-k", "1", "--metric", "eval_loss"]
+    flags += ["--settle-after", f"{SETTLE}s", "--sweep-interval", "1h", "--log-level", "debug"]
+    d = Daemon([str(root), *flags])
+    daemons.append(d)
+    d.wait_ready()
+    written = [_hf_checkpoint(staging, root, s, loss) for s, loss in ((1, 0.1), (2, 0.5), (3, 0.3))]
+    last = max(map(_last_change, written))  # nothing touches the root after this
+    # Top-1 by eval_loss (checkpoint-1) and the newest (HF resumes from it) stay.
+    wait_until(
+        lambda: {p.name for p in root.iterdir()} <= {"checkpoint-1", "checkpoint-3", ".ckptkeeper"},
+        timeout=SETTLE + SLACK,
+        what="checkpoint-2 deleted once settled",
+    )
+    decided = time.time()
+    assert decided - last <= SETTLE + SLACK
+    deleted = d.find("deleted")
+    assert [e["path"] for e in deleted] == [str(root / "checkpoint-2")]
+    assert (root / "checkpoint-1").is_dir() and (root / "checkpoint-3").is_dir()
+    revisits = d.find("revisit_scheduled", root=str(root))
+    assert revisits and {e["level"] for e in revisits} == {"debug"}
+    assert d.stop() == 0
+
+
+def test_abandoned_nemo_rl_save_is_collected_once_stale_without_an_event(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    stale_after = 4.0  # longer than the relisting pass (MEMO_TRUST_S) after a change
+    root = tmp_path / "run"
+    root.mkdir()
+    args = ["--keep-latest-n", "2", "--stale-after", f"{stale_after}s", "--sweep-interval", "1h"]
+    d = Daemon([str(root), *args, "--log-level", "debug"])
+    daemons.append(d)
+    d.wait_ready()
+    write_checkpoint(root, 1)
+    d.wait_for("finalized", step=1)
+    abandoned = write_checkpoint(root, 2, complete=False)  # the trainer died: no marker, ever
+    last = _last_change(abandoned)
+    event = d.wait_for("garbage_collected", step=2, timeout=stale_after + SLACK)[0]
+    assert time.time() - last <= stale_after + SLACK
+    assert "stale" in event["reason"]
+    assert step_names(root) == {"step_1"}
+    assert d.stop() == 0
