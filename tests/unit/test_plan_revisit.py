@@ -163,11 +163,12 @@ def test_a_real_hf_trainer_scan_revisits_when_the_checkpoint_settles(tmp_path: P
     at = result.plan.revisit_at
     assert at == pytest.approx(last + 60.0, abs=1e-6)
     assert at is not None
+    then = at + 0.001  # the scan's clock is in whole nanoseconds: just after, not rounded below
     settled = locked_pass(
         tmp_path,
         Policy(layout="hf-trainer", keep_top_k=1, settle_after=60.0),
-        clock=lambda: at,
-        cache=InfoCache(clock_ns=lambda: int(at * 1e9) + 1),
+        clock=lambda: then,
+        cache=InfoCache(clock_ns=lambda: int(then * 1e9)),
     )
     assert settled.plan is not None
     assert [d.action for d in settled.plan] == [Action.KEEP] and settled.plan.revisit_at is None
