@@ -16,6 +16,8 @@ from tests.helpers import Daemon, step_names, wait_until, write_checkpoint
 
 SETTLE = 4.0  # longer than the relisting pass that follows a change (MEMO_TRUST_S)
 SLACK = 6.0  # a pass, its scan and the deletion, on a loaded machine
+HF_FLAGS = ["--layout", "hf-trainer", "--keep-top-k", "1", "--settle-after", f"{SETTLE}s"]
+HF_FLAGS += ["--sweep-interval", "1h", "--log-level", "debug"]
 
 
 def _last_change(path: Path) -> float:
@@ -42,24 +44,22 @@ def test_hf_trainer_checkpoints_are_decided_once_settled_without_an_event(
 ) -> None:
     root, staging = tmp_path / "run", tmp_path / "staging"
     root.mkdir()
-    flags = ["--layout", "hf-trainer", "--keep-top-k", "1", "--metric", "eval_loss"]
-    flags += ["--settle-after", f"{SETTLE}s", "--sweep-interval", "1h", "--log-level", "debug"]
-    d = Daemon([str(root), *flags])
+    d = Daemon([str(root), *HF_FLAGS])
     daemons.append(d)
     d.wait_ready()
     written = [_hf_checkpoint(staging, root, s, loss) for s, loss in ((1, 0.1), (2, 0.5), (3, 0.3))]
     last = max(map(_last_change, written))  # nothing touches the root after this
-    # Top-1 by eval_loss (checkpoint-1) and the newest (HF resumes from it) stay.
+    # Top-1 by recency, the newest (HF resumes from it): the others go once they count.
     wait_until(
-        lambda: {p.name for p in root.iterdir()} <= {"checkpoint-1", "checkpoint-3", ".ckptkeeper"},
+        lambda: {p.name for p in root.iterdir()} == {"checkpoint-3", ".ckptkeeper"},
         timeout=SETTLE + SLACK,
-        what="checkpoint-2 deleted once settled",
+        what="checkpoint-1 and -2 deleted once settled",
     )
     decided = time.time()
     assert decided - last <= SETTLE + SLACK
-    deleted = d.find("deleted")
-    assert [e["path"] for e in deleted] == [str(root / "checkpoint-2")]
-    assert (root / "checkpoint-1").is_dir() and (root / "checkpoint-3").is_dir()
+    assert decided - last >= SETTLE - 0.5  # not before they settled
+    deleted = d.wait_for("deleted", count=2)
+    assert sorted(e["path"] for e in deleted) == [str(root / f"checkpoint-{n}") for n in (1, 2)]
     revisits = d.find("revisit_scheduled", root=str(root))
     assert revisits and {e["level"] for e in revisits} == {"debug"}
     assert d.stop() == 0
@@ -101,9 +101,7 @@ def test_hf_trainer_checkpoint_written_in_place_is_decided_once_settled(
     from then on no event, and the checkpoint counts once settled."""
     root, staging = tmp_path / "run", tmp_path / "staging"
     root.mkdir()
-    flags = ["--layout", "hf-trainer", "--keep-top-k", "1", "--metric", "eval_loss"]
-    flags += ["--settle-after", f"{SETTLE}s", "--sweep-interval", "1h", "--log-level", "debug"]
-    d = Daemon([str(root), *flags])
+    d = Daemon([str(root), *HF_FLAGS])
     daemons.append(d)
     d.wait_ready()
     for step, loss in ((1, 0.1), (2, 0.5)):
@@ -120,15 +118,13 @@ def test_hf_trainer_checkpoint_written_in_place_is_decided_once_settled(
     path.mkdir()
     d.wait_for("pass_done", root=str(root), count=passes + 2, timeout=SLACK)
     (path / "model.safetensors").write_bytes(b"w" * 1024)
-    history = [{"step": 3, "eval_loss": 0.05}]
-    (path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (path / "trainer_state.json").write_text(json.dumps({"log_history": []}))
     last = _last_change(path)
-    # checkpoint-2 went when checkpoint-3 became the newest; checkpoint-1 stays top-1 by
-    # eval_loss until checkpoint-3, better, counts.
+    # checkpoint-2 stays top-1 by recency until checkpoint-3 counts.
     wait_until(
-        lambda: not (root / "checkpoint-1").exists(),
+        lambda: not (root / "checkpoint-2").exists(),
         timeout=SETTLE + SLACK,
-        what="checkpoint-1 deleted once checkpoint-3 settled",
+        what="checkpoint-2 deleted once checkpoint-3 settled",
     )
     assert time.time() - last >= SETTLE - 0.5  # not before it settled
     assert time.time() - last <= SETTLE + SLACK
