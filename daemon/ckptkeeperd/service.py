@@ -22,7 +22,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ckptkeeper import InfoCache, Policy
+from ckptkeeper import InfoCache, Plan, Policy
 from ckptkeeper.info import MEMO_TRUST_S
 from ckptkeeper.stores import is_url
 
@@ -281,6 +281,31 @@ class Keeper:
         except Exception as exc:  # scheduler stopping: a later pass lists it anyway
             self.log.debug("relist_not_scheduled", root=str(root), error=repr(exc))
 
+    def _revisit_later(self, root: Path, plan: Plan, sweep_interval: float) -> None:
+        """One pass of ``root`` when a decision of ``plan`` changes with no new event (a save
+        settles or turns stale: `Plan.revisit_at`), replacing the root's earlier revisit; none
+        when the periodic pass comes first."""
+        sweep = self._scheduler.get_job(f"sweep:{root}")
+        due = getattr(sweep, "next_run_time", None)
+        before = due.timestamp() if due is not None else plan.now + sweep_interval
+        at = plan.next_visit(before)
+        try:
+            if at is None:
+                self._scheduler_remove(f"revisit:{root}")
+                return
+            self._scheduler.add_job(
+                self.request,
+                "date",
+                args=[root],
+                id=f"revisit:{root}",
+                replace_existing=True,
+                run_date=datetime.fromtimestamp(max(at, time.time()), UTC),
+            )
+        except Exception as exc:  # scheduler stopping: the periodic sweep comes anyway
+            self.log.debug("revisit_not_scheduled", root=str(root), error=repr(exc))
+            return
+        self.log.debug("revisit_scheduled", root=str(root), at=round(at, 3))
+
     def run_once(self, root: Path, *, lock_timeout: float = 0.0) -> Report:
         with self._state_lock:
             state = self.roots.get(root)
@@ -321,6 +346,8 @@ class Keeper:
         if report.status == "ok":
             self._watcher.set_in_flight(root, report.in_flight)
             self._relist_later(root)
+            if report.plan is not None:
+                self._revisit_later(root, report.plan, state.settings.sweep_interval)
         log.debug(
             "pass_done",
             status=report.status,

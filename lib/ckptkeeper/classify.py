@@ -55,6 +55,7 @@ def classify_entry(
         writer_lock_unreadable=unreadable,
         waiting=look.waiting,
         collectable=look.collectable,
+        settles_at=look.settles_at,
     )
 
 

@@ -9,12 +9,12 @@ the other rules. ``status`` and ``--dry-run`` print a plan; `execute.apply_plan`
 
 from __future__ import annotations
 
-import enum
 import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .decisions import APPLIED, MIN_REVISIT_DELAY, RECOVERY, Action, Decision, first
 from .layouts import NEMO_RL, Layout
 from .names import Kind
 from .policy import Policy, metric_value, rules_for
@@ -22,53 +22,6 @@ from .pressure import FreeSpace, Pressure, pressure_order, protected_steps
 from .records import Checkpoint, InFlight, Leftover, RootScan
 
 __all__ = ["APPLIED", "RECOVERY", "Action", "Decision", "FreeSpace", "Plan", "Pressure", "plan"]
-
-
-class Action(enum.StrEnum):
-    KEEP = "keep"  # a step that stays
-    DELETE = "delete"  # a step moved to trash and removed
-    FINALIZE = "finalize"  # complete tmp_step_N -> step_N (one rename)
-    REPLACE = "replace"  # complete tmp_step_N over an existing step_N (via old_step_N)
-    RESTORE = (
-        "restore"  # old_step_N -> step_N (replace interrupted before the new one was complete)
-    )
-    DISCARD = "discard"  # old_step_N beside step_N: garbage of a finished replace
-    COLLECT = "collect"  # stale tmp_step_N (no marker, no writer lock, untouched) -> trash
-    WAIT = "wait"  # tmp_step_N still being written
-    PURGE = "purge"  # trash entry past trash_grace -> removed
-    HOLD = "hold"  # trash entry within trash_grace
-    IGNORE = "ignore"  # checkpoint-like name that is not a checkpoint; never touched
-
-
-#: The actions `execute.apply_plan` carries out under the root lock (PURGE runs after the unlock).
-APPLIED = frozenset(
-    {
-        Action.RESTORE,
-        Action.FINALIZE,
-        Action.REPLACE,
-        Action.DISCARD,
-        Action.COLLECT,
-        Action.DELETE,
-    }
-)
-#: What makes saves visible and resolves interrupted replaces; never deletes a checkpoint.
-RECOVERY = frozenset({Action.RESTORE, Action.FINALIZE, Action.REPLACE, Action.DISCARD})
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    step: int | None
-    path: Path
-    action: Action
-    reasons: tuple[str, ...]
-    identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) the plan saw; re-checked before acting
-    metric: float | str | None = None  # for display: the metric value or why it is missing
-    replaces: Path | None = None  # REPLACE: the existing step directory (whatever its spelling)
-    carry_pin: bool = False  # FINALIZE/REPLACE: the replaced step was pinned; pin the new one
-    # WAIT: the action held back by something that stays until someone fixes it (a step_N that
-    # is a symlink, a writer lock we cannot probe); reasons[0] says what, in stable words, so
-    # a daemon can report it once rather than on every pass.
-    blocked: Action | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +48,23 @@ class Plan:
     @property
     def deleted_steps(self) -> frozenset[int]:
         return frozenset(d.step for d in self.by_action(Action.DELETE) if d.step is not None)
+
+    @property
+    def revisit_at(self) -> float | None:
+        """The earliest time at which a decision of this plan changes with no new event: a save
+        settles or turns stale, trash outlives its grace (`Decision.until`); None: only a change
+        on disk changes the plan. A keeper passes the root again then (`next_visit`)."""
+        return first(*(d.until for d in self.decisions))
+
+    def next_visit(self, before: float) -> float | None:
+        """When a keeper should pass the root again for `revisit_at`: no sooner than
+        `MIN_REVISIT_DELAY` after the plan's ``now`` (an mtime ahead of our clock cannot make
+        it loop); None without a revisit, or when ``before`` (the next periodic pass) is sooner."""
+        at = self.revisit_at
+        if at is None:
+            return None
+        at = max(at, self.now + MIN_REVISIT_DELAY)
+        return at if at < before else None
 
     @property
     def mutates(self) -> bool:
@@ -156,7 +126,8 @@ def plan(scan: RootScan, policy: Policy, now: float, free: FreeSpace | None = No
         if tmp.step in scan.pointers and not tmp.complete:
             why = f"{scan.pointers[tmp.step]}: never collected"
             reasons = (tmp.waiting, why) if tmp.waiting else (why,)
-            decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, reasons))
+            until = tmp.settles_at  # then it counts (and ranks) as a checkpoint
+            decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, reasons, until=until))
         elif tmp.step in scan.ambiguous_steps:
             why = f"step {tmp.step} is ambiguous (two names): not finalized over"
             decisions.append(Decision(tmp.step, tmp.path, Action.WAIT, (why,)))
@@ -177,13 +148,14 @@ def plan(scan: RootScan, policy: Policy, now: float, free: FreeSpace | None = No
     decisions.extend(_retention(list(projected.values()), policy, scan.layout, scan.pointers))
 
     for entry in scan.trash:
-        age = max(now - entry.trashed_at, 0.0)  # a skewed clock on another host: not negative
-        if age >= policy.trash_grace:
+        trashed = min(entry.trashed_at, now)  # a skewed clock on another host: not in the future
+        age, purge_at = now - trashed, trashed + policy.trash_grace
+        if now >= purge_at:
             why = "in trash" + (f" for {_age(age)}" if policy.trash_grace else "")
             decisions.append(Decision(None, entry.path, Action.PURGE, (why,)))
         else:
             why = f"in trash for {_age(age)}, grace {_age(policy.trash_grace)}"
-            decisions.append(Decision(None, entry.path, Action.HOLD, (why,)))
+            decisions.append(Decision(None, entry.path, Action.HOLD, (why,), until=purge_at))
 
     pressure = None
     if free is not None and policy.min_free is not None:
@@ -261,17 +233,20 @@ def _leftover(
 def _unmarked(tmp: InFlight, policy: Policy, now: float) -> Decision:
     """A ``tmp_step_N`` without its marker: a save in progress, or abandoned (stale)."""
     if not tmp.collectable:  # a layout without temporaries: in flight until it is complete
-        return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting or "not complete",))
+        why = tmp.waiting or "not complete"
+        return Decision(tmp.step, tmp.path, Action.WAIT, (why,), until=tmp.settles_at)
     if tmp.waiting:
         return _incomplete(tmp, policy, now)
     idle = None if tmp.newest_mtime is None else now - tmp.newest_mtime
-    stale = idle is not None and idle >= policy.stale_after
+    stale_at = _stale_at(tmp, policy)
+    stale = stale_at is not None and now >= stale_at
     if tmp.writer_lock_unreadable is not None:
         why = f"writer lock unreadable ({tmp.writer_lock_unreadable}): treated as held"
         if idle is None:
             return Decision(tmp.step, tmp.path, Action.WAIT, (why,))
-        if not stale:
-            return Decision(tmp.step, tmp.path, Action.WAIT, (why, f"last write {_since(idle)}"))
+        if not stale:  # then it is reported as blocked (once)
+            reasons = (why, f"last write {_since(idle)}")
+            return Decision(tmp.step, tmp.path, Action.WAIT, reasons, until=stale_at)
         # Stale but for the lock: this is when it matters, and stays so: report it (once).
         reasons = (why, f"no marker, untouched for {_age(idle)}")
         return Decision(tmp.step, tmp.path, Action.WAIT, reasons, blocked=Action.COLLECT)
@@ -282,7 +257,14 @@ def _unmarked(tmp: InFlight, policy: Policy, now: float) -> Decision:
     if stale:
         why = f"stale: no marker, no writer lock, untouched for {_age(idle)}"
         return Decision(tmp.step, tmp.path, Action.COLLECT, (why,), tmp.identity)
-    return Decision(tmp.step, tmp.path, Action.WAIT, (f"in flight: last write {_since(idle)}",))
+    why = f"in flight: last write {_since(idle)}"
+    return Decision(tmp.step, tmp.path, Action.WAIT, (why,), until=stale_at)
+
+
+def _stale_at(tmp: InFlight, policy: Policy) -> float | None:
+    """When a save not complete and not written to since its last change seen turns stale
+    (None: its last change is not known, e.g. its writer lock is held)."""
+    return None if tmp.newest_mtime is None else tmp.newest_mtime + policy.stale_after
 
 
 def _incomplete(tmp: InFlight, policy: Policy, now: float) -> Decision:
@@ -296,11 +278,13 @@ def _incomplete(tmp: InFlight, policy: Policy, now: float) -> Decision:
         return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting, "writer lock held"))
     if idle is None:
         return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting, "in flight"))
-    if idle >= policy.stale_after:
+    stale_at = _stale_at(tmp, policy)
+    if stale_at is not None and now >= stale_at:
         why = f"stale: {tmp.waiting}, no writer lock, untouched for {_age(idle)}"
         return Decision(tmp.step, tmp.path, Action.COLLECT, (why,), tmp.identity)
     why = f"in flight: last write {_since(idle)}"
-    return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting, why))
+    until = first(stale_at, tmp.settles_at)
+    return Decision(tmp.step, tmp.path, Action.WAIT, (tmp.waiting, why), until=until)
 
 
 def _retention(
@@ -389,7 +373,7 @@ def _relieve(
     for i, d in enumerate(decisions):
         if d.action is Action.HOLD:
             cut = f"{why}: trash grace cut short"
-            decisions[i] = replace(d, action=Action.PURGE, reasons=(*d.reasons, cut))
+            decisions[i] = replace(d, action=Action.PURGE, reasons=(*d.reasons, cut), until=None)
     expected = _expected_free(decisions, free)
     at = {d.step: i for i, d in enumerate(decisions) if d.action in (Action.KEEP, Action.DELETE)}
     remaining = sum(1 for i in at.values() if decisions[i].action is Action.KEEP)

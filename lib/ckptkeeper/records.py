@@ -53,6 +53,7 @@ class InFlight:
     # is not complete yet ("" for a nemo-rl tmp_step_N), and whether it may ever be collected.
     waiting: str = ""
     collectable: bool = True
+    settles_at: float | None = None  # a settling save counts from then if nothing changes
 
 
 @dataclass(frozen=True, slots=True)

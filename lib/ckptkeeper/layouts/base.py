@@ -36,6 +36,7 @@ __all__ = [
     "age_text",
     "metrics_or_empty",
     "settling",
+    "unsettled",
 ]
 
 Info = tuple[Mapping[str, Any] | None, str | None]
@@ -93,6 +94,7 @@ class Look:
     info_error: str | None = None
     waiting: str = ""
     collectable: bool = False
+    settles_at: float | None = None  # not complete only until then, if nothing changes
 
 
 class Probe(Protocol):
@@ -166,13 +168,23 @@ def metrics_or_empty(probe: Probe, metrics_file: str | None) -> Info:
 
 def settling(probe: Probe, settle_after: float, last_written: float) -> str:
     """Why a checkpoint without a commit signal does not count yet ("" once it has settled):
-    the entry itself (a file created in it) or the file its writer writes last, in place (which
-    changed at ``last_written``), changed within ``settle_after``."""
+    `unsettled`'s ``waiting``."""
+    look = unsettled(probe, settle_after, last_written)
+    return "" if look is None else look.waiting
+
+
+def unsettled(probe: Probe, settle_after: float, last_written: float) -> Look | None:
+    """A checkpoint without a commit signal that does not count yet, with why and when it
+    settles if nothing changes (``settles_at``): the entry itself (a file created in it) or the
+    file its writer writes last, in place (which changed at ``last_written``), changed within
+    ``settle_after``. None once it has settled."""
     last = max(probe.changed("") or probe.now, last_written)
-    if last > probe.now - settle_after:
-        ago, settle = age_text(probe.now - last), age_text(settle_after)
-        return f"settling: last write {ago} ago (settle_after {settle})"
-    return ""
+    settles_at = last + settle_after
+    if settles_at <= probe.now:
+        return None
+    ago, settle = age_text(probe.now - last), age_text(settle_after)
+    why = f"settling: last write {ago} ago (settle_after {settle})"
+    return Look(False, waiting=why, settles_at=settles_at)
 
 
 #: More digits than this are not a step (an int of them would be unreasonably large to parse).

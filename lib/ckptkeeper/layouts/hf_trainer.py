@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import COMPLETE_MARKER, Look, Probe, Reader, Survey, Tunable, parse_step, settling
+from .base import COMPLETE_MARKER, Look, Probe, Reader, Survey, Tunable, parse_step, unsettled
 
 __all__ = ["HF_TRAINER", "HfTrainer"]
 
@@ -80,9 +80,8 @@ class HfTrainer(Tunable):
         written = probe.changed(STATE)
         if written is None:
             return Look(False, waiting=f"no {STATE} (HF writes in place): not complete, kept")
-        waiting = settling(probe, self.settle_after, written)
-        if waiting:
-            return Look(False, waiting=waiting)
+        if (look := unsettled(probe, self.settle_after, written)) is not None:
+            return look
         if self.metrics_file:
             info, why = probe.read_json(self.metrics_file)
             return Look(True, info, why)

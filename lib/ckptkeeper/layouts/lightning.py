@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import COMPLETE_MARKER, Look, Probe, Reader, Survey, Tunable, settling
+from .base import COMPLETE_MARKER, Look, Probe, Reader, Survey, Tunable, unsettled
 
 __all__ = ["LIGHTNING", "Lightning"]
 
@@ -70,9 +70,10 @@ class Lightning(Tunable):
         return Survey({parsed.step: f"target of {LAST}"})
 
     def classify(self, parsed: ParsedName, probe: Probe) -> Look:
-        waiting = settling(probe, self.settle_after, probe.changed("") or probe.now)
-        if waiting:
-            return Look(False, waiting=waiting)
+        if (
+            look := unsettled(probe, self.settle_after, probe.changed("") or probe.now)
+        ) is not None:
+            return look
         fields = _fields(parsed.name) or {}
         info: dict[str, Any] = {k: _number(v) for k, v in fields.items()}
         return Look(True, info, None)
