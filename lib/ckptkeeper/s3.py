@@ -94,7 +94,7 @@ class S3Storage:
             self._last[str(root)] = (layout, marker)
             if not memo:  # the scan a pass acts on: its keys spare the purge a second listing
                 self._listed[str(root)] = {
-                    name: [(base + rest, o.size) for rest, o in files.items()]
+                    name: [(f"{base}{name}/{rest}", o.size) for rest, o in files.items()]
                     for name, files in listing.groups.items()
                 }
 

@@ -187,3 +187,22 @@ def test_other_writers_commit_signal_on_s3(
     assert [(o.decision.action, o.decision.step) for o in result.outcomes] == [(Action.DELETE, 1)]
     assert not keys_under(s3, bucket, "r/step_1/")
     assert keys_under(s3, bucket, "r/step_2/") and keys_under(s3, bucket, "r/step_3/"), writer
+
+
+def test_purge_deletes_the_keys_its_pass_listed_without_listing_them_again(
+    endpoint: S3Endpoint, bucket: str, s3: Any
+) -> None:
+    """The pass's own listing names every key of the deleted checkpoint: the purge deletes
+    those first, so its closing listing (for anything written since) finds nothing and costs one
+    request, not another listing of the checkpoint's 2,500 keys (3 pages)."""
+    put_checkpoint(s3, bucket, "r", 1, {"loss": 1.0}, files=2_500)
+    put_checkpoint(s3, bucket, "r", 2, {"loss": 0.5})
+    store, root = _store(endpoint), root_path(f"s3://{bucket}/r")
+    endpoint.proxy.counts.clear()
+    result = locked_pass(root, Policy.from_mapping({"keep_latest_n": 1}), storage=store)
+    assert [r.files for _, r in result.removed] == [2_501]  # shards and info (marker: first)
+    assert not keys_under(s3, bucket, "r/step_1/")
+    # 3 pages for the pass's listing, 3 one-key looks (is step_1, its pin file there?), and
+    # 1 closing listing of step_1/ (empty by then); listing the checkpoint again cost 2 more
+    assert endpoint.proxy.counts["ListObjects"] == 7
+    assert endpoint.proxy.counts["DeleteObjects"] == 3  # 2,501 keys in batches of <= 1,000
