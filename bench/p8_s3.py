@@ -121,7 +121,7 @@ def _s3fs(endpoint: Any, bucket: str, count: int) -> float | None:
 
 def _idle_pass(endpoint: Any, bucket: str, roots: int) -> tuple[float, dict[str, int]]:
     from ckptkeeper import InfoCache, Policy
-    from ckptkeeper.stores import root_path
+    from ckptkeeper.stores import parse_root
     from ckptkeeperd.reconcile import reconcile
 
     for i in range(roots):
@@ -129,13 +129,13 @@ def _idle_pass(endpoint: Any, bucket: str, roots: int) -> tuple[float, dict[str,
             _checkpoint(bucket, f"idle/run-{i:04d}", step, 1)
     os.environ.update(endpoint.env())
     policy, cache = Policy.from_mapping({"keep_latest_n": 5}), InfoCache()
-    urls = [root_path(f"s3://{bucket}/idle/run-{i:04d}") for i in range(roots)]
+    urls = [parse_root(f"s3://{bucket}/idle/run-{i:04d}") for i in range(roots)]
     for root in urls:  # the first pass reads every training_info.json once
-        reconcile(root, policy, cache=cache)
+        reconcile(root.path, policy, cache=cache, storage=root.storage)
     endpoint.proxy.counts.clear()
     started = time.perf_counter()
     for root in urls:
-        report = reconcile(root, policy, cache=cache)
+        report = reconcile(root.path, policy, cache=cache, storage=root.storage)
         assert report.status in ("ok", "done") and not report.outcomes, (
             report.status,
             report.problems,

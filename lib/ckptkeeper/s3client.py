@@ -15,7 +15,15 @@ import stat
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["RETRYABLE", "S3Error", "condition_failed", "make_client", "os_error", "s3_stat", "timestamp"]
+__all__ = [
+    "RETRYABLE",
+    "S3Error",
+    "condition_failed",
+    "make_client",
+    "os_error",
+    "s3_stat",
+    "timestamp",
+]
 
 #: DeleteObjects per-key error codes worth another try (with backoff).
 RETRYABLE = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})

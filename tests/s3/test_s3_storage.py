@@ -16,7 +16,7 @@ from ckptkeeper import Action, Policy
 from ckptkeeper.lease import S3Lease
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.s3 import S3Storage, commit
-from ckptkeeper.stores import root_path, root_url, storage_for
+from ckptkeeper.stores import parse_root, root_path, root_url
 
 
 def _store(endpoint: S3Endpoint) -> S3Storage:
@@ -24,14 +24,20 @@ def _store(endpoint: S3Endpoint) -> S3Storage:
 
 
 def test_urls_flow_as_roots_and_the_factory_picks_the_storage(tmp_path: Path) -> None:
-    root = root_path("s3://bkt/runs/a")
+    url = parse_root("s3://bkt/runs/a")
+    root = url.path
     assert (
         root_url(root) == "s3://bkt/runs/a"
         and root_url(root / "step_1") == "s3://bkt/runs/a/step_1"
+        and url.url == "s3://bkt/runs/a"
     )
     assert root_path("rel", tmp_path) == tmp_path / "rel"
-    assert type(storage_for(tmp_path)).__name__ == "PosixStorage"
-    assert type(storage_for(root)).__name__ == "S3Storage"
+    assert type(parse_root(str(tmp_path)).storage).__name__ == "PosixStorage"
+    assert type(url.storage).__name__ == "S3Storage" and url.local_dir is None
+    # only "s3://" as written is a URL: "s3:/x" is the directory x under a directory "s3:"
+    local = parse_root("s3:/bkt/runs/a", tmp_path)
+    assert local.path == tmp_path / "s3:" / "bkt" / "runs" / "a" == local.local_dir
+    assert type(local.storage).__name__ == "PosixStorage"
     with pytest.raises(ValueError, match="bucket"):
         root_path("s3://")
 
