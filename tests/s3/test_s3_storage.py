@@ -212,3 +212,18 @@ def test_purge_deletes_the_keys_its_pass_listed_without_listing_them_again(
     # 1 closing listing of step_1/ (empty by then); listing the checkpoint again cost 2 more
     assert endpoint.proxy.counts["ListObjects"] == 7
     assert endpoint.proxy.counts["DeleteObjects"] == 3  # 2,501 keys in batches of <= 1,000
+
+
+def test_fast_timestamp_parser_agrees_with_botocores() -> None:
+    from botocore.utils import parse_timestamp
+
+    from ckptkeeper.s3client import timestamp
+
+    for text in (
+        "2026-11-30T13:04:01.000Z",  # ListObjectsV2 LastModified
+        "2026-11-30T13:04:01.123456Z",
+        "2026-11-30T13:04:01+02:00",
+        "Mon, 30 Nov 2026 13:04:01 GMT",  # a HeadObject Last-Modified header
+    ):
+        assert timestamp(text) == parse_timestamp(text), text
+        assert timestamp(text).tzinfo is not None
