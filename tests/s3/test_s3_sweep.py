@@ -63,10 +63,10 @@ def test_s3_root_never_takes_a_local_directory_of_the_same_spelling_for_itself(
     for step in (1, 2, 3):
         write_checkpoint(local, step, final=True)
     prom = tmp_path / "keeper.prom"
+    args = ["sweep", f"s3://{bucket}/r", "--keep-latest-n", "1", "--metrics-file", str(prom)]
     out = subprocess.run(
-        [CKPTKEEPER, "sweep", f"s3://{bucket}/r", "--keep-latest-n", "1"]
-        + ["--metrics-file", str(prom)],
-        capture_output=True, text=True, timeout=120, env=dict(s3env), cwd=tmp_path,
+        [CKPTKEEPER, *args], capture_output=True, text=True, timeout=120, env=dict(s3env),
+        cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert {k.split("/")[1] for k in keys_under(s3, bucket, "r/")} == {"step_3", ".ckptkeeper"}
