@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.helpers import CKPTKEEPER, step_names, write_checkpoint
+from tests.helpers import CKPTKEEPER, Daemon, step_names, wait_until, write_checkpoint
 
 from ckptkeeper.storage import PosixStorage
 from ckptkeeperd.config import load_config
@@ -76,3 +76,27 @@ def test_config_root_spelled_s3_colon_single_slash_is_a_local_directory(tmp_path
     assert code == 0, (err, events)
     assert step_names(root) == {"step_3"}
     assert sorted(e["step"] for e in events if e["event"] == "deleted") == [1, 2]
+
+
+def test_daemon_watches_a_root_spelled_s3_colon_single_slash_as_a_directory(
+    tmp_path: Path,
+) -> None:
+    """The daemon's observer choice: a local directory gets events (inotify), not S3 polling;
+    a new save there is finalized and the older step pruned by the event-driven pass."""
+    root = _run(tmp_path)
+    keeper = Daemon(
+        ["s3:/run", "--keep-latest-n", "1", "--sweep-interval", "1h"],
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        metrics_address="",
+    )
+    try:
+        keeper.wait_ready()
+        [added] = keeper.wait_for("root_added")
+        assert added["root"] == str(root) and added["observer"] == "inotify", added
+        write_checkpoint(root, 4)  # tmp_step_4 with its marker: an event, not a poll
+        keeper.wait_for("finalized", step=4, timeout=30)
+        wait_until(lambda: step_names(root) == {"step_4"}, timeout=30)
+        assert keeper.stop() == 0
+    finally:
+        keeper.kill()
