@@ -61,7 +61,19 @@ def _ours(endpoint: Any, bucket: str, count: int) -> float:
 
     _checkpoint(bucket, "ours", 1, count)
     _checkpoint(bucket, "ours", 2, 1)
-    store = S3Storage(endpoint.client(direct=True))
+    # the client ckptkeeper makes (s3client.make_client), straight to moto as the baselines' are
+    env = {**endpoint.env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{endpoint.moto_port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        store = S3Storage()
+        store.client  # noqa: B018 - made before the clock starts, as a keeper's is
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     root = root_path(f"s3://{bucket}/ours")
     started = time.perf_counter()
     result = locked_pass(root, Policy.from_mapping({"keep_latest_n": 1}), storage=store)
@@ -109,7 +121,7 @@ def _s3fs(endpoint: Any, bucket: str, count: int) -> float | None:
 
 def _idle_pass(endpoint: Any, bucket: str, roots: int) -> tuple[float, dict[str, int]]:
     from ckptkeeper import InfoCache, Policy
-    from ckptkeeper.stores import root_path
+    from ckptkeeper.stores import parse_root
     from ckptkeeperd.reconcile import reconcile
 
     for i in range(roots):
@@ -117,13 +129,13 @@ def _idle_pass(endpoint: Any, bucket: str, roots: int) -> tuple[float, dict[str,
             _checkpoint(bucket, f"idle/run-{i:04d}", step, 1)
     os.environ.update(endpoint.env())
     policy, cache = Policy.from_mapping({"keep_latest_n": 5}), InfoCache()
-    urls = [root_path(f"s3://{bucket}/idle/run-{i:04d}") for i in range(roots)]
+    urls = [parse_root(f"s3://{bucket}/idle/run-{i:04d}") for i in range(roots)]
     for root in urls:  # the first pass reads every training_info.json once
-        reconcile(root, policy, cache=cache)
+        reconcile(root.path, policy, cache=cache, storage=root.storage)
     endpoint.proxy.counts.clear()
     started = time.perf_counter()
     for root in urls:
-        report = reconcile(root, policy, cache=cache)
+        report = reconcile(root.path, policy, cache=cache, storage=root.storage)
         assert report.status in ("ok", "done") and not report.outcomes, (
             report.status,
             report.problems,

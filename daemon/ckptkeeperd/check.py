@@ -31,7 +31,7 @@ from ckptkeeper.sizes import format_percent
 from .config import DaemonConfig, Settings
 from .metrics import deletions_paused
 from .reconcile import Report, preview
-from .roots import expand_roots, resolve_settings
+from .roots import expand, resolve_settings
 
 __all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "Finding", "RootHealth", "judge", "run_check"]
 
@@ -155,9 +155,9 @@ def run_check(config: DaemonConfig, now: float | None = None) -> tuple[int, str,
     """Judge every root of ``config``: (exit code, summary line, JSON document)."""
     now = time.time() if now is None else now
     healths: list[RootHealth] = []
-    for root, overrides in expand_roots(config):
-        resolved = resolve_settings(config, root, overrides)
-        report = preview(root, resolved.settings.policy, now=now)
+    for where, overrides in expand(config):
+        resolved = resolve_settings(config, where.path, overrides)
+        report = preview(where.path, resolved.settings.policy, now=now, storage=where.storage)
         healths.append(judge(report, resolved.settings, resolved.problems, now))
     return summarize(healths)
 

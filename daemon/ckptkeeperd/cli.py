@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from ckptkeeper import Policy
-from ckptkeeper.stores import is_url
+from ckptkeeper.stores import Root
 
 from .config import (
     ConfigError,
@@ -30,7 +30,7 @@ from .config import (
 from .lockscope import LockScopeWarner
 from .logs import LEVELS, ProblemLog, configure_logging, get_logger
 from .reconcile import EVENT_FOR, PolicySource, Report, preview, reconcile
-from .roots import SettingsResolver, expand_roots
+from .roots import SettingsResolver, expand
 
 __all__ = ["main"]
 
@@ -171,7 +171,7 @@ def cli() -> None:
 
 
 def _passes(
-    config: DaemonConfig, action: Callable[[Path, PolicySource, Any, ProblemLog], Report]
+    config: DaemonConfig, action: Callable[[Root, PolicySource, Any, ProblemLog], Report]
 ) -> list[tuple[Report, Policy]]:
     """``action`` on every root, given what resolves the root's policy: each call resolves
     afresh, so a sweep's plan under the lock uses the settings as they are then."""
@@ -179,13 +179,14 @@ def _passes(
     resolver = SettingsResolver()
     scopes = LockScopeWarner()
     out: list[tuple[Report, Policy]] = []
-    for root, overrides in expand_roots(config):
+    for where, overrides in expand(config):
+        root = where.path
         log = get_logger(root=str(root))
-        if not is_url(root):
-            scopes.check(root, log)
+        if (local := where.local_dir) is not None:
+            scopes.check(local, log)
         source = _policy_source(resolver, config, root, overrides, problems, log)
         first = source()  # its problems are logged before the pass, whatever the pass does
-        report = action(root, source, log, problems)
+        report = action(where, source, log, problems)
         out.append((report, report.plan.policy if report.plan is not None else first))
     return out
 
@@ -237,10 +238,11 @@ def sweep(
 
         metrics = sweep_metrics(config, metrics_file)
 
-    def one(root: Path, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
+    def one(where: Root, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
+        root = where.path
         if dry_run:
             now = policy if isinstance(policy, Policy) else policy()
-            report = preview(root, now, log=log, problems=problems)
+            report = preview(root, now, log=log, problems=problems, storage=where.storage)
             for d in report.plan.decisions if report.plan is not None else ():
                 if d.action in _MUTATING:
                     log.info(
@@ -257,6 +259,7 @@ def sweep(
             problems=problems,
             lock_timeout=30.0,
             delete_workers=config.daemon.delete_workers,
+            storage=where.storage,
             on_outcome=None if metrics is None else metrics.finalize_hook(root, marker(policy)),
         )
 
@@ -300,9 +303,9 @@ def status(roots: tuple[str, ...], as_json: bool, html_path: Path | None, **opts
     config = _build_config(roots, opts)
     _setup_logs(opts, config, to_stderr=True)
 
-    def one(root: Path, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
+    def one(where: Root, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
         now = policy if isinstance(policy, Policy) else policy()
-        return preview(root, now, log=log, problems=problems)
+        return preview(where.path, now, log=log, problems=problems, storage=where.storage)
 
     results = _passes(config, one)
     if html_path is not None:

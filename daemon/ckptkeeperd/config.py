@@ -34,7 +34,8 @@ from pydantic import ValidationError
 
 from ckptkeeper.errors import strerror
 from ckptkeeper.policy import PolicyError
-from ckptkeeper.stores import root_path
+from ckptkeeper.storage import POSIX, Storage
+from ckptkeeper.stores import Root, parse_root
 
 from .address import DEFAULT_METRICS_ADDRESS, parse_address
 from .settings import (
@@ -90,8 +91,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RootEntry:
+    """A ``[[root]]`` (or command-line root): its path, overrides and the storage it lives on,
+    decided once from its spelling (`ckptkeeper.stores.parse_root`)."""
+
     path: Path
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    storage: Storage = POSIX
+
+    @property
+    def root(self) -> Root:
+        return Root(self.path, self.storage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,14 +183,14 @@ def _from_data(data: Mapping[str, Any], *, name: str, source: Path) -> DaemonCon
             problems.append((f"root[{i}].path", "contains a NUL character"))
             continue
         try:  # an absolute path replaces base_dir; an s3:// URL stays a URL
-            root = root_path(table.path, base_dir)
+            root = parse_root(table.path, base_dir)
         except ValueError as exc:
             problems.append((f"root[{i}].path", str(exc)))
             continue
-        if (first := seen.setdefault(os.path.normpath(root), i)) != i:
-            problems.append((f"root[{i}].path", f"same directory as root[{first}]: {root}"))
+        if (first := seen.setdefault(os.path.normpath(root.path), i)) != i:
+            problems.append((f"root[{i}].path", f"same directory as root[{first}]: {root.url}"))
         problems.extend(_check_over(defaults, table.settings, f"root[{i}]"))
-        roots.append(RootEntry(root, table.settings))
+        roots.append(RootEntry(root.path, table.settings, root.storage))
     discovers: list[DiscoverEntry] = []
     for i, dtable in enumerate(parsed.discover):
         if "\0" in dtable.glob:
@@ -267,9 +276,10 @@ def add_roots(config: DaemonConfig, roots: Sequence[str | os.PathLike[str]]) -> 
         if not text or "\0" in text:
             raise ConfigError(COMMAND_LINE, [(f"ROOT[{i}]", f"not a usable path: {text!r}")])
         try:
-            entries.append(RootEntry(root_path(text)))
+            root = parse_root(text)
         except ValueError as exc:
             raise ConfigError(COMMAND_LINE, [(f"ROOT[{i}]", str(exc))]) from None
+        entries.append(RootEntry(root.path, storage=root.storage))
     return replace(config, roots=entries)
 
 

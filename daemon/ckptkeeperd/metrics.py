@@ -161,7 +161,8 @@ class KeeperMetrics:
         self.pass_duration.observe(report.duration_ms / 1000)
         now = self.clock()
         actions, failures, freed = _counts(report)
-        fs = _filesystem(report.root) if report.status != "error" else None
+        local = report.storage.local_dir(report.root)  # None: an object store, no statvfs
+        fs = _filesystem(local) if report.status != "error" and local is not None else None
         with self._lock:
             r = self._roots.setdefault(Path(report.root), _Root())
             _add(r.actions, actions)

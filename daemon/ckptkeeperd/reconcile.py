@@ -18,8 +18,6 @@ uses the settings as they are then. Each plan uses one policy for its scan and i
 
 from __future__ import annotations
 
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -38,15 +36,13 @@ from ckptkeeper import (
     Removal,
     RootScan,
     plan,
-    scan_root,
 )
 from ckptkeeper.errors import errno_name, strerror
 from ckptkeeper.layouts import get_layout
 from ckptkeeper.names import Kind
-from ckptkeeper.passes import RECOVERY, locked_pass, one_save
+from ckptkeeper.passes import RECOVERY, locked_pass, one_save, store_facts
 from ckptkeeper.plan import Decision
-from ckptkeeper.space import disk_facts
-from ckptkeeper.stores import is_url, storage_for
+from ckptkeeper.storage import POSIX, PosixStorage, Storage
 
 from .logs import ProblemLog, emit, get_logger
 from .problems import problems_of
@@ -77,6 +73,7 @@ class Report:
     removed: list[tuple[Path, Removal]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     duration_ms: float = 0.0
+    storage: Storage = POSIX  # the root's: asked for its local directory (metrics' statvfs)
 
     @property
     def errors(self) -> int:
@@ -92,24 +89,9 @@ class Report:
         return sum(1 for o in self.outcomes if o.decision.action is action and o.status == "done")
 
 
-def _check_root(root: Path) -> str | None:
-    if is_url(root):
-        return None  # an object store's root is its prefix: the listing says if it is there
-    try:
-        st = os.lstat(root)
-    except FileNotFoundError:
-        return "root does not exist"
-    except OSError as exc:
-        return f"cannot stat root: {errno_name(exc)}"
-    if stat.S_ISLNK(st.st_mode):
-        return "root is a symlink: not followed"
-    if not stat.S_ISDIR(st.st_mode):
-        return "root is not a directory"
-    return None
-
-
 def _scan_and_plan(
     root: Path,
+    storage: Storage,
     policy: Policy,
     cache: InfoCache | None,
     now: float,
@@ -122,8 +104,7 @@ def _scan_and_plan(
     ``memo``: the scan may reuse the cache's memo of unchanged step directories; only for a plan
     that decides whether to act, never for one that is acted on."""
     try:
-        # POSIX roots: scan_root itself, as before; others through their storage (stores.py)
-        scan = (storage_for(root).scan if is_url(root) else scan_root)(
+        scan = storage.scan(
             root,
             layout=policy.scan_layout(),
             marker=policy.complete_marker,
@@ -136,7 +117,7 @@ def _scan_and_plan(
         report.problems.append(f"cannot list root: {errno_name(exc)}")
         return False
     report.scan = scan
-    free = disk_facts(scan, policy, now, cache)  # statvfs; sizes only with min_free
+    free = store_facts(storage, scan, policy, now, cache)  # statvfs; sizes only with min_free
     # Planned afresh (pure, ~2 us a step): keeping every root's last decisions to reuse them
     # would hold far more memory per checkpoint than the memoized scan (bench P9K).
     report.plan = plan(scan, policy, now, free)
@@ -164,17 +145,20 @@ def preview(
     now: float | None = None,
     log: Any = None,
     problems: ProblemLog | None = None,
+    storage: Storage = POSIX,
 ) -> Report:
-    """Scan and plan only; never calls the executor (``status``, ``sweep --dry-run``)."""
+    """Scan and plan only; never calls the executor (``status``, ``sweep --dry-run``).
+    ``storage``: the root's (`stores.Root.storage`)."""
     root = Path(root)
     log = log or get_logger(root=str(root))
-    report = Report(root)
+    report = Report(root, storage=storage)
     started = time.perf_counter()
-    if (why := _check_root(root)) is not None:
+    if (why := storage.check_root(root)) is not None:
         report.status = "error"
         report.problems.append(why)
     else:
-        _scan_and_plan(root, policy, cache, time.time() if now is None else now, report)
+        now = time.time() if now is None else now
+        _scan_and_plan(root, storage, policy, cache, now, report)
     _report_problems(report, log, problems)
     report.duration_ms = (time.perf_counter() - started) * 1000
     return report
@@ -193,17 +177,21 @@ def reconcile(
     problems: ProblemLog | None = None,
     cancel: threading.Event | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
+    storage: Storage | None = None,
 ) -> Report:
     """One idempotent pass over ``root``. Never raises for a bad root or a bad checkpoint.
 
-    ``on_outcome`` sees each action's outcome as it happens, under the lock (metrics)."""
+    ``on_outcome`` sees each action's outcome as it happens, under the lock (metrics).
+    ``storage``: the root's (`stores.Root.storage`); a filesystem through ``fs`` when None."""
     root = Path(root)
     log = log or get_logger(root=str(root))
-    report = Report(root)
+    storage = storage if storage is not None else PosixStorage(fs)
+    report = Report(root, storage=storage)
     started = time.perf_counter()
     try:
         _reconcile(
             root,
+            storage,
             policy,
             cache,
             clock,
@@ -226,6 +214,7 @@ def reconcile(
 
 def _reconcile(
     root: Path,
+    storage: Storage,
     source: PolicySource,
     cache: InfoCache | None,
     clock: Callable[[], float],
@@ -237,13 +226,13 @@ def _reconcile(
     cancel: threading.Event | None,
     observe: Callable[[Outcome], None] | None = None,
 ) -> None:
-    if (why := _check_root(root)) is not None:
+    if (why := storage.check_root(root)) is not None:
         report.status = "error"
         report.problems.append(why)
         return
     # Without the lock: is there anything to do at all? (Most passes: no.)
     policy = source if isinstance(source, Policy) else source()
-    if not _scan_and_plan(root, policy, cache, clock(), report, memo=True):
+    if not _scan_and_plan(root, storage, policy, cache, clock(), report, memo=True):
         return
     assert report.plan is not None
     if not report.plan.mutates:  # no action and no trash to purge: the lock is not needed
@@ -275,7 +264,7 @@ def _reconcile(
     result = locked_pass(
         root,
         resolved,
-        storage=storage_for(root, fs),
+        storage=storage,
         lock_timeout=lock_timeout,
         clock=clock,
         fs=fs,
@@ -315,7 +304,7 @@ def finalize_marked(
     try:
         now_policy = policy if isinstance(policy, Policy) else policy()
         parsed = get_layout(now_policy.layout).parse(tmp.name)
-        if parsed is None or parsed.kind is not Kind.TMP or _check_root(root) is not None:
+        if parsed is None or parsed.kind is not Kind.TMP or POSIX.check_root(root) is not None:
             return None
 
         def observe(o: Outcome) -> None:

@@ -60,7 +60,8 @@ from ckptkeeper.layouts import (
 )
 from ckptkeeper.policy import Policy, PolicyError
 from ckptkeeper.scan import CKPTKEEPER_DIR
-from ckptkeeper.stores import is_url, root_path
+from ckptkeeper.storage import POSIX
+from ckptkeeper.stores import Root, is_url, parse_root
 
 from .config import RUN_FILE, DaemonConfig, DiscoverEntry, Resolved, Settings
 from .runfiles import (
@@ -74,7 +75,7 @@ from .runfiles import (
     walk_unchanged,
 )
 
-__all__ = ["WALK_LIMIT", "SettingsResolver", "expand_roots", "resolve_settings"]
+__all__ = ["WALK_LIMIT", "SettingsResolver", "expand", "expand_roots", "resolve_settings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,36 +323,46 @@ _MAGIC = re.compile(r"[*?[]")
 def expand_roots(
     config: DaemonConfig, problems: list[str] | None = None
 ) -> list[tuple[Path, Mapping[str, Any]]]:
+    """The paths of `expand` (for callers that need no storage)."""
+    return [(root.path, overrides) for root, overrides in expand(config, problems)]
+
+
+def expand(
+    config: DaemonConfig, problems: list[str] | None = None
+) -> list[tuple[Root, Mapping[str, Any]]]:
     """Explicit roots, then the directories each ``[[discover]]`` glob finds, deduplicated by
     identity (st_dev, st_ino; realpath for a root that does not exist). The first entry's
     overrides win (``[[root]]`` beats ``[[discover]]``), but the spelling kept is one that is
     not a symlink: a root reached through a symlink is refused by the pass, and the directory
     must not go unmanaged because it was listed through one. Never raises; unreadable candidates
     are skipped and described in ``problems`` when given."""
-    out: list[tuple[Path, Mapping[str, Any]]] = []
+    out: list[tuple[Root, Mapping[str, Any]]] = []
     seen: dict[object, int] = {}
 
-    def add(path: Path, overrides: Mapping[str, Any]) -> None:
-        key, is_link = _identity(path)
+    def add(root: Root, overrides: Mapping[str, Any]) -> None:
+        key, is_link = _identity(root)
         if (at := seen.get(key)) is None:
             seen[key] = len(out)
-            out.append((path, overrides))
+            out.append((root, overrides))
         elif not is_link and _identity(out[at][0])[1]:
-            out[at] = (path, out[at][1])  # same directory: keep the first entry's settings
+            out[at] = (root, out[at][1])  # same directory: keep the first entry's settings
 
     for entry in config.roots:
-        add(entry.path, entry.overrides)
+        add(entry.root, entry.overrides)
     for disc in config.discovers:
         layout = disc.overrides.get("layout", config.default_overrides.get("layout"))
         names = _checkpoint_names(layout if isinstance(layout, str) else DEFAULT_LAYOUT)
         for found in _discover(disc, problems if problems is not None else [], names):
             add(found, disc.overrides)
     shard = config.daemon.shard  # several keepers: only this keeper's roots (ckptkeeperd.shard)
-    return out if shard is None else [(root, o) for root, o in out if shard.owns(root)]
+    return out if shard is None else [(root, o) for root, o in out if shard.owns(root.path)]
 
 
-def _identity(path: Path) -> tuple[object, bool]:
+def _identity(root: Root) -> tuple[object, bool]:
     """What makes two spellings one root, and whether this spelling is a symlink."""
+    path = root.local_dir
+    if path is None:  # an object store: its URL
+        return root.url, False
     try:
         is_link = stat.S_ISLNK(os.lstat(path).st_mode)
     except (OSError, ValueError):
@@ -379,16 +390,16 @@ def _checkpoint_names(layout: str) -> Callable[[str], bool]:
 
 def _discover(
     entry: DiscoverEntry, problems: list[str], is_checkpoint: Callable[[str], bool]
-) -> list[Path]:
+) -> list[Root]:
     """Directories matching the glob that directly hold a checkpoint-named entry.
 
     Never a directory that is, or lies inside, a checkpoint or ``.ckptkeeper``, nor one reached
     through a symlink below the glob's literal prefix.
     """
-    if is_url(entry.glob):  # an object store: prefixes, listed (ckptkeeper.s3discover)
+    if is_url(entry.glob):  # s3:// as written: prefixes, listed (ckptkeeper.s3discover)
         from ckptkeeper.s3discover import discover_s3
 
-        return [root_path(url) for url in discover_s3(entry.glob, problems)]
+        return [parse_root(url) for url in discover_s3(entry.glob, problems)]
     parts = Path(entry.glob).parts
     literal = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), len(parts))
     base = entry.base_dir
@@ -398,7 +409,7 @@ def _discover(
     except (OSError, ValueError) as exc:
         problems.append(f"discover {entry.glob!r}: {exc}")
         return []
-    found: list[Path] = []
+    found: list[Root] = []
     for match in matches:
         rel = Path(os.path.normpath(match))
         start = min(literal, len(rel.parts) - 1)  # a candidate's own name is always checked
@@ -409,7 +420,7 @@ def _discover(
             full, problems, is_checkpoint
         ):
             continue
-        found.append(full)
+        found.append(Root(full, POSIX))
     return found
 
 

@@ -24,7 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ckptkeeper import InfoCache, Plan, Policy
 from ckptkeeper.info import MEMO_TRUST_S
-from ckptkeeper.stores import is_url
+from ckptkeeper.storage import POSIX, Storage
 
 from .config import ConfigError, DaemonConfig, Resolved, Settings
 from .fstype import ObserverChooser
@@ -34,7 +34,7 @@ from .logs import ProblemLog, get_logger
 from .metrics import KeeperMetrics, deletions_paused
 from .page import page_for
 from .reconcile import Report, finalize_marked, reconcile
-from .roots import SettingsResolver, expand_roots
+from .roots import SettingsResolver, expand
 from .sdnotify import Notifier, watchdog_interval
 from .sidecar import FinalPass, Sidecar
 from .signals import process_inbox
@@ -52,6 +52,7 @@ class _RootState:
     settings: Settings
     observer: str
     problems: tuple[str, ...] = ()
+    storage: Storage = POSIX  # where the root lives (`ckptkeeper.stores.Root`)
 
 
 class Keeper:
@@ -107,16 +108,21 @@ class Keeper:
     def refresh_roots(self) -> None:
         """Re-expand configured and discovered roots, resolve each root's settings, sync watches."""
         found: dict[Path, _RootState] = {}
-        for root, overrides in expand_roots(self.config):
+        for where, overrides in expand(self.config):
+            root = where.path
             # Watching and scheduling need no config.yaml (a walk over every root's newest
             # steps was most of a 1 M-checkpoint keeper's start); each pass resolves in full
             # and reports the root's config problems.
             resolved = self.settings.resolve_unranked(self.config, root, overrides)
-            try:  # an object store sends no events: its sweeps are its polls
-                kind = "sweep" if is_url(root) else self.observers(root, resolved.settings.observer)
+            local = where.local_dir  # None: an object store, no events, its sweeps are its polls
+            observer = resolved.settings.observer
+            try:
+                kind = "sweep" if local is None else self.observers(local, observer)
             except OSError:
                 kind = "polling"
-            found[root] = _RootState(overrides, resolved.settings, kind, tuple(resolved.problems))
+            found[where.path] = _RootState(
+                overrides, resolved.settings, kind, tuple(resolved.problems), where.storage
+            )
         with self._state_lock:
             previous = self.roots
             added = set(found) - set(previous)
@@ -124,8 +130,8 @@ class Keeper:
             self.roots = found
         for root in sorted(added):
             self.log.info("root_added", root=str(root), observer=found[root].observer)
-            if not is_url(root):
-                self._lock_scope.check(root, self.log)
+            if (local := found[root].storage.local_dir(root)) is not None:
+                self._lock_scope.check(local, self.log)
             if self._scheduler.running:  # found by a later refresh: its first pass now
                 self.request(root)
         for root in sorted(removed):
@@ -328,6 +334,7 @@ class Keeper:
             delete_workers=self.config.daemon.delete_workers,
             cancel=self._cancel,
             lock_timeout=lock_timeout,
+            storage=state.storage,
             on_outcome=self.metrics.finalize_hook(
                 root, lambda: seen[-1].settings.policy.complete_marker
             ),

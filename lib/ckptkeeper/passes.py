@@ -20,6 +20,7 @@ from .effects import OS_FS, Fs
 from .execute import Outcome, apply_plan
 from .plan import APPLIED, RECOVERY, Action, Decision, Plan, plan
 from .policy import Policy
+from .pressure import FreeSpace
 from .records import RootScan
 from .removal import Removal
 from .scan import InfoCache
@@ -33,6 +34,7 @@ __all__ = [
     "locked_pass",
     "one_save",
     "recovery_needed",
+    "store_facts",
 ]
 
 #: Every action a pass may take: everything the executor applies, and trash purges.
@@ -110,7 +112,7 @@ def locked_pass(
             steps=steps,
         )
         result.scan = select(scan) if select is not None else scan
-        free = disk_facts(result.scan, policy, now, cache)  # statvfs; sizes only with min_free
+        free = store_facts(store, result.scan, policy, now, cache)
         result.plan = plan(result.scan, policy, now, free)
         chosen = result.plan.by_action(*(set(actions) & APPLIED))
         todo = Plan(root, policy, now, chosen, result.plan.layout)
@@ -143,6 +145,16 @@ def _remove_trash(
         result.removed.append((path, removal))
         if on_removed is not None:
             on_removed(cause, removal, (time.perf_counter() - started) * 1000)
+
+
+def store_facts(
+    store: Storage, scan: RootScan, policy: Policy, now: float, cache: InfoCache | None
+) -> FreeSpace | None:
+    """`space.disk_facts` of a root on a filesystem (statvfs; sizes only with ``min_free``);
+    None where the storage has no local directory (an object store has no free-space figure)."""
+    if store.local_dir(scan.root) is None:
+        return None
+    return disk_facts(scan, policy, now, cache)
 
 
 def recovery_needed(scan: RootScan) -> bool:

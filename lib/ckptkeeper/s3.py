@@ -94,7 +94,7 @@ class S3Storage:
             self._last[str(root)] = (layout, marker)
             if not memo:  # the scan a pass acts on: its keys spare the purge a second listing
                 self._listed[str(root)] = {
-                    name: [(base + rest, o.size) for rest, o in files.items()]
+                    name: [(f"{base}{name}/{rest}", o.size) for rest, o in files.items()]
                     for name, files in listing.groups.items()
                 }
 
@@ -220,6 +220,15 @@ class S3Storage:
         )
         return _HeldLease(self, str(root), lease)
 
+    def local_dir(self, root: Path) -> Path | None:
+        return None  # polled; a lease, not flock; no free-space figure
+
+    def check_root(self, root: Path) -> str | None:
+        return None  # a root is its prefix: the listing says whether anything is there
+
+    def url(self, path: Path) -> str:
+        return root_url(path)
+
 
 class _HeldLease:
     """A lease that the storage knows about while it is held (`S3Storage.trash` renews it)."""
@@ -332,9 +341,9 @@ def commit(url: str, *, marker: str = ".complete", client: Any = None) -> str:
     """Write the commit marker of the checkpoint at ``url`` (``s3://bucket/root/step_N``) after
     every other object of it is written: the last step of a save by the trainer's own S3 writer.
     Refuses an empty prefix (nothing was saved). Returns the marker's URL."""
-    from .stores import root_path
-
-    path = root_path(url)
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
+    path = Path(url)
     bucket, key = split_url(path)
     s3 = client if client is not None else make_client()
     try:

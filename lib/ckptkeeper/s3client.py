@@ -12,9 +12,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["RETRYABLE", "S3Error", "condition_failed", "make_client", "os_error", "s3_stat"]
+__all__ = [
+    "RETRYABLE",
+    "S3Error",
+    "condition_failed",
+    "make_client",
+    "os_error",
+    "s3_stat",
+    "timestamp",
+]
 
 #: DeleteObjects per-key error codes worth another try (with backoff).
 RETRYABLE = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
@@ -32,6 +41,7 @@ class S3Error(OSError):
 def make_client() -> Any:
     try:
         import boto3
+        import botocore.session
         from botocore.config import Config
     except ImportError:
         raise OSError(
@@ -44,7 +54,24 @@ def make_client() -> Any:
         read_timeout=60,
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return boto3.session.Session().client("s3", config=config, region_name=region or None)
+    core = botocore.session.get_session()
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=timestamp)
+    session = boto3.session.Session(botocore_session=core)
+    return session.client("s3", config=config, region_name=region or None)
+
+
+def timestamp(text: str) -> datetime:
+    """A response's timestamp. A listing's ``LastModified`` is ISO 8601, which
+    `datetime.fromisoformat` reads in a microsecond; botocore's default (dateutil) took 0.16 ms,
+    a third of a 20,000-object listing's client time. Anything else (the RFC 1123 dates of
+    headers) goes to botocore's parser."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        from botocore.utils import parse_timestamp
+
+        return parse_timestamp(text)  # type: ignore[no-any-return]
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _code_status(exc: BaseException) -> tuple[str, int, str]:

@@ -10,13 +10,14 @@ hook, so tests wrap `Fs` exactly as before.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
 from .effects import OS_FS, Fs, RootLock, fsync_dir, move_to_trash, open_area
-from .errors import errno_text
+from .errors import errno_name, errno_text
 from .layouts import NEMO_RL, Layout
 from .records import RootScan
 from .removal import Removal, remove_tree
@@ -96,6 +97,22 @@ class Storage(Protocol):
         """The root's lock, not yet taken: ``timeout`` None waits, 0 tries once."""
         ...
 
+    # What callers ask of a root instead of looking at its spelling (`stores.Root`):
+
+    def local_dir(self, root: Path) -> Path | None:
+        """The local directory behind ``root``, where a filesystem is: inotify watches, the
+        flock scope of its mount, free space. None on an object store (polled, a lease, no
+        free-space figure)."""
+        ...
+
+    def check_root(self, root: Path) -> str | None:
+        """Why ``root`` cannot be passed over (missing, a symlink...), None when it can."""
+        ...
+
+    def url(self, path: Path) -> str:
+        """``path`` (the root or a path below it) as shown to people."""
+        ...
+
 
 class PosixStorage:
     """Local and network filesystems: rename is atomic, flock serialises (where it reaches)."""
@@ -156,6 +173,25 @@ class PosixStorage:
 
     def lock(self, root: Path, timeout: float | None) -> Lock:
         return RootLock(root, timeout=timeout, fs=self.fs)
+
+    def local_dir(self, root: Path) -> Path | None:
+        return root
+
+    def check_root(self, root: Path) -> str | None:
+        try:
+            st = os.lstat(root)
+        except FileNotFoundError:
+            return "root does not exist"
+        except OSError as exc:
+            return f"cannot stat root: {errno_name(exc)}"
+        if stat.S_ISLNK(st.st_mode):
+            return "root is a symlink: not followed"
+        if not stat.S_ISDIR(st.st_mode):
+            return "root is not a directory"
+        return None
+
+    def url(self, path: Path) -> str:
+        return os.fspath(path)
 
 
 POSIX = PosixStorage()

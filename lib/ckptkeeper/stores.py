@@ -1,49 +1,95 @@
-"""Which `Storage` a root lives on: the one place that tells object-store roots from paths.
+"""Where a root lives: decided once, from the root as the user spelled it.
 
-A root is a `pathlib.Path` throughout ckptkeeper. An ``s3://bucket/prefix`` root is carried as
-the `Path` pathlib makes of the URL, ``s3:/bucket/prefix`` (first component ``s3:``): the
-planner and the executor only join names to a root and compare paths, which works unchanged,
-and POSIX roots stay exactly what they were. `storage_for` picks the storage from that first
-component; `root_url` gives the URL back for messages. Nothing else looks at the scheme.
+`parse_root` reads a root given on the command line, in ``[[root]]`` or found by ``[[discover]]``
+and returns a `Root`: its `Storage` and the `Path` the planner and the executor join names to.
+Only a spelling with a registered scheme and ``://`` (``s3://bucket/prefix``) is an object
+store; anything else is a path, made absolute, even one whose first directory is named ``s3:``
+(``s3:/x``, ``./s3:/x``). From then on nothing looks at a root's spelling again: whoever needs
+to know whether there is a local directory to watch, a mount whose flock scope to check or a
+filesystem to measure asks the root's storage (`Storage.local_dir`, `Storage.check_root`).
 
-GCS or Azure would plug in here: a scheme (``gs:``, ``az:``), a `Storage` implementing the same
-commit-marker, tombstone and lease rules over their API (both have conditional writes through
-generation numbers or ETags), and a line in `storage_for`.
+An object store's root `Path` is that storage's own coordinate (``s3:/bucket/prefix``, what
+pathlib makes of the URL): only its storage interprets it, and `Root.url` gives the URL back.
+
+GCS or Azure would each be one module: a `Storage` implementing the same commit-marker,
+tombstone and lease rules over their API (both have conditional writes, through generation
+numbers or ETags), answering ``local_dir`` with None, and its scheme's line in `SCHEMES`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .effects import OS_FS, Fs
-from .storage import PosixStorage, Storage
+from .storage import POSIX, Storage
 
-__all__ = ["SCHEMES", "is_url", "root_path", "root_url", "split_url", "storage_for"]
+__all__ = ["SCHEMES", "Root", "is_url", "parse_root", "root_path", "root_url", "split_url"]
 
-SCHEMES = ("s3",)
-_S3: dict[str, Storage] = {}
-_S3_LOCK = threading.Lock()
+#: scheme -> "module:class" of its `Storage` (one instance per process, made on first use).
+SCHEMES = {"s3": "ckptkeeper.s3:S3Storage"}
+_STORES: dict[str, Storage] = {}
+_STORES_LOCK = threading.Lock()
 
 
-def is_url(root: str | os.PathLike[str]) -> bool:
-    """``s3://...`` as written, or a root `Path` made from one (``s3:/...``)."""
-    text = os.fspath(root)
-    return any(text.startswith((f"{s}://", f"{s}:/")) for s in SCHEMES)
+@dataclass(frozen=True, slots=True)
+class Root:
+    """A root: the storage it lives on and the path the planner joins names to."""
+
+    path: Path
+    storage: Storage
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The local directory behind the root (watches, flock scope, free space), if any."""
+        return self.storage.local_dir(self.path)
+
+    @property
+    def url(self) -> str:
+        """The root as it is shown: a path, or ``s3://bucket/prefix``."""
+        return self.storage.url(self.path)
+
+
+def scheme_of(text: str) -> str | None:
+    """The registered scheme of ``text`` spelled ``<scheme>://...``; None for a path."""
+    head, sep, _ = text.partition("://")
+    return head if sep and head in SCHEMES else None
+
+
+def is_url(text: str) -> bool:
+    """``text`` (as the user wrote it) names an object-store location: ``s3://...``."""
+    return scheme_of(text) is not None
+
+
+def parse_root(text: str, base: Path | None = None) -> Root:
+    """A root as given on the command line or in a config file: a URL keeps its scheme (and is
+    never made absolute); a path is absolute (relative to ``base``, else the working dir).
+    Raises ValueError for a URL without a bucket, ModuleNotFoundError never (the storage's
+    client library is imported on its first request)."""
+    scheme = scheme_of(text)
+    if scheme is None:
+        return Root((base / text) if base is not None else Path(text).absolute(), POSIX)
+    split_url(Path(text))  # ValueError for a URL without a bucket
+    return Root(Path(text), _storage(scheme))
 
 
 def root_path(text: str, base: Path | None = None) -> Path:
-    """A root as given on the command line or in a config file: a URL keeps its scheme (and is
-    never made absolute); a path is absolute (relative to ``base``, else the working dir)."""
-    if is_url(text):
-        split_url(text)  # ValueError for a URL without a bucket
-        return Path(text)
-    return (base / text) if base is not None else Path(text).absolute()
+    """The `Root.path` of `parse_root`."""
+    return parse_root(text, base).path
+
+
+def _storage(scheme: str) -> Storage:
+    with _STORES_LOCK:  # one client (and one cache of ETags and leases) per process
+        if scheme not in _STORES:
+            module, _, name = SCHEMES[scheme].partition(":")
+            _STORES[scheme] = getattr(importlib.import_module(module), name)()
+        return _STORES[scheme]
 
 
 def split_url(root: str | os.PathLike[str]) -> tuple[str, str]:
-    """(bucket, key prefix without a trailing slash) of an ``s3://`` root."""
+    """(bucket, key prefix without a trailing slash) of an S3 root's path (``s3:/b/p``)."""
     parts = PurePosixPath(os.fspath(root)).parts
     if len(parts) < 2 or parts[0] != "s3:" or not parts[1]:
         raise ValueError(f"not an s3://bucket[/prefix] URL: {os.fspath(root)!r}")
@@ -51,20 +97,6 @@ def split_url(root: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def root_url(root: str | os.PathLike[str]) -> str:
-    """``s3://bucket/prefix`` for an S3 root, the path itself otherwise."""
-    if not is_url(root):
-        return os.fspath(root)
+    """``s3://bucket/prefix`` of an S3 root's path (or of a path below it)."""
     bucket, prefix = split_url(root)
     return f"s3://{bucket}/{prefix}".rstrip("/")
-
-
-def storage_for(root: str | os.PathLike[str], fs: Fs = OS_FS) -> Storage:
-    """The storage ``root`` lives on. S3 needs the ``ckptkeeper[s3]`` extra (boto3)."""
-    if not is_url(root):
-        return PosixStorage(fs)
-    with _S3_LOCK:  # one client (and one cache of ETags and leases) per process
-        if "s3" not in _S3:
-            from .s3 import S3Storage
-
-            _S3["s3"] = S3Storage()
-        return _S3["s3"]

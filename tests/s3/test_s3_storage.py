@@ -16,7 +16,7 @@ from ckptkeeper import Action, Policy
 from ckptkeeper.lease import S3Lease
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.s3 import S3Storage, commit
-from ckptkeeper.stores import root_path, root_url, storage_for
+from ckptkeeper.stores import parse_root, root_path, root_url
 
 
 def _store(endpoint: S3Endpoint) -> S3Storage:
@@ -24,14 +24,20 @@ def _store(endpoint: S3Endpoint) -> S3Storage:
 
 
 def test_urls_flow_as_roots_and_the_factory_picks_the_storage(tmp_path: Path) -> None:
-    root = root_path("s3://bkt/runs/a")
+    url = parse_root("s3://bkt/runs/a")
+    root = url.path
     assert (
         root_url(root) == "s3://bkt/runs/a"
         and root_url(root / "step_1") == "s3://bkt/runs/a/step_1"
+        and url.url == "s3://bkt/runs/a"
     )
     assert root_path("rel", tmp_path) == tmp_path / "rel"
-    assert type(storage_for(tmp_path)).__name__ == "PosixStorage"
-    assert type(storage_for(root)).__name__ == "S3Storage"
+    assert type(parse_root(str(tmp_path)).storage).__name__ == "PosixStorage"
+    assert type(url.storage).__name__ == "S3Storage" and url.local_dir is None
+    # only "s3://" as written is a URL: "s3:/x" is the directory x under a directory "s3:"
+    local = parse_root("s3:/bkt/runs/a", tmp_path)
+    assert local.path == tmp_path / "s3:" / "bkt" / "runs" / "a" == local.local_dir
+    assert type(local.storage).__name__ == "PosixStorage"
     with pytest.raises(ValueError, match="bucket"):
         root_path("s3://")
 
@@ -187,3 +193,37 @@ def test_other_writers_commit_signal_on_s3(
     assert [(o.decision.action, o.decision.step) for o in result.outcomes] == [(Action.DELETE, 1)]
     assert not keys_under(s3, bucket, "r/step_1/")
     assert keys_under(s3, bucket, "r/step_2/") and keys_under(s3, bucket, "r/step_3/"), writer
+
+
+def test_purge_deletes_the_keys_its_pass_listed_without_listing_them_again(
+    endpoint: S3Endpoint, bucket: str, s3: Any
+) -> None:
+    """The pass's own listing names every key of the deleted checkpoint: the purge deletes
+    those first, so its closing listing (for anything written since) finds nothing and costs one
+    request, not another listing of the checkpoint's 2,500 keys (3 pages)."""
+    put_checkpoint(s3, bucket, "r", 1, {"loss": 1.0}, files=2_500)
+    put_checkpoint(s3, bucket, "r", 2, {"loss": 0.5})
+    store, root = _store(endpoint), root_path(f"s3://{bucket}/r")
+    endpoint.proxy.counts.clear()
+    result = locked_pass(root, Policy.from_mapping({"keep_latest_n": 1}), storage=store)
+    assert [r.files for _, r in result.removed] == [2_501]  # shards and info (marker: first)
+    assert not keys_under(s3, bucket, "r/step_1/")
+    # 3 pages for the pass's listing, 3 one-key looks (is step_1, its pin file there?), and
+    # 1 closing listing of step_1/ (empty by then); listing the checkpoint again cost 2 more
+    assert endpoint.proxy.counts["ListObjects"] == 7
+    assert endpoint.proxy.counts["DeleteObjects"] == 3  # 2,501 keys in batches of <= 1,000
+
+
+def test_fast_timestamp_parser_agrees_with_botocores() -> None:
+    from botocore.utils import parse_timestamp
+
+    from ckptkeeper.s3client import timestamp
+
+    for text in (
+        "2026-11-30T13:04:01.000Z",  # ListObjectsV2 LastModified
+        "2026-11-30T13:04:01.123456Z",
+        "2026-11-30T13:04:01+02:00",
+        "Mon, 30 Nov 2026 13:04:01 GMT",  # a HeadObject Last-Modified header
+    ):
+        assert timestamp(text) == parse_timestamp(text), text
+        assert timestamp(text).tzinfo is not None

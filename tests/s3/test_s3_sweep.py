@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import CKPTKEEPER, step_names, write_checkpoint
 from tests.s3.helpers import keys_under, put_checkpoint, sweep
 from tests.s3server import S3Endpoint
 
@@ -48,3 +50,27 @@ def test_config_roots_and_discover_glob_over_prefixes(
     roots = sorted({e["root"] for e in events if e["event"] == "deleted"})
     assert roots == [f"s3:/{bucket}/other/c", f"s3:/{bucket}/runs/a", f"s3:/{bucket}/runs/b"]
     assert "runs/empty-x/readme.txt" in keys_under(s3, bucket, "runs/empty-x/")
+
+
+def test_s3_root_never_takes_a_local_directory_of_the_same_spelling_for_itself(
+    endpoint: S3Endpoint, s3env: dict[str, str], bucket: str, s3: Any, tmp_path: Path
+) -> None:
+    """A local ``s3:/<bucket>/r`` under the keeper's working directory is not the S3 root
+    ``s3://<bucket>/r``: not pruned, and not measured for the root's free-space metric."""
+    for step in (1, 2, 3):
+        put_checkpoint(s3, bucket, "r", step, {"loss": 1.0})
+    local = tmp_path / "s3:" / bucket / "r"
+    for step in (1, 2, 3):
+        write_checkpoint(local, step, final=True)
+    prom = tmp_path / "keeper.prom"
+    args = ["sweep", f"s3://{bucket}/r", "--keep-latest-n", "1", "--metrics-file", str(prom)]
+    out = subprocess.run(
+        [CKPTKEEPER, *args], capture_output=True, text=True, timeout=120, env=dict(s3env),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert {k.split("/")[1] for k in keys_under(s3, bucket, "r/")} == {"step_3", ".ckptkeeper"}
+    assert step_names(local) == {"step_1", "step_2", "step_3"}  # untouched
+    text = prom.read_text()
+    assert 'ckptkeeper_checkpoints{root="s3:/' in text  # the root is in the file...
+    assert "ckptkeeper_filesystem_free_bytes{" not in text  # ...with no filesystem of its own

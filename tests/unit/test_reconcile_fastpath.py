@@ -19,7 +19,6 @@ from ckptkeeper import InfoCache, Policy, RootLock, RootScan
 from ckptkeeper import scan as scan_mod
 from ckptkeeper import storage as storage_mod
 from ckptkeeper.effects import Fs
-from ckptkeeperd import reconcile as reconcile_mod
 from ckptkeeperd.reconcile import preview, reconcile
 
 METRIC = "val"
@@ -94,14 +93,14 @@ class CountingFs(Fs):
 def scans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
     """Every scan reconcile makes: (memo, root lock held while scanning)."""
     seen: list[tuple[bool, bool]] = []
-    real = reconcile_mod.scan_root
+    real = storage_mod.scan_root
 
     def spy(root: Path, **kwargs: Any) -> RootScan:
         seen.append((kwargs.get("memo", False), lock_held(root)))
         return real(root, **kwargs)
 
-    monkeypatch.setattr(reconcile_mod, "scan_root", spy)  # the unlocked look
-    monkeypatch.setattr(storage_mod, "scan_root", spy)  # the locked pass (PosixStorage.scan)
+    # the unlocked look and the locked pass both scan through PosixStorage.scan
+    monkeypatch.setattr(storage_mod, "scan_root", spy)
     return seen
 
 
@@ -164,7 +163,7 @@ def test_nothing_is_acted_on_from_the_unlocked_scan(
     # executor checks pins and identities but not metrics, so only the plan under the lock
     # can get this right.
     root = make_root(tmp_path, 0.1, 0.9, 0.5, 0.3)
-    real = reconcile_mod.scan_root
+    real = storage_mod.scan_root
 
     def rewrite_after_first(root_: Path, **kwargs: Any) -> RootScan:
         scan = real(root_, **kwargs)
@@ -173,7 +172,7 @@ def test_nothing_is_acted_on_from_the_unlocked_scan(
             info.write_text(json.dumps({"step": 1, METRIC: 0.99}))
         return scan
 
-    monkeypatch.setattr(reconcile_mod, "scan_root", rewrite_after_first)
+    monkeypatch.setattr(storage_mod, "scan_root", rewrite_after_first)
     with capture_logs() as logs:
         report = reconcile(root, policy(), cache=InfoCache())
     assert steps_on_disk(root) == ["step_1", "step_2", "step_4"]  # 0.99, 0.9 and the latest
@@ -185,7 +184,7 @@ def test_a_plan_that_no_longer_acts_under_the_lock_does_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = make_root(tmp_path, 0.1, 0.9, 0.5, 0.3)
-    real = reconcile_mod.scan_root
+    real = storage_mod.scan_root
 
     def pin_after_first(root_: Path, **kwargs: Any) -> RootScan:
         scan = real(root_, **kwargs)
@@ -193,7 +192,7 @@ def test_a_plan_that_no_longer_acts_under_the_lock_does_nothing(
             (root / "step_1" / "KEEP").touch()
         return scan
 
-    monkeypatch.setattr(reconcile_mod, "scan_root", pin_after_first)
+    monkeypatch.setattr(storage_mod, "scan_root", pin_after_first)
     with capture_logs() as logs:
         report = reconcile(root, policy(), cache=InfoCache())
     assert report.status == "ok" and report.outcomes == []
