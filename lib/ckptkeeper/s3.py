@@ -67,6 +67,7 @@ class S3Storage:
 
     def __init__(self, client: Any = None, *, lease_ttl: float = 300.0) -> None:
         self._client = client
+        self._made, self._endpoint = False, os.environ.get("AWS_ENDPOINT_URL")
         self._guard = threading.Lock()
         self.etags = EtagCache()
         self.lease_ttl = lease_ttl
@@ -81,8 +82,10 @@ class S3Storage:
     @property
     def client(self) -> Any:
         with self._guard:
-            if self._client is None:
-                self._client = make_client()
+            # A client made here follows the environment's endpoint (one storage per process).
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            if self._client is None or (self._made and endpoint != self._endpoint):
+                self._client, self._made, self._endpoint = make_client(), True, endpoint
             return self._client
 
     # -- reading ------------------------------------------------------------------------------
