@@ -151,6 +151,8 @@ def read_run_file(path: Path) -> RunFile:
     files = root_files(path.parent)
     got: tuple[bytes, Any] | bytes | _Unusable | None
     if files is not None:
+        if files.key(path.name) is None:  # the root cannot be listed: its problem is reported
+            return RunFile({}, reachable=False)
         got = _read_through(files, path.name, MAX_RUN_FILE_BYTES)
     else:
         got = _read_regular(path, MAX_RUN_FILE_BYTES)

@@ -138,13 +138,17 @@ class S3Storage:
     def root_files(self, root: Path) -> S3RootFiles:
         """The root's own files (``ckptkeeper.toml``, each step's ``config.yaml``) from a
         listing made now, or within `_PENDING_S` (a resolve reads several files)."""
+        bucket, base = _base(root)
+        reads = S3Reads(self.client, bucket, base, self.etags)
         listing = self._recent(root)
         if listing is None:
-            listing = self._list(root)
+            try:
+                listing = self._list(root)
+            except OSError as exc:  # the pass reports the root's own problem
+                return S3RootFiles(None, reads, exc.strerror or str(exc))
             with self._guard:
                 self._pending[str(root)] = (listing, time.monotonic())
-        bucket, base = _base(root)
-        return S3RootFiles(listing, S3Reads(self.client, bucket, base, self.etags))
+        return S3RootFiles(listing, reads)
 
     def lstat(self, path: Path) -> os.stat_result | None:
         bucket, key = split_url(path)

@@ -75,23 +75,32 @@ class Listing:
 
 
 class S3RootFiles:
-    """`storage.RootFiles` of one listing: keys are (ETag, size), reads go through the cache."""
+    """`storage.RootFiles` of one listing: keys are (ETag, size), reads go through the cache.
+    Without a listing (the root could not be listed: ``error``) nothing is known."""
 
-    def __init__(self, listing: Listing, reads: S3Reads) -> None:
-        self.listing, self.reads = listing, reads
+    def __init__(self, listing: Listing | None, reads: S3Reads, error: str = "") -> None:
+        self.listing, self.reads, self.error = listing, reads, error
 
     def key(self, rel: str) -> tuple[object, ...] | None:
+        if self.listing is None:
+            return None
         found = self.listing.find(rel)
         return () if found is None else (found.etag, found.size)
 
     def names_key(self) -> tuple[object, ...] | None:
+        if self.listing is None:
+            return None
         names = sorted(self.dirs())
         return (len(names), hash(tuple(names)))
 
     def read(self, rel: str, limit: int) -> bytes | str | None:
+        if self.listing is None:
+            return f"cannot read: {self.error}"
         return self.reads.raw(rel, self.listing.find(rel), limit)
 
     def dirs(self) -> list[str]:
+        if self.listing is None:
+            return []
         return [name for name in self.listing.groups if name not in self.listing.tombstones]
 
 
