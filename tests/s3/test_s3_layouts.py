@@ -12,6 +12,7 @@ from tests.s3.helpers import keys_under
 from tests.s3server import S3Endpoint
 
 from ckptkeeper import Action, Policy
+from ckptkeeper.names import Kind, ParsedName
 from ckptkeeper.passes import locked_pass
 from ckptkeeper.s3 import S3Storage
 from ckptkeeper.stores import root_path
@@ -207,3 +208,46 @@ def test_lightning_file_checkpoints_are_not_supported_on_s3_and_untouched(
     assert result.scan is not None and not result.outcomes
     assert any("not supported on S3" in a.reason for a in result.scan.anomalies)
     assert len(_names(s3, bucket, "l")) == 4
+
+
+class _PosixOnlySurveyor:
+    """A third-party layout whose survey reads its root's files itself (no ``read_text``)."""
+
+    name = "posix-only"
+    default_marker = ".complete"
+    info_file = "info.json"
+    pin_file = "KEEP"
+    writer_lock = ".writer.lock"
+    config_file = ""
+
+    def parse(self, name: str) -> ParsedName | None:
+        digits = name.removeprefix("ckpt")
+        if digits == name or not digits.isdigit():
+            return None
+        return ParsedName(Kind.STEP, int(digits), name, True)
+
+    def format(self, kind: Kind, step: int) -> str:
+        return f"ckpt{step}"
+
+    def pointers(self, root: Any) -> dict[int, str]:
+        return {}
+
+    def survey(self, root: Any, names: Any, read: Any = None) -> Any:
+        raise AssertionError("must not be called on S3: it would read a POSIX path")
+
+    def classify(self, parsed: Any, probe: Any) -> Any:
+        raise AssertionError("nothing is classified under a refused layout")
+
+
+def test_a_surveyor_that_reads_posix_paths_itself_is_refused_on_s3(
+    endpoint: S3Endpoint, bucket: str, s3: Any
+) -> None:
+    """Its pointers cannot be known on S3: the root is reported and nothing in it touched."""
+    for step in (1, 2, 3):
+        _put(s3, bucket, f"p/ckpt{step}/w.bin")
+    store, root = _store(endpoint), root_path(f"s3://{bucket}/p")
+    scan = store.scan(root, layout=_PosixOnlySurveyor(), stale_before=0.0)
+    assert not scan.steps and not scan.in_flight
+    assert [a.reason for a in scan.anomalies] == [
+        "layout 'posix-only' reads its root's files on POSIX only: not used on S3"
+    ]
