@@ -67,9 +67,7 @@ def test_check_ok_then_stale_save_and_unfinished_delete(
     assert doc["roots"][0]["checkpoints"] == 2  # step_1 is no checkpoint any more
 
 
-def test_check_missing_bucket_and_empty_prefix(
-    s3env: dict[str, str], bucket: str, s3: Any
-) -> None:
+def test_check_missing_bucket_and_empty_prefix(s3env: dict[str, str], bucket: str, s3: Any) -> None:
     put_checkpoint(s3, bucket, "r", 1, {"loss": 1.0})
     code, doc = _check(s3env, f"s3://{bucket}/r", f"s3://{bucket}/nothing-here")
     assert (code, doc["status"]) == (1, "WARNING"), doc
