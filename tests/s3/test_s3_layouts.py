@@ -251,3 +251,28 @@ def test_a_surveyor_that_reads_posix_paths_itself_is_refused_on_s3(
     assert [a.reason for a in scan.anomalies] == [
         "layout 'posix-only' reads its root's files on POSIX only: not used on S3"
     ]
+
+
+def test_a_save_committed_after_the_plan_is_not_collected(
+    endpoint: S3Endpoint, bucket: str, s3: Any
+) -> None:
+    """The executor asks the layout again (through the storage) before it collects: DCP's
+    ``.metadata`` landing between the plan and the delete makes step-20 a checkpoint, kept."""
+    _dcp(s3, bucket, "r", 10)
+    _dcp(s3, bucket, "r", 20, committed=False)
+    store, root = _store(endpoint), root_path(f"s3://{bucket}/r")
+    policy = Policy.from_mapping({"layout": "torchtitan", "stale_after": 0})
+
+    def writer_finishes(scan: Any) -> Any:  # after the locked scan, before the plan is applied
+        _put(s3, bucket, "r/step-20/.metadata", b"\x80\x04pickle")
+        return scan
+
+    result = locked_pass(root, policy, storage=store, select=writer_finishes)
+    [outcome] = result.outcomes
+    assert (outcome.decision.action, outcome.decision.step) == (Action.COLLECT, 20)
+    assert outcome.status == "skipped" and "no longer garbage" in (outcome.detail or ""), outcome
+    assert ".metadata" in _names_in(s3, bucket, "r/step-20/")
+
+
+def _names_in(s3: Any, bucket: str, prefix: str) -> set[str]:
+    return {k[len(prefix) :] for k in keys_under(s3, bucket, prefix)}
