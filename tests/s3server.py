@@ -123,10 +123,13 @@ class FaultProxy:
             resp = conn.getresponse()
             data = resp.read()
             h.send_response(resp.status)
+            length = str(len(data))  # a HEAD has no body: its Content-Length is moto's
             for k, v in resp.getheaders():
-                if k.lower() not in _HOP and k.lower() != "content-length":
+                if k.lower() == "content-length" and h.command == "HEAD":
+                    length = v
+                elif k.lower() not in _HOP and k.lower() != "content-length":
                     h.send_header(k, v)
-            h.send_header("Content-Length", str(len(data)))
+            h.send_header("Content-Length", length)
             h.end_headers()
             if h.command != "HEAD":
                 h.wfile.write(data)

@@ -9,7 +9,8 @@ settings. Exit codes and output follow the Nagios/Icinga plugin convention: 0 OK
 | --- | --- |
 | a complete save (marker present) not finalized for over 2 x ``sweep_interval`` | CRITICAL |
 | an interrupted replace (``old_step_N``) not resolved for over 2 x ``sweep_interval`` | CRITICAL |
-| a root that does not exist, is not a directory, or cannot be listed | CRITICAL |
+| a root that does not exist, is not a directory, or cannot be listed (s3: no bucket) | CRITICAL |
+| an ``s3://`` root with no object under its prefix (not written yet, or a typo) | WARNING |
 | a root the probe is not permitted to read (EACCES/EPERM: it cannot judge) | UNKNOWN |
 | trash not removed `TRASH_WARN_S` after ``trash_grace`` (`TRASH_CRIT_S`: CRITICAL) | WARNING |
 | a stale save not collected `stale_after + sweep_interval` after its last change | WARNING |
@@ -26,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from ckptkeeper import Action, Plan, Policy
+from ckptkeeper.records import RootScan
 from ckptkeeper.sizes import format_percent
+from ckptkeeper.storage import Storage
+from ckptkeeper.stores import root_url
 
 from .config import DaemonConfig, Settings
 from .metrics import deletions_paused
@@ -122,7 +126,25 @@ def judge(report: Report, settings: Settings, problems: Iterable[str], now: floa
                 state = CRITICAL if overdue > TRASH_CRIT_S else WARNING
                 add(Finding(state, f"trash {name} not removed for {duration(overdue)} (stuck?)"))
     health.findings.extend(_space_findings(report.plan, policy))
+    if report.scan is not None and _empty(report.scan, report.storage):
+        add(
+            Finding(
+                WARNING,
+                f"nothing under {root_url(report.root)} (not written yet, or a wrong prefix)",
+            )
+        )
     return health
+
+
+def _empty(scan: RootScan, storage: Storage) -> bool:
+    """A root whose listing found nothing that does not exist either: an object store's prefix
+    with no object under it (a directory that exists is never empty in this sense)."""
+    if scan.steps or scan.in_flight or scan.leftovers or scan.trash or scan.anomalies:
+        return False
+    try:
+        return storage.lstat(scan.root) is None
+    except OSError:
+        return False  # cannot tell: the pass itself said what it could
 
 
 def _space_findings(plan: Plan, policy: Policy) -> list[Finding]:

@@ -37,7 +37,7 @@ from ckptkeeper import (
     RootScan,
     plan,
 )
-from ckptkeeper.errors import errno_name, strerror
+from ckptkeeper.errors import errno_name, errno_text, strerror
 from ckptkeeper.layouts import get_layout
 from ckptkeeper.names import Kind
 from ckptkeeper.passes import RECOVERY, locked_pass, one_save, store_facts
@@ -114,7 +114,7 @@ def _scan_and_plan(
         )
     except OSError as exc:
         report.status = "error"
-        report.problems.append(f"cannot list root: {errno_name(exc)}")
+        report.problems.append(f"cannot list root: {errno_text(exc)}")
         return False
     report.scan = scan
     free = store_facts(storage, scan, policy, now, cache)  # statvfs; sizes only with min_free

@@ -6,6 +6,10 @@ step whose config.yaml names a metric (`walk_config_yaml`): a step saved in plac
 run config, or holding a corrupt or unreadable config.yaml does not hide the metric its older
 steps name. The walk goes from the newest step down and stops at the first such file; at most
 `WALK_LIMIT` steps are looked at, and a file is parsed once per identity (`YamlCache`).
+
+A root on a storage that is not a POSIX directory (``s3://``) is read through its
+`storage.RootFiles`: one listing serves the whole resolve (and the pass's look after it), a file's
+identity is its ETag, and a file is fetched only when its ETag changed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from ckptkeeper.layouts import NEMO_RL
 from ckptkeeper.names import Kind, parse_name
 from ckptkeeper.policy import PolicyError
 from ckptkeeper.scan import MEMO_TRUST_S
+from ckptkeeper.storage import RootFiles
+from ckptkeeper.stores import storage_of
 
 from .config import DAEMON_KEYS, MAX_RUN_FILE_BYTES, MAX_YAML_BYTES, POLICY_KEYS, Settings
 
@@ -44,16 +50,29 @@ __all__ = [
 #: At most this many steps (newest first) are looked at for a config.yaml naming the metric.
 WALK_LIMIT = 1000
 
-StatKey = tuple[int, ...]  # () when absent
+StatKey = tuple[object, ...]  # () when absent
 _TRUST_NS = int(MEMO_TRUST_S * 1e9)
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 CONFIG_FILE = NEMO_RL.config_file  # the run config NeMo-RL writes into each step
 
 
+def root_files(root: Path) -> RootFiles | None:
+    """The files of ``root`` through its storage; None: a POSIX directory (read directly)."""
+    return storage_of(root).root_files(root)
+
+
 def stat_key(path: str | Path, now_ns: int) -> StatKey | None:
-    """What a change to ``path`` would change: () when absent; None when it cannot be relied on
-    (changed within MEMO_TRUST_S of ``now_ns``, or not even ``lstat``-able)."""
+    """What a change to ``path`` (a file right in a root) would change: () when absent; None
+    when it cannot be relied on (changed within MEMO_TRUST_S of ``now_ns``, or not even
+    ``lstat``-able)."""
+    path = Path(path)
+    if (files := root_files(path.parent)) is not None:
+        return files.key(path.name)
+    return _stat_key(path, now_ns)
+
+
+def _stat_key(path: str | Path, now_ns: int) -> StatKey | None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -123,16 +142,29 @@ class RunFile:
     reachable: bool = True
 
 
+def _read_through(files: RootFiles, rel: str, limit: int) -> bytes | _Unusable | None:
+    got = files.read(rel, limit)
+    return _Unusable(got) if isinstance(got, str) else got
+
+
 def read_run_file(path: Path) -> RunFile:
-    got = _read_regular(path, MAX_RUN_FILE_BYTES)
+    files = root_files(path.parent)
+    got: tuple[bytes, Any] | bytes | _Unusable | None
+    if files is not None:
+        if files.key(path.name) is None:  # the root cannot be listed: its problem is reported
+            return RunFile({}, reachable=False)
+        got = _read_through(files, path.name, MAX_RUN_FILE_BYTES)
+    else:
+        got = _read_regular(path, MAX_RUN_FILE_BYTES)
     if got is None:
         return RunFile({})
     if isinstance(got, _Unusable):
         if not got.here:
             return RunFile({}, reachable=False)
         return RunFile({}, f"{path}: {got.reason}; file ignored")
+    raw = got if isinstance(got, bytes) else got[0]
     try:
-        values = tomllib.loads(got[0].decode("utf-8"))
+        values = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return RunFile({}, f"{path}: invalid TOML: {exc}; file ignored")
     try:
@@ -207,6 +239,27 @@ class YamlCache:
         self._lock = threading.Lock()
         self._facts: dict[tuple[Any, ...], YamlFacts] = {}
         self.parses = 0  # how many files were parsed (a cached one is not)
+
+    def facts_of(self, files: RootFiles, root: Path, rel: str, key: StatKey) -> YamlFacts:
+        """``rel`` below a root read through its `storage.RootFiles` (``key``: its ETag), parsed
+        once per key (an ETag changes with every write: no tick to wait for)."""
+        ident = (str(root), rel, *key)
+        with self._lock:
+            known = self._facts.get(ident)
+        if known is not None:
+            return known
+        got = _read_through(files, rel, MAX_YAML_BYTES)
+        if got is None:
+            return YamlFacts()
+        if isinstance(got, _Unusable):
+            return YamlFacts(problem=got.reason)
+        facts = _parse(got)
+        with self._lock:
+            self.parses += 1
+            if len(self._facts) >= self._limit:
+                self._facts.clear()
+            self._facts[ident] = facts
+        return facts
 
     def facts(self, path: Path, now_ns: int) -> YamlFacts:
         got = _read_regular(path, MAX_YAML_BYTES)
@@ -298,20 +351,36 @@ def _steps_newest_first(root: Path) -> list[str]:
     return [name for *_, name in sorted(found, reverse=True)]
 
 
+def _steps_of(names: list[str]) -> list[str]:
+    found: list[tuple[int, bool, str]] = []
+    for name in names:
+        parsed = parse_name(name)
+        if parsed is not None and parsed.kind is Kind.STEP:
+            found.append((parsed.step, parsed.canonical, name))
+    return [name for *_, name in sorted(found, reverse=True)]
+
+
 def walk_config_yaml(root: Path, cache: YamlCache, now_ns: int) -> YamlWalk:
     """The newest step's config.yaml that names a metric, walking down from the newest step."""
-    root_key = stat_key(root, now_ns)
-    names = _steps_newest_first(root)
+    files = root_files(root)
+    if files is not None:
+        root_key, names = files.names_key(), _steps_of(files.dirs())
+    else:
+        root_key, names = _stat_key(root, now_ns), _steps_newest_first(root)
     problems: list[str] = []
     looked: list[tuple[str, StatKey | None]] = []
     prefix = f"{root}/"  # strings: a path object per step would cost more than its lstat
     for name in names[:WALK_LIMIT]:
-        key = stat_key(f"{prefix}{name}/{CONFIG_FILE}", now_ns)
+        rel = f"{name}/{CONFIG_FILE}"
+        key = _stat_key(f"{prefix}{rel}", now_ns) if files is None else files.key(rel)
         looked.append((name, key))
         if key == ():
             continue
         path = root / name / CONFIG_FILE
-        facts = cache.facts(path, now_ns)
+        if files is not None and key is not None:
+            facts = cache.facts_of(files, root, rel, key)
+        else:
+            facts = cache.facts(path, now_ns)
         if facts.problem is not None:
             problems.append(f"{path}: {facts.problem}")
         elif facts.metric is not None:
@@ -324,10 +393,14 @@ def walk_config_yaml(root: Path, cache: YamlCache, now_ns: int) -> YamlWalk:
 def walk_unchanged(root: Path, inputs: YamlWalk, now_ns: int) -> bool:
     """True when the files a walk looked at (and the root's listing) are as they were."""
     root_key, looked = inputs.inputs
-    if root_key is None or stat_key(root, now_ns) != root_key:
+    files = root_files(root)
+    now_root = _stat_key(root, now_ns) if files is None else files.names_key()
+    if root_key is None or now_root != root_key:
         return False
     prefix = f"{root}/"
     for name, key in looked:
-        if key is None or stat_key(f"{prefix}{name}/{CONFIG_FILE}", now_ns) != key:
+        rel = f"{name}/{CONFIG_FILE}"
+        now_key = _stat_key(f"{prefix}{rel}", now_ns) if files is None else files.key(rel)
+        if key is None or now_key != key:
             return False
     return True

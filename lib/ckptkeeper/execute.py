@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .classify import look_again
 from .effects import OS_FS, Fs
 from .errors import errno_name, strerror
 from .layouts import file_checkpoints, pin_paths
@@ -153,7 +152,7 @@ class _Executor:
         probe), nothing changed in it since the plan's ``now - stale_after`` (mtime or ctime)."""
         plan, store = self.plan, self.storage
         self.check_same_dir(d)
-        look = look_again(self.layout, d.path, plan.now)
+        look = store.look(self.layout, d.path, plan.now)
         if look is not None and (look.complete or not look.collectable):
             raise _Skip(f"no longer garbage since the plan: {look.waiting or 'complete'}")
         if store.lstat(d.path / plan.policy.complete_marker) is not None:

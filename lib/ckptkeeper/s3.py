@@ -31,12 +31,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .layouts import NEMO_RL, Layout
+from .layouts import NEMO_RL, Classifier, Layout, Look, commit_files
 from .lease import S3Lease, check_conditional_writes
 from .records import RootScan
 from .removal import Removal
 from .s3client import RETRYABLE, make_client, os_error, s3_stat
-from .s3scan import TOMBSTONES, EtagCache, ObjectInfo, list_root, parse_info, records_of
+from .s3look import S3Reads
+from .s3scan import (
+    TOMBSTONES,
+    EtagCache,
+    Listing,
+    S3RootFiles,
+    list_root,
+    look_at,
+    records_of,
+)
 from .scan import InfoCache, LockProbe
 from .stores import root_url, split_url
 
@@ -44,6 +53,7 @@ __all__ = ["BATCH", "S3Storage", "commit"]
 
 BATCH = 1000  # DeleteObjects takes at most 1,000 keys
 _KEY_ATTEMPTS = 8
+_PENDING_S = 5.0  # how long the settings' listing of a root may serve the pass's look
 
 
 def _base(root: Path) -> tuple[str, str]:
@@ -57,20 +67,25 @@ class S3Storage:
 
     def __init__(self, client: Any = None, *, lease_ttl: float = 300.0) -> None:
         self._client = client
+        self._made, self._endpoint = False, os.environ.get("AWS_ENDPOINT_URL")
         self._guard = threading.Lock()
         self.etags = EtagCache()
         self.lease_ttl = lease_ttl
         self.requests = 0  # listing pages, for the bench and the request-count tests
         self._verified: set[str] = set()
         self._leases: dict[str, S3Lease] = {}
-        self._last: dict[str, tuple[Layout, str]] = {}  # root -> (layout, marker) of its scan
+        # root -> (layout, commit files: removed first by a delete) of its last scan
+        self._last: dict[str, tuple[Layout, tuple[str, ...]]] = {}
         self._listed: dict[str, dict[str, list[tuple[str, int]]]] = {}  # root -> name -> keys
+        self._pending: dict[str, tuple[Listing, float]] = {}  # root -> (listing, monotonic)
 
     @property
     def client(self) -> Any:
         with self._guard:
-            if self._client is None:
-                self._client = make_client()
+            # A client made here follows the environment's endpoint (one storage per process).
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            if self._client is None or (self._made and endpoint != self._endpoint):
+                self._client, self._made, self._endpoint = make_client(), True, endpoint
             return self._client
 
     # -- reading ------------------------------------------------------------------------------
@@ -88,29 +103,52 @@ class S3Storage:
     ) -> RootScan:
         bucket, base = _base(root)
         marker = marker or layout.default_marker
-        listing = list_root(self.client, bucket, base, layout, root_url(root))
+        listing = self._recent(root) if memo else None  # (an acted-on scan lists afresh)
+        if listing is None:
+            listing = self._list(root)
+        reads = S3Reads(self.client, bucket, base, self.etags)
+        scan = records_of(listing, root, layout, marker, reads, stale_before, time.time())
         with self._guard:
-            self.requests += listing.requests
-            self._last[str(root)] = (layout, marker)
+            self._pending.pop(str(root), None)
+            self._last[str(root)] = (scan.layout, _markers(scan.layout, marker))
             if not memo:  # the scan a pass acts on: its keys spare the purge a second listing
                 self._listed[str(root)] = {
                     name: [(f"{base}{name}/{rest}", o.size) for rest, o in files.items()]
                     for name, files in listing.groups.items()
                 }
+        return scan
 
-        def read_info(name: str, found: ObjectInfo) -> tuple[dict[str, Any] | None, str | None]:
-            key = f"{base}{name}/{layout.info_file}"
-            if (hit := self.etags.get(key, found.etag)) is not None:
-                return hit
+    def _list(self, root: Path) -> Listing:
+        bucket, base = _base(root)
+        listing = list_root(self.client, bucket, base, NEMO_RL, root_url(root))
+        with self._guard:
+            self.requests += listing.requests
+        return listing
+
+    def _recent(self, root: Path) -> Listing | None:
+        """The listing `root_files` just made of ``root`` (for the settings of this pass), if
+        younger than `_PENDING_S`: the pass's unlocked look reuses it, so a pass over a root
+        where nothing changed costs one listing, settings included."""
+        with self._guard:
+            pending = self._pending.get(str(root))
+        if pending is None or time.monotonic() - pending[1] > _PENDING_S:
+            return None
+        return pending[0]
+
+    def root_files(self, root: Path) -> S3RootFiles:
+        """The root's own files (``ckptkeeper.toml``, each step's ``config.yaml``) from a
+        listing made now, or within `_PENDING_S` (a resolve reads several files)."""
+        bucket, base = _base(root)
+        reads = S3Reads(self.client, bucket, base, self.etags)
+        listing = self._recent(root)
+        if listing is None:
             try:
-                raw = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-                result = parse_info(raw, layout.info_file)
-            except Exception as exc:
-                return None, f"{layout.info_file} unreadable: {os_error(exc, key).strerror}"
-            self.etags.put(key, found.etag, result)
-            return result
-
-        return records_of(listing, root, layout, marker, read_info, stale_before)
+                listing = self._list(root)
+            except OSError as exc:  # the pass reports the root's own problem
+                return S3RootFiles(None, reads, exc.strerror or str(exc))
+            with self._guard:
+                self._pending[str(root)] = (listing, time.monotonic())
+        return S3RootFiles(listing, reads)
 
     def lstat(self, path: Path) -> os.stat_result | None:
         bucket, key = split_url(path)
@@ -130,6 +168,20 @@ class S3Storage:
 
     def writer_lock(self, directory: Path, lock_file: str) -> LockProbe:
         return LockProbe(False)  # no writer locks on an object store: stale_after decides
+
+    def look(self, layout: Layout, path: Path, now: float) -> Look | None:
+        """The layout's verdict on ``path`` from a fresh listing of its root (the executor's
+        re-check before it collects a save: rare, so one listing is fine)."""
+        if not isinstance(layout, Classifier) or (parsed := layout.parse(path.name)) is None:
+            return None
+        root = path.parent
+        bucket, base = _base(root)
+        listing = self._list(root)
+        files = listing.groups.get(path.name)
+        if not files or path.name in listing.tombstones:
+            return None
+        reads = S3Reads(self.client, bucket, base, self.etags)
+        return look_at(listing, root, layout, parsed, reads, now)
 
     def last_change(self, directory: Path, stop_above: float) -> float:
         bucket, key = split_url(directory)
@@ -167,7 +219,7 @@ class S3Storage:
 
     def trash(self, root: Path, path: Path) -> Path | None:
         """Tombstone, then remove the marker: ``path`` stops being a checkpoint at once."""
-        marker = self._last.get(str(root), (NEMO_RL, NEMO_RL.default_marker))[1]
+        markers = self._last.get(str(root), (NEMO_RL, (NEMO_RL.default_marker,)))[1]
         lease = self._leases.get(str(root))
         if lease is None:
             raise OSError(errno.ENOLCK, "no lease held on the root: not deleting", root_url(root))
@@ -180,7 +232,8 @@ class S3Storage:
             self.client.put_object(
                 Bucket=bucket, Key=f"{base}{TOMBSTONES}{path.name}", Body=json.dumps(tomb).encode()
             )
-            self.client.delete_object(Bucket=bucket, Key=f"{base}{path.name}/{marker}")
+            for marker in markers:
+                self.client.delete_object(Bucket=bucket, Key=f"{base}{path.name}/{marker}")
         except Exception as exc:
             raise os_error(exc, root_url(path)) from None
         return root / ".ckptkeeper" / "tombstones" / path.name
@@ -188,7 +241,7 @@ class S3Storage:
     def remove_trash(
         self, root: Path, paths: list[Path], *, workers: int, cancel: threading.Event | None
     ) -> list[tuple[Path, Removal]]:
-        layout, marker = self._last.get(str(root), (NEMO_RL, NEMO_RL.default_marker))
+        layout, markers = self._last.get(str(root), (NEMO_RL, (NEMO_RL.default_marker,)))
         out: list[tuple[Path, Removal]] = []
         for path in paths:
             removal = Removal()
@@ -199,7 +252,7 @@ class S3Storage:
                 removal.leave(root_url(path), "not a tombstone of this root: not removed")
             else:
                 known = self._listed.get(str(root), {}).get(path.name, [])
-                purge = _Purge(self.client, root, path.name, marker, removal, workers, cancel)
+                purge = _Purge(self.client, root, path.name, markers, removal, workers, cancel)
                 purge.run(known)
             out.append((path, removal))
         with self._guard:
@@ -255,12 +308,12 @@ class _Purge:
         client: Any,
         root: Path,
         name: str,
-        marker: str,
+        markers: tuple[str, ...],
         removal: Removal,
         workers: int,
         cancel: threading.Event | None,
     ) -> None:
-        self.client, self.name, self.marker, self.removal = client, name, marker, removal
+        self.client, self.name, self.markers, self.removal = client, name, markers, removal
         self.bucket, self.base = _base(root)
         self.where, self.workers, self.cancel = root_url(root / name), max(1, workers), cancel
 
@@ -277,13 +330,14 @@ class _Purge:
             self.removal.leave(self.where, os_error(exc, tomb).strerror or "")
             return
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=prefix + self.marker)  # first
+            for marker in self.markers:  # first
+                self.client.delete_object(Bucket=self.bucket, Key=prefix + marker)
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix
             )
             with ThreadPoolExecutor(self.workers) as pool:
-                marker = prefix + self.marker
-                known = [(k, n) for k, n in known if k.startswith(prefix) and k != marker]
+                done = {prefix + m for m in self.markers}
+                known = [(k, n) for k, n in known if k.startswith(prefix) and k not in done]
                 for i in range(0, len(known), BATCH):
                     pool.submit(self.batch, known[i : i + BATCH])
             with ThreadPoolExecutor(self.workers) as pool:
@@ -335,6 +389,12 @@ class _Purge:
                 pause = min(pause * 2, 2.0)
         for key in todo:
             self.removal.leave(f"s3://{self.bucket}/{key}", "SlowDown: still throttled, retried")
+
+
+def _markers(layout: Layout, marker: str) -> tuple[str, ...]:
+    """What a delete removes first so that the checkpoint stops being one: the policy's marker
+    (name-only layouts), or the layout's own commit files (one that looks inside)."""
+    return commit_files(layout) if isinstance(layout, Classifier) else (marker,)
 
 
 def commit(url: str, *, marker: str = ".complete", client: Any = None) -> str:

@@ -16,9 +16,10 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
+from .classify import look_again
 from .effects import OS_FS, Fs, RootLock, fsync_dir, move_to_trash, open_area
 from .errors import errno_name, errno_text
-from .layouts import NEMO_RL, Layout
+from .layouts import NEMO_RL, Layout, Look
 from .records import RootScan
 from .removal import Removal, remove_tree
 from .scan import (
@@ -31,7 +32,7 @@ from .scan import (
     trash_dir,
 )
 
-__all__ = ["POSIX", "Lock", "PosixStorage", "Storage", "purge_trash"]
+__all__ = ["POSIX", "Lock", "PosixStorage", "RootFiles", "Storage", "purge_trash"]
 
 
 class Lock(Protocol):
@@ -40,6 +41,27 @@ class Lock(Protocol):
     def acquire(self) -> bool: ...
 
     def release(self) -> None: ...
+
+
+class RootFiles(Protocol):
+    """A root's own small files (a run's ``ckptkeeper.toml``, each step's ``config.yaml``) on a
+    storage that is not a POSIX directory, from one listing; ``rel`` is a key below the root."""
+
+    def key(self, rel: str) -> tuple[object, ...] | None:
+        """What changes when ``rel`` changes (its ETag): () when absent, None when unknown."""
+        ...
+
+    def names_key(self) -> tuple[object, ...] | None:
+        """What changes when a name appears in or leaves the root (None: unknown)."""
+        ...
+
+    def read(self, rel: str, limit: int) -> bytes | str | None:
+        """The content of ``rel``; None when absent; why it is unusable (too large...)."""
+        ...
+
+    def dirs(self) -> list[str]:
+        """The names of the prefixes right below the root (no checkpoint being deleted)."""
+        ...
 
 
 class Storage(Protocol):
@@ -65,6 +87,16 @@ class Storage(Protocol):
 
     def writer_lock(self, directory: Path, lock_file: str) -> LockProbe:
         """Is a writer holding ``directory/lock_file`` (or may it be)?"""
+        ...
+
+    def root_files(self, root: Path) -> RootFiles | None:
+        """The root's own files (None: a POSIX directory, read with the usual system calls)."""
+        ...
+
+    def look(self, layout: Layout, path: Path, now: float) -> Look | None:
+        """A layout that looks inside (`layouts.Classifier`): its verdict on ``path`` as it is
+        now (the executor's re-check before collecting); None for other layouts, or when
+        ``path`` is gone."""
         ...
 
     def last_change(self, directory: Path, stop_above: float) -> float:
@@ -149,6 +181,12 @@ class PosixStorage:
 
     def writer_lock(self, directory: Path, lock_file: str) -> LockProbe:
         return probe_writer_lock(directory, lock_file)
+
+    def look(self, layout: Layout, path: Path, now: float) -> Look | None:
+        return look_again(layout, path, now)
+
+    def root_files(self, root: Path) -> RootFiles | None:
+        return None
 
     def last_change(self, directory: Path, stop_above: float) -> float:
         return newest_mtime(directory, stop_above=stop_above)

@@ -210,6 +210,54 @@ def deepspeed_load(root: Path) -> dict[str, Any]:
     return {"tag": Path(path).parent.name, "step": client["step"]}
 
 
+def _s3(root: Path) -> tuple[str, dict[str, Any]]:
+    """An ``s3://`` root as `main` got it (a Path: ``s3:/bucket/prefix``), and the fsspec options
+    of the endpoint the environment names (the loopback S3 server of the tests)."""
+    url = str(root).replace("s3:/", "s3://", 1)
+    region = os.environ.get("AWS_REGION", "us-east-1")
+    return url, {
+        "client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"], "region_name": region}
+    }
+
+
+def dcp_save_s3(root: Path, steps: list[int], interrupted: int | None) -> dict[str, Any]:
+    """`dcp_save` to an ``s3://`` root through DCP's own `FsspecWriter` (s3fs): ``.metadata``
+    is written last (as ``.metadata.tmp``, then copied to its name)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    url, options = _s3(root)
+
+    class DiesBeforeMetadata(FsspecWriter):
+        def finish(self, metadata: Any, results: Any) -> None:
+            raise RuntimeError("killed before .metadata")
+
+    for step in steps:
+        state = {"model": {"w": torch.full((4,), float(step))}}
+        dcp.save(state, storage_writer=FsspecWriter(f"{url}/step-{step}", **options))
+    if interrupted is not None:
+        writer = DiesBeforeMetadata(f"{url}/step-{interrupted}", **options)
+        try:
+            dcp.save({"model": {"w": torch.zeros(4)}}, storage_writer=writer)
+        except BaseException as exc:  # DCP wraps it in a CheckpointException (a BaseException)
+            text = "".join(traceback.format_exception(exc)) + str(exc)
+            if "killed before .metadata" not in text:
+                raise
+    return {"saved": steps}
+
+
+def dcp_load_s3(root: Path, step: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    url, options = _s3(root)
+    state = {"model": {"w": torch.zeros(4)}}
+    dcp.load(state, storage_reader=FsspecReader(f"{url}/step-{step}", **options))
+    return {"w": state["model"]["w"].tolist()}
+
+
 def main(argv: list[str]) -> None:
     what, root, rest = argv[0], Path(argv[1]), [json.loads(a) for a in argv[2:]]
     result = globals()[what](root, *rest)

@@ -13,13 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..names import Kind, ParsedName
 from .auto import Auto, Refused
-from .base import Classifier, Look, Probe, Reader, Resolver, Survey, Surveyor
+from .base import (
+    Classifier,
+    Look,
+    Probe,
+    Reader,
+    Resolver,
+    Survey,
+    Surveyor,
+    TextReader,
+    commit_files,
+)
 from .hf_trainer import HF_TRAINER
 from .lightning import LIGHTNING
 from .nemo_rl import NEMO_RL, NemoRL
@@ -42,7 +53,9 @@ __all__ = [
     "Resolver",
     "Survey",
     "Surveyor",
+    "TextReader",
     "available_layouts",
+    "commit_files",
     "configured",
     "file_checkpoints",
     "get_layout",
@@ -165,11 +178,27 @@ def pin_paths(layout: Layout, path: Path) -> tuple[Path, ...]:
     return tuple(custom(path)) if custom is not None else (path / layout.pin_file,)
 
 
-def survey(layout: Layout, root: Path, names: list[str], read: Reader | None = None) -> Survey:
-    """What ``layout`` reads at the root's top level once per scan (pointers, problems)."""
+def survey(
+    layout: Layout,
+    root: Path,
+    names: list[str],
+    read: Reader | None = None,
+    read_text: TextReader | None = None,
+) -> Survey:
+    """What ``layout`` reads at the root's top level once per scan (pointers, problems).
+    ``read_text`` is given by a storage other than POSIX (an object store): then the layout
+    must read through the readers, and a surveyor that cannot is refused (`LayoutError`)."""
+    if read_text is None:
+        if isinstance(layout, Surveyor):
+            return layout.survey(root, names, read)
+        return Survey(dict(layout.pointers(root)))
     if isinstance(layout, Surveyor):
-        return layout.survey(root, names, read)
-    return Survey(dict(layout.pointers(root)))
+        method: Any = layout.survey  # read_text: optional in the protocol (see `Surveyor`)
+        if "read_text" not in inspect.signature(method).parameters:
+            raise LayoutError(f"layout {layout.name!r} reads its root's files on POSIX only")
+        found: Survey = method(root, names, read, read_text=read_text)
+        return found
+    return Survey()  # `pointers(root)` reads a POSIX path: none on an object store
 
 
 @functools.cache  # loaded once per process, as importlib keeps the modules it imports

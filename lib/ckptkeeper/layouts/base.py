@@ -32,8 +32,10 @@ __all__ = [
     "Resolver",
     "Survey",
     "Surveyor",
+    "TextReader",
     "Tunable",
     "age_text",
+    "commit_files",
     "metrics_or_empty",
     "settling",
     "unsettled",
@@ -138,10 +140,16 @@ class Classifier(Protocol):
 #: Reads a JSON object file (through the scan's cache when there is one): (object, None) or
 #: (None, why not).
 Reader = Callable[[Path], Info]
+#: Reads a small text file at the root (a tracker): (text, "") or (None, why not).
+TextReader = Callable[[Path], tuple[str | None, str]]
 
 
 @runtime_checkable
 class Surveyor(Protocol):
+    """``read``/``read_text`` are the storage's readers (given on every storage but POSIX, where
+    a surveyor may read the files itself): a surveyor that reads files must read them through
+    these when given. One without a ``read_text`` parameter is not used on an object store."""
+
     def survey(self, root: Path, names: Sequence[str], read: Reader | None = None) -> Survey: ...
 
 
@@ -150,6 +158,14 @@ class Resolver(Protocol):
     """A layout that picks the real layout of a root from its entry names (``auto``)."""
 
     def resolve(self, names: Sequence[str]) -> tuple[Any, str]: ...
+
+
+def commit_files(layout: Any) -> tuple[str, ...]:
+    """The files whose presence makes a checkpoint of ``layout`` complete (its commit signal):
+    removed first when it is deleted from an object store, so that no resume loads a
+    half-deleted checkpoint. A layout says so with ``commit_files``; else its default marker."""
+    files = getattr(layout, "commit_files", None)
+    return tuple(files) if files else (str(layout.default_marker),)
 
 
 def age_text(seconds: float) -> str:

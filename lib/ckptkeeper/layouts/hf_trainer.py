@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from ..names import Kind, ParsedName
-from .base import COMPLETE_MARKER, Look, Probe, Reader, Survey, Tunable, parse_step, unsettled
+from .base import (
+    COMPLETE_MARKER,
+    Look,
+    Probe,
+    Reader,
+    Survey,
+    TextReader,
+    Tunable,
+    parse_step,
+    unsettled,
+)
 
 __all__ = ["HF_TRAINER", "HfTrainer"]
 
@@ -35,6 +45,7 @@ class HfTrainer(Tunable):
     name: str = "hf-trainer"
     default_marker: str = COMPLETE_MARKER
     info_file: str = STATE
+    commit_files: tuple[str, ...] = (STATE,)  # HF writes it last: without it, not complete
 
     def parse(self, name: str) -> ParsedName | None:
         m = _RE.fullmatch(name)
@@ -50,7 +61,13 @@ class HfTrainer(Tunable):
         with os.scandir(root) as it:
             return self.survey(root, [e.name for e in it]).pointers
 
-    def survey(self, root: Path, names: Sequence[str], read: Reader | None = None) -> Survey:
+    def survey(
+        self,
+        root: Path,
+        names: Sequence[str],
+        read: Reader | None = None,
+        read_text: TextReader | None = None,  # reads no text file: accepted, so usable on S3
+    ) -> Survey:
         """The newest checkpoint, and the best one its trainer_state.json names."""
         steps = sorted(
             (p.step for n in names if (p := self.parse(n)) is not None and p.canonical),

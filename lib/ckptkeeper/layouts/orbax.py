@@ -31,6 +31,7 @@ class Orbax(Tunable):
     name: str = "orbax"
     default_marker: str = COMMIT
     info_file: str = METADATA
+    commit_files: tuple[str, ...] = (COMMIT, METADATA)  # either one makes a step complete
 
     def parse(self, name: str) -> ParsedName | None:
         m = _RE.fullmatch(name)

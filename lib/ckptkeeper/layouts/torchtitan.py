@@ -26,6 +26,7 @@ class Torchtitan(Tunable):
     name: str = "torchtitan"
     default_marker: str = ".metadata"
     info_file: str = ".metadata"
+    commit_files: tuple[str, ...] = (".metadata",)
 
     def parse(self, name: str) -> ParsedName | None:
         m = _RE.fullmatch(name)

@@ -24,6 +24,7 @@ from .base import (
     Probe,
     Reader,
     Survey,
+    TextReader,
     Tunable,
     metrics_or_empty,
     parse_step,
@@ -59,8 +60,14 @@ class Tracked(Tunable):
     def pointers(self, root: Path) -> Mapping[int, str]:
         return self.survey(root, ()).pointers
 
-    def survey(self, root: Path, names: Sequence[str], read: Reader | None = None) -> Survey:
-        text, error = _read_small(root / self.tracker_file)
+    def survey(
+        self,
+        root: Path,
+        names: Sequence[str],
+        read: Reader | None = None,
+        read_text: TextReader | None = None,
+    ) -> Survey:
+        text, error = (read_text or _read_small)(root / self.tracker_file)
         if text is None:
             return Survey(tracker_error=error)
         value = text.strip()
