@@ -65,19 +65,21 @@ def _ours(endpoint: Any, bucket: str, count: int) -> float:
     env = {**endpoint.env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{endpoint.moto_port}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # The environment stays set through the pass: the storage's client follows
+    # AWS_ENDPOINT_URL (a changed endpoint makes a new client).
     try:
         store = S3Storage()
         store.client  # noqa: B018 - made before the clock starts, as a keeper's is
+        root = root_path(f"s3://{bucket}/ours")
+        started = time.perf_counter()
+        result = locked_pass(root, Policy.from_mapping({"keep_latest_n": 1}), storage=store)
+        took = time.perf_counter() - started
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    root = root_path(f"s3://{bucket}/ours")
-    started = time.perf_counter()
-    result = locked_pass(root, Policy.from_mapping({"keep_latest_n": 1}), storage=store)
-    took = time.perf_counter() - started
     assert [r.files for _, r in result.removed] == [count + 1], result.removed
     return took
 
