@@ -38,11 +38,13 @@ from .roots import SettingsResolver, expand
 from .sdnotify import Notifier, watchdog_interval
 from .sidecar import FinalPass, Sidecar
 from .signals import process_inbox
+from .startup import run_all
 from .watch import RootWatcher
 
 __all__ = ["Keeper"]
 
 FIRST_PASS_WAIT = 60.0  # systemd's default TimeoutStartSec is 90 s
+START_WORKERS = 12  # first passes in flight at start (at least ``[daemon] workers``), bench P9K
 STOP_TIMEOUT = 8.0  # SIGTERM -> exit within 10 s (systemd's TimeoutStopSec gives us 15)
 
 
@@ -239,6 +241,28 @@ class Keeper:
                 last = done[-1].decision
                 self._last_action = f"{last.action.value} {last.path.name} in {root}"
 
+    def _first_sweep(self) -> None:
+        """Every root's first pass, ``START_WORKERS`` roots at a time on threads that end with
+        it (a trigger's request for a root meanwhile re-runs it once afterwards, as usual)."""
+        with self._state_lock:
+            roots = [r for r in self.roots if r not in self._running]
+            self._running.update(roots)
+        workers = max(START_WORKERS, self.config.daemon.workers)
+        left = run_all(roots, self._run_first_pass, workers, name="ckptkeeper-start", log=self.log)
+        with self._state_lock:
+            self._running.difference_update(left)
+        for root in left:  # not one thread could be started: the keeper's pool runs them
+            self.request(root)
+
+    def _run_first_pass(self, root: Path) -> None:
+        if self._cancel.is_set():  # stopping: a start-up pass not begun yet is dropped
+            with self._state_lock:
+                self._running.discard(root)
+                self._pending.discard(root)
+                self._idle.notify_all()
+            return
+        self._run_pass(root)
+
     def _run_pass(self, root: Path) -> None:
         while True:
             try:
@@ -411,7 +435,7 @@ class Keeper:
                 self.notifier.watchdog, "interval", id="watchdog", seconds=interval
             )
         self._scheduler.start()
-        self.sweep_all()
+        self._first_sweep()
         # READY=1 after the first pass; a first pass still removing terabytes after
         # FIRST_PASS_WAIT must not make systemd's start timeout kill us: ready anyway, it goes on.
         complete = self._wait_idle_serving(FIRST_PASS_WAIT)
