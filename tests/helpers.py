@@ -72,6 +72,15 @@ def write_checkpoint(
     return path
 
 
+def write_metric_run(root: Path, steps: Iterable[int] = (1, 2, 3)) -> None:
+    """``step_N`` directories with training_info.json ``{"loss": N}`` and a NeMo-RL config.yaml
+    naming ``loss`` as the metric (the run's own settings, found by the config.yaml walk)."""
+    for n in steps:
+        (root / f"step_{n}").mkdir(parents=True)
+        (root / f"step_{n}" / "training_info.json").write_text(json.dumps({"loss": n}))
+        (root / f"step_{n}" / "config.yaml").write_text("checkpointing:\n  metric_name: loss\n")
+
+
 def step_names(root: Path) -> set[str]:
     return {
         p.name

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import write_metric_run
 
 HEAVY = (
     "apscheduler",
@@ -37,10 +38,7 @@ def test_sweep_and_status_load_none_of_the_daemons_machinery(
     command: list[str], tmp_path: Path
 ) -> None:
     root = tmp_path / "run"
-    for n in (1, 2, 3):
-        (root / f"step_{n}").mkdir(parents=True)
-        (root / f"step_{n}" / "training_info.json").write_text(json.dumps({"loss": n}))
-        (root / f"step_{n}" / "config.yaml").write_text("checkpointing:\n  metric_name: loss\n")
+    write_metric_run(root)
     flags = ["--keep-top-k", "1", "--metric", "loss", "--lower-is-better", str(root)]
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, *command, *flags],

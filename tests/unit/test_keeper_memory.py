@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers import write_metric_run
 
 from ckptkeeper import InfoCache, scan_root
 from ckptkeeper.info import MEMO_TRUST_S
@@ -182,10 +183,7 @@ def test_watching_a_root_walks_no_config_yaml_and_its_pass_does(
     # At 1 M checkpoints the walk over every root's newest steps for a config.yaml, made to
     # watch and schedule the roots before any pass, was most of a keeper's start (bench P9K).
     root = tmp_path / "run"
-    for n in (1, 2, 3):
-        (root / f"step_{n}").mkdir(parents=True)
-        (root / f"step_{n}" / "training_info.json").write_text(json.dumps({"loss": n}))
-        (root / f"step_{n}" / "config.yaml").write_text("checkpointing:\n  metric_name: loss\n")
+    write_metric_run(root)
     keeper = make_keeper([root])  # refresh_roots: the root is watched and scheduled
     keepers.append(keeper)
     assert keeper.settings.reads["config.yaml"] == 0
