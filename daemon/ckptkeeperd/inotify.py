@@ -16,7 +16,8 @@ errno, and the parsing of ``struct inotify_event``); this module adds what the d
   ENOENT, ENOTDIR (``IN_ONLYDIR``), ELOOP (a symlink: ``IN_DONT_FOLLOW``), EACCES.
 
 Callbacks run in the reader thread with no lock of ours held, in the kernel's order; an
-exception in one is logged and the thread goes on.
+exception in one is logged and the thread goes on. ``barrier()`` waits until every event queued
+before it was handed to its callbacks (the journal of a root, `ckptkeeperd.watch`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,6 +95,8 @@ class InotifyReader:
         self._lock = threading.Lock()
         self._by_wd: dict[int, list[Watch]] = {}
         self._stopping = False
+        self._served = threading.Condition()  # barriers: asked (written a byte), served (read)
+        self._asked = self._done = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -127,6 +131,28 @@ class InotifyReader:
         with self._lock:
             return len(self._by_wd)
 
+    def barrier(self, timeout: float) -> bool:
+        """Wait until every event queued before this call has been handed to its callbacks.
+        False after ``timeout`` s, once stopping, or when called from a callback (the reader
+        thread cannot wait for itself)."""
+        if threading.current_thread() is self._thread:
+            return False
+        deadline = time.monotonic() + timeout
+        with self._served:
+            self._asked += 1
+            ticket = self._asked
+            with self._lock:
+                if self._stopping:
+                    return False
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                    os.write(self._wake_w, b"b")
+            while self._done < ticket:
+                left = deadline - time.monotonic()
+                if self._stopping or left <= 0:
+                    return False
+                self._served.wait(left)
+        return True
+
     def stop(self) -> None:
         """Stop and join the thread; it closes the fd (the kernel drops every watch with it)."""
         with self._lock:
@@ -138,6 +164,8 @@ class InotifyReader:
                     watch.alive = False
             self._by_wd.clear()
             os.write(self._wake_w, b"x")  # under the lock: the thread closes the pipe under it
+        with self._served:
+            self._served.notify_all()  # a barrier waiting returns False
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -149,6 +177,10 @@ class InotifyReader:
             poller.poll()
             if self._stopping:
                 break
+            with self._served:  # the barriers whose byte was written before the read below
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                asked = self._asked
             try:
                 events = self._ino.read(timeout=0)
             except OSError:  # not expected of a live inotify fd: wait for stop(), do not spin
@@ -156,6 +188,9 @@ class InotifyReader:
                 poller.unregister(self._ino.fileno())
                 continue
             self._dispatch([(int(e.wd), int(e.mask), str(e.name)) for e in events])
+            with self._served:
+                self._done = asked
+                self._served.notify_all()
         with self._lock:  # stop() has written its wake-up: nothing else uses these fds now
             self._ino.close()
             os.close(self._wake_r)

@@ -16,6 +16,10 @@ A watched dir deleted (IN_DELETE_SELF, IN_IGNORED), a root renamed (IN_MOVE_SELF
 gone or replaced: its watch is dead and the worker re-syncs it; an inode number alone does not
 tell a live watch (ext4 and tmpfs reuse it at once). IN_Q_OVERFLOW (events lost): every root
 gets a pass, and each pass re-syncs its tmp watches (``set_in_flight``).
+
+A root watched by inotify also keeps a journal of the names created in it (`journal`): the
+watcher is the cache's `ckptkeeper.info.Journal` (``mark``, ``since``), so a marker's pass
+names its step's entries without listing the root.
 """
 
 from __future__ import annotations
@@ -45,13 +49,25 @@ from ckptkeeperd.hints import (
     event_hint,
     from_inotify,
 )
-from ckptkeeperd.inotify import InotifyReader, Watch
+from ckptkeeperd.inotify import (
+    IN_CREATE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MOVE_SELF,
+    IN_MOVED_TO,
+    IN_UNMOUNT,
+    InotifyReader,
+    Watch,
+)
+from ckptkeeperd.journal import RootJournal
 from ckptkeeperd.logs import get_logger
 from ckptkeeperd.poller import DirPoller, Polled
 
 __all__ = ["DEFAULT_MAX_TMP_WATCHES", "OBSERVER_SETTINGS", "RootWatcher", "resolve_observer"]
 
 DEFAULT_MAX_TMP_WATCHES = 8192  # a watch pins ~1 KiB of kernel memory; a poll costs CPU
+JOURNAL_WAIT = 0.5  # s for the queued events to be read; longer: the root is listed instead
+_ROOT_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 _logger = logging.getLogger(__name__)  # stdlib, only for exceptions raised by callbacks
 
@@ -76,6 +92,7 @@ class _Watch:
     handle: Watch | Polled
     identity: tuple[int, int]
     counted: bool = False  # one of the max_tmp_watches inotify watches of tmp dirs
+    journal: RootJournal | None = None  # a root's inotify watch: the names created in it
 
     @property
     def kind(self) -> str:
@@ -127,6 +144,7 @@ class RootWatcher:
         self._tmp_inotify = 0  # tmp dirs watched by inotify now
         self._noticed: set[str] = set()  # process-wide notices already logged
         self._reported: dict[Path, str] = {}  # root -> last reported problem (reported once)
+        self._journals: dict[str, RootJournal] = {}  # root -> its inotify watch's journal
         # Read without our lock by the inotify and poller threads (attribute and dict reads).
         self._markers: dict[Path, str | None] = {}  # root -> its marker's name, None: not told
         self._wanted: tuple[Path, ...] = ()  # roots of the last set_roots
@@ -188,6 +206,21 @@ class RootWatcher:
                 self._sync_tmp(root, state, tmp)
         self._deliver_problems()
 
+    def mark(self, root: str, identity: tuple[int, int]) -> object | None:
+        """`ckptkeeper.info.Journal.mark`: before a full listing of ``root``."""
+        journal = self._journals.get(root)
+        if journal is None:
+            return None
+        at = journal.mark(identity)
+        return None if at is None else (journal, at)
+
+    def since(self, root: str, mark: object, identity: tuple[int, int]) -> list[str] | None:
+        """`ckptkeeper.info.Journal.since`: the names created in ``root`` since ``mark``."""
+        if not isinstance(mark, tuple) or self._journals.get(root) is not mark[0]:
+            return None  # the watch it was taken on ended (or this is another watcher's)
+        journal, at = mark
+        return journal.since(at, identity, JOURNAL_WAIT)  # type: ignore[no-any-return]
+
     def watch_count(self) -> int:
         with self._lock:
             return sum(1 + len(state.tmp) for state in self._roots.values())
@@ -200,6 +233,9 @@ class RootWatcher:
             sources = [s for s in (self._inotify, self._poller) if s is not None]
             self._inotify = self._poller = None
             self._roots.clear()
+            for journal in self._journals.values():
+                journal.end()
+            self._journals.clear()
             self._tmp_inotify = 0
         if already:
             return
@@ -263,6 +299,9 @@ class RootWatcher:
             self._debouncer.trigger(root)
 
     def _drop_root(self, root: Path) -> None:
+        journal = self._journals.pop(str(root), None)
+        if journal is not None:
+            journal.end()
         state = self._roots.pop(root, None)
         if state is not None:
             for watch in [state.main, *state.tmp.values()]:
@@ -290,10 +329,16 @@ class RootWatcher:
         if self._inotify is None:  # OSError: EMFILE (fs.inotify.max_user_instances)
             self._inotify = InotifyReader(self._on_overflow, name="ckptkeeper-inotify")
         tmp = path != root
-        callback = partial(self._on_inotify, root, path)
+        journal = None if tmp else RootJournal(identity, self._inotify.barrier)
+        callback = partial(self._on_inotify, root, path, journal)
         handle = self._inotify.add(os.fspath(path), TMP_MASK if tmp else ROOT_MASK, callback)
         self._tmp_inotify += tmp
-        return _Watch(handle, identity, counted=tmp)
+        if journal is not None:
+            old = self._journals.pop(str(root), None)
+            if old is not None:
+                old.end()
+            self._journals[str(root)] = journal
+        return _Watch(handle, identity, counted=tmp, journal=journal)
 
     def _add_polled(self, root: Path, path: Path, identity: tuple[int, int]) -> _Watch:
         if self._poller is None:
@@ -307,6 +352,8 @@ class RootWatcher:
         return _Watch(handle, identity)
 
     def _unschedule(self, watch: _Watch) -> None:
+        if watch.journal is not None:
+            watch.journal.end()
         if isinstance(watch.handle, Watch):
             if self._inotify is not None:
                 self._inotify.remove(watch.handle)
@@ -340,7 +387,20 @@ class RootWatcher:
 
     # -- event path: inotify reader and poller threads, no lock of ours -----------------------
 
-    def _on_inotify(self, root: Path, watched: Path, watch: Watch, mask: int, name: str) -> None:
+    def _on_inotify(
+        self,
+        root: Path,
+        watched: Path,
+        journal: RootJournal | None,
+        watch: Watch,
+        mask: int,
+        name: str,
+    ) -> None:
+        if journal is not None:  # the root's watch: before anything acts on the event
+            if mask & (IN_CREATE | IN_MOVED_TO) and name:
+                journal.record(name)
+            elif mask & _ROOT_GONE:
+                journal.end()
         event = from_inotify(watched, mask, name)
         if event is not None:
             self._on_event(root, watched, watch, event)
@@ -353,6 +413,8 @@ class RootWatcher:
 
     def _on_overflow(self) -> None:
         roots = self._wanted
+        for journal in list(self._journals.values()):  # what was created meanwhile is not known
+            journal.restart()
         get_logger().warning("inotify_overflow", roots=len(roots), reason="events lost")
         for root in roots:  # a pass of every root
             self._debouncer.trigger(root)

@@ -12,9 +12,9 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import errno_text
 from .layouts.nemo_rl import NEMO_RL
@@ -25,6 +25,7 @@ __all__ = [
     "MAX_INFO_BYTES",
     "MEMO_TRUST_S",
     "InfoCache",
+    "Journal",
     "Listing",
     "read_training_info",
 ]
@@ -239,6 +240,24 @@ class _Schemas:
 _SCHEMAS = _Schemas()
 
 
+class Journal(Protocol):
+    """What a watcher saw happen in a root (the daemon's `RootWatcher`): set as
+    `InfoCache.journal`, it lets a partial scan name a step's entries with no listing of the
+    root, from the last full listing and the names created in the root since it began."""
+
+    def mark(self, root: str, identity: tuple[int, int]) -> object | None:
+        """A mark of now, taken just before a full listing of ``root`` (the directory of
+        (st_dev, st_ino) ``identity``); None when the names created from now on will not be known
+        (not watched, or watched by another directory)."""
+        ...
+
+    def since(self, root: str, mark: object, identity: tuple[int, int]) -> Collection[str] | None:
+        """Every name created in (or renamed into) ``root`` since ``mark``, up to this call
+        (events still queued are read first); None when that is not known for certain (events
+        lost, the watch ended or watches another directory): the caller lists the root."""
+        ...
+
+
 class Listing:
     """What a full scan's listing of a root found that a partial scan cannot probe for: the
     spellings of a step other than its layout's (``step_07``), by step, and the root's
@@ -246,7 +265,7 @@ class Listing:
     has those, no entry was created, removed or renamed in it since, if the listing began at
     least `MEMO_TRUST_S` after the root's last change (``trusted``)."""
 
-    __slots__ = ("layout", "odd", "stamp", "steps", "trusted")
+    __slots__ = ("layout", "mark", "odd", "stamp", "steps", "trusted")
 
     def __init__(
         self,
@@ -255,6 +274,7 @@ class Listing:
         odd: dict[int, list[str]],
         steps: Mapping[str, object] | None = None,
         layout: str = "",
+        mark: object | None = None,
     ) -> None:
         self.stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         self.trusted = listed_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= int(MEMO_TRUST_S * 1e9)
@@ -265,6 +285,7 @@ class Listing:
         # layout's are all in ``odd``.
         self.steps: Mapping[str, object] = steps if steps is not None else {}
         self.layout = layout  # the layout the names were classified by
+        self.mark = mark  # `Journal.mark` taken before the listing (None: no journal)
 
     def holds(self, st: os.stat_result) -> bool:
         """Still the root's listing (``st``: the root now)?"""
@@ -298,6 +319,7 @@ class InfoCache:
         self.parses = 0  # how many files were actually parsed (for tests and benchmarks)
         self.memo_hits = 0  # step directories a memoized scan did not look inside (for tests)
         self.listing_hits = 0  # partial scans that did not list the root (for tests, benchmarks)
+        self.journal: Journal | None = None  # the root's events, where a watcher has them
 
     def get(self, path: Path, key: _InfoKey) -> _InfoResult | None:
         return self.lookup(str(path.parent.parent), path.parent.name, key)

@@ -170,6 +170,7 @@ class _Scanner:
         self.only: frozenset[int] | None = None  # a partial scan of these steps (`scan_root`)
         self.root_st: os.stat_result | None = None  # the root before the listing (with a cache)
         self.spellings: dict[int, list[str]] = defaultdict(list)  # non-canonical names by step
+        self.mark: object | None = None  # the cache's `Journal.mark` before a full listing
 
     def read_entries(self, root_fd: int) -> None:
         self.root_fd = root_fd
@@ -204,6 +205,7 @@ class _Scanner:
         if self.only is not None and self.probes_names():
             self.group_some(groups)
             return groups
+        self.mark = self.journal_mark()
         with os.scandir(self.root) as it:  # by path: scandir(fd) costs 6 more system calls
             entries = list(it)
         self.look_around([entry.name for entry in entries])
@@ -359,6 +361,10 @@ class _Scanner:
             assert self.cache is not None
             self.cache.used_listing()
             return spelled, True
+        if listing is not None and (created := self.created_since(listing)) is not None:
+            # Names created since the listing began, as the root's watch saw them: any of
+            # ``only`` among them is looked at too (`group_some` keeps only those).
+            return list(dict.fromkeys([*spelled, *created])), True
         names = os.listdir(self.root)
         if listing is None or not listing.steps:
             return names, False
@@ -368,6 +374,29 @@ class _Scanner:
         present = set(names)
         fresh = present.difference(listing.steps)
         return [*fresh, *(n for n in spelled if n in present and n not in fresh)], False
+
+    def journal_mark(self) -> object | None:
+        """`Journal.mark` for the listing about to begin (None without a cache's journal)."""
+        journal = None if self.cache is None else self.cache.journal
+        if journal is None or self.root_st is None or self.only is not None:
+            return None
+        return journal.mark(self.root_str, (self.root_st.st_dev, self.root_st.st_ino))
+
+    def created_since(self, listing: Listing) -> list[str] | None:
+        """The names created in the root since ``listing`` began, as the cache's journal saw
+        them, when it knows them all (the root still the directory listed); else None."""
+        journal = None if self.cache is None else self.cache.journal
+        st = self.root_st
+        if journal is None or listing.mark is None or st is None:
+            return None
+        if listing.stamp[:2] != (st.st_dev, st.st_ino):
+            return None  # another directory there now
+        created = journal.since(self.root_str, listing.mark, (st.st_dev, st.st_ino))
+        if created is None:
+            return None
+        assert self.cache is not None
+        self.cache.used_listing()
+        return [name for name in created if self.classify(name) is not None]
 
     def checkpoint(self, root_fd: int, name: str, step: int, st: os.stat_result) -> Checkpoint:
         known = self.trusted.get(name)
@@ -448,7 +477,12 @@ class _Scanner:
             if self.root_st is not None:
                 spellings = dict(self.spellings)
                 listing = Listing(
-                    self.root_st, self.started_ns, spellings, self.memo_out, self.layout.name
+                    self.root_st,
+                    self.started_ns,
+                    spellings,
+                    self.memo_out,
+                    self.layout.name,
+                    self.mark,
                 )
                 self.cache.keep_listing(self.root_str, listing)
         return RootScan(
