@@ -174,6 +174,9 @@ def one_save(src: Path, step: int) -> Callable[[RootScan], RootScan]:
             steps=tuple(c for c in scan.steps if c.step == step),
             in_flight=tuple(t for t in scan.in_flight if t.path == src),
             leftovers=tuple(o for o in scan.leftovers if o.step == step),
+            # Its step's odd entries: two spellings of the save, or a step_N that is not a
+            # directory standing where it would be finalized (the plan waits, as a full one).
+            anomalies=tuple(a for a in scan.anomalies if a.step == step),
             ambiguous_steps=scan.ambiguous_steps & {step},
             layout=scan.layout,
         )
