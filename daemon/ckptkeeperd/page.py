@@ -28,7 +28,7 @@ from .chart import COLOURS, chart_svg, text
 from .reconcile import Report, preview
 
 if TYPE_CHECKING:
-    from .service import Keeper
+    from .keeper import KeeperCore
 
 __all__ = ["CONTENT_TYPE", "page_for", "render_page", "write_page"]
 
@@ -219,7 +219,7 @@ class _Silent:
         return lambda *_args, **_kwargs: None
 
 
-def page_for(keeper: Keeper) -> bytes:
+def page_for(keeper: KeeperCore) -> bytes:
     """``GET /`` of the daemon: a fresh read-only preview of every root, rendered (UTF-8). Each
     root's settings are resolved now, as its next pass would (its config problems are shown)."""
     roots = dict(keeper.roots)  # replaced whole by refresh_roots: a consistent snapshot
