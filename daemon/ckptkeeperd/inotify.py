@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +100,7 @@ class InotifyReader:
         self._stopping = False
         self._served = threading.Condition()  # barriers: asked (written a byte), served (read)
         self._asked = self._done = 0
+        self._in_batch = False  # between a read of the fd and the end of its dispatch
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -139,6 +143,8 @@ class InotifyReader:
             return False
         deadline = time.monotonic() + timeout
         with self._served:
+            if not self._in_batch and self._pending() == 0:
+                return True  # nothing queued, nothing read and not yet handed over
             self._asked += 1
             ticket = self._asked
             with self._lock:
@@ -152,6 +158,17 @@ class InotifyReader:
                     return False
                 self._served.wait(left)
         return True
+
+    def _pending(self) -> int:
+        """Bytes of events queued in the kernel (FIONREAD); -1 if that cannot be asked."""
+        try:
+            with self._lock:
+                if self._stopping:
+                    return -1
+                raw = fcntl.ioctl(self._ino.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return -1
+        return int(struct.unpack("i", raw)[0])
 
     def stop(self) -> None:
         """Stop and join the thread; it closes the fd (the kernel drops every watch with it)."""
@@ -181,15 +198,19 @@ class InotifyReader:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
                 asked = self._asked
+                self._in_batch = True
             try:
                 events = self._ino.read(timeout=0)
             except OSError:  # not expected of a live inotify fd: wait for stop(), do not spin
                 _logger.exception("reading the inotify fd failed; no more inotify events")
                 poller.unregister(self._ino.fileno())
+                with self._served:
+                    self._in_batch = False  # barriers now wait for their timeout: None
                 continue
             self._dispatch([(int(e.wd), int(e.mask), str(e.name)) for e in events])
             with self._served:
                 self._done = asked
+                self._in_batch = False
                 self._served.notify_all()
         with self._lock:  # stop() has written its wake-up: nothing else uses these fds now
             self._ino.close()
