@@ -3,12 +3,17 @@
 One ``ckptkeeper run ROOT --observer inotify --sweep-interval 1h`` per size, on a root that already
 holds 100, 1,000 or 5,000 finalized checkpoints and keeps every one (no retention rule: the
 keeper only finalizes). A trainer's save is written as in P2 (``tmp_step_N`` with two data files
-and training_info.json, then ``write_marker``); the clock runs from the marker's return to
-``lstat(step_N)`` succeeding (0.2 ms polls). Two ways of writing: with a pause (the tmp dir is left
-for 4 s first, as a real save is for minutes: its watch is in place and the keeper has listed the
-root again once that listing can be trusted, so the marker's partial scan probes step N's names
-without listing the root) and without (the marker follows the creation of ``tmp_step_N`` at once:
-the partial scan lists the root's names; the case that used to wait for the 150 ms debounce).
+and training_info.json, then the marker as ``write_marker`` writes it: a temporary file, fsync,
+rename into place, fsync of the directory); the clock runs from just before the marker's rename
+(the moment it appears) to ``lstat(step_N)`` succeeding (0.2 ms polls). (Until 2026-11-30 16:30 it
+ran from ``write_marker``'s return, after its directory fsync, which the keeper's work overlaps:
+a fast finalize then measured ~0, the floor, and ratios to it meant little.) Two ways of
+writing: with a pause (the tmp dir is left for 4 s first, as a real save is for minutes: its
+watch is in place and the root was listed since its creation) and without (the marker follows
+the creation of ``tmp_step_N`` at once: the root changed since its last listing). Either way the
+marker's partial scan takes the names created since the last full listing from the root's
+inotify journal and lists nothing (the case without a pause used to wait for the 150 ms
+debounce, then to list the root's names).
 Saves are 1.5 s apart, so the full pass that follows each finalize (debounced) has ended: a full
 pass of a 5,000-step root running at the marker's moment shares the GIL (and 2 cores) with the
 marker's pass and would be measured instead.
@@ -19,12 +24,12 @@ latency does not grow with the root (p50 at the largest size within 2x of the sm
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-
-from ckptkeeper import write_marker
 
 from .common import Row, percentile
 from .p2_latency import _daemon, _make_tmp, _wait_visible
@@ -48,6 +53,27 @@ def _populate(root: Path, steps: int) -> None:
         (d / "training_info.json").write_text(f'{{"step": {n}, "val_loss": {1.0 / n:.6f}}}')
 
 
+def _write_marker(tmp: Path, name: str) -> float:
+    """The marker as `ckptkeeper.write_marker` writes it; the perf_counter time just before its
+    rename into place."""
+    temp = tmp / f".{name}.tmp-{os.getpid()}"
+    data = json.dumps({"time": time.time(), "pid": os.getpid()}).encode()
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        t0 = time.perf_counter()
+        os.rename(temp, tmp / name)
+        os.fsync(dir_fd)  # the keeper may have renamed the directory: its fd still syncs
+    finally:
+        os.close(dir_fd)
+    return t0
+
+
 def measure_scale(
     size: int, count: int, pause: float = PAUSE_FULL_S, gap: float = GAP_FULL_S
 ) -> dict[str, list[float]]:
@@ -66,8 +92,7 @@ def measure_scale(
                 tmp = _make_tmp(root, step)
                 if how == "pause":
                     time.sleep(pause)  # the daemon sees tmp_step_N, watches it, lists the root
-                write_marker(tmp, ".complete")
-                t0 = time.perf_counter()
+                t0 = _write_marker(tmp, ".complete")
                 seen = _wait_visible(root / f"step_{step}", TIMEOUT_S)
                 if seen is None:
                     out["timeouts"].append(float(step))
@@ -121,10 +146,11 @@ def run(quick: bool) -> list[Row]:
                     + (f"; {timeouts} not visible within {TIMEOUT_S:.0f} s" if timeouts else ""),
                     "The marker's event hands its tmp dir to a pass of its own (watch.py "
                     "on_marker -> Keeper.finalize_now -> reconcile.finalize_marked): a locked "
-                    "RECOVERY pass over a partial scan of step N (only step N's entries are "
-                    "looked at; the root's names are listed unless it is unchanged since a "
-                    "trusted listing, and then only names new to the last full listing are "
-                    "classified); the full pass follows debounced.",
+                    "RECOVERY pass over a partial scan of step N: only the names of step N are "
+                    "lstat'ed (the layout's spellings, the odd ones the last full listing "
+                    "found, and the names created since that listing as the root's inotify "
+                    "watch journaled them: ckptkeeperd.journal), the root is not listed; the "
+                    "full pass follows debounced.",
                 ],
             )
         )

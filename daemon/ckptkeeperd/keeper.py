@@ -306,9 +306,13 @@ class KeeperCore:
     def _relist_later(self, root: Path) -> None:
         """A listing made too soon after the root's last change cannot be trusted by the
         marker's partial scan (`ckptkeeper.info.Listing`): list it again once it can be, so the
-        next save's marker costs no listing of the root."""
+        next save's marker costs no listing of the root. Not for a root whose watch journals
+        the names created in it since the listing (``listing.mark``): its marker's pass takes
+        them from there, trusted or not."""
         listing = self.cache.listing(str(root))
         if listing is None or listing.trusted or self._cancel.is_set():
+            return
+        if listing.mark is not None:
             return
         self._pass_at(root, "relist", time.time() + MEMO_TRUST_S + 0.1)
 

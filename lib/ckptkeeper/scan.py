@@ -110,10 +110,12 @@ def scan_root(
     directories (module docstring). Every full scan with a cache refreshes the memo.
 
     ``steps``: a partial scan of these steps only (a marker's save: its cost does not grow with
-    the root). The root is still listed, since any spelling of a step (``step_07`` beside
-    ``step_7``) must be seen for the step to be called ambiguous as a full scan would, but only
-    the entries of ``steps`` are looked at; their records are those a full scan makes. No trash,
-    and the cache's memo and entries of other steps are left as they are.
+    the root). Any spelling of a step (``step_07`` beside ``step_7``) must be seen for the step
+    to be called ambiguous as a full scan would: the root is listed, unless the cache's last full
+    listing still holds, or the cache's `info.Journal` (the daemon's watch of the root) names
+    every entry created since that listing began; only the entries of ``steps`` are looked at,
+    and their records are those a full scan makes. No trash, and the cache's memo and entries of
+    other steps are left as they are.
 
     Raises OSError only when the root itself cannot be listed.
     """
@@ -315,8 +317,9 @@ class _Scanner:
     def group_some(self, groups: dict[tuple[int, int], list[str]]) -> None:
         """`group_entries` of a partial scan, and an ``lstat`` of the few names of
         ``self.only``: every spelling the layout gives them, and those the last full listing
-        found, while the root is unchanged since a trusted listing (`info.Listing`); otherwise
-        the names of a listing (no directory entry objects)."""
+        found, while the root is unchanged since a trusted listing (`info.Listing`) or with the
+        names created since the listing (`created_since`); otherwise the names of a listing (no
+        directory entry objects)."""
         only = self.only
         assert only is not None
         names, probing = self.names_of(only)
