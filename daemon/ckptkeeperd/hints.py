@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from watchdog import events as ev
@@ -156,17 +156,24 @@ def _name(path: bytes | str) -> str:
 
 
 def event_hint(
-    root: Path, watched: Path, event: ev.FileSystemEvent, marker: str | None = DEFAULT_MARKER
+    root: Path,
+    watched: Path,
+    event: ev.FileSystemEvent,
+    marker: str | None = DEFAULT_MARKER,
+    commit: Collection[str] = (),
 ) -> Hint:
     """What ``event``, from the watch on ``watched`` (``root`` or one of its tmp dirs), means for
-    ``root`` whose completion marker is named ``marker`` (None: not known, maybe any new file)."""
+    ``root`` whose completion marker is named ``marker`` (None: not known, maybe any new file).
+    ``commit``: the root's layout's commit files (`ckptkeeper.layouts.commit_files`): one arriving
+    in a checkpoint written in place may make it count (once settled), so it is news (soon)."""
     if watched != root:  # only the marker's arrival is news (the root's watch sees this dir go)
         moved = isinstance(event, ev.FileMovedEvent)  # created: also an unpaired IN_MOVED_TO
         if not (moved or isinstance(event, ev.FileCreatedEvent)):
             return Hint.NONE
-        if _name(event.dest_path if moved else event.src_path) == (marker or DEFAULT_MARKER):
+        name = _name(event.dest_path if moved else event.src_path)
+        if name == (marker or DEFAULT_MARKER):
             return Hint.NOW
-        return Hint.SOON if marker is None else Hint.NONE
+        return Hint.SOON if marker is None or name in commit else Hint.NONE
     if isinstance(event, _NOT_NEWS):
         return Hint.NONE
     if isinstance(event, ev.FileModifiedEvent | ev.FileClosedEvent):

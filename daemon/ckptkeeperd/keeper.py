@@ -23,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ckptkeeper import InfoCache, Plan, Policy
 from ckptkeeper.info import MEMO_TRUST_S
+from ckptkeeper.layouts import commit_files, get_layout
 from ckptkeeper.storage import POSIX, Storage
 
 from .config import DaemonConfig, Resolved, Settings
@@ -145,6 +146,7 @@ class KeeperCore:
         self._watcher.set_roots(
             {r: s.observer for r, s in found.items() if s.observer != "sweep"},
             markers={r: s.settings.policy.complete_marker for r, s in found.items()},
+            commit_files={r: _commit_files(s.settings.policy) for r, s in found.items()},
         )
         for root, state in found.items():
             # (Re)scheduled only when new or when its interval changed: re-adding a job restarts
@@ -407,3 +409,16 @@ class KeeperCore:
         self.notifier.status(
             f"{count} roots, {checkpoints} checkpoints; last action: {self._last_action}"
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_commit_files(layout: str) -> tuple[str, ...]:
+    return commit_files(get_layout(layout))
+
+
+def _commit_files(policy: Policy) -> tuple[str, ...]:
+    """The files whose arrival in a checkpoint of ``policy``'s layout may make it count."""
+    try:
+        return _layout_commit_files(policy.layout)
+    except Exception:  # a layout that cannot be loaded: its passes report it
+        return ()

@@ -147,6 +147,7 @@ class RootWatcher:
         self._journals: dict[str, RootJournal] = {}  # root -> its inotify watch's journal
         # Read without our lock by the inotify and poller threads (attribute and dict reads).
         self._markers: dict[Path, str | None] = {}  # root -> its marker's name, None: not told
+        self._commit: dict[Path, frozenset[str]] = {}  # root -> its layout's commit files
         self._wanted: tuple[Path, ...] = ()  # roots of the last set_roots
         self._problems: list[tuple[Path, str]] = []  # to deliver once the lock is released
         self._stopped = False
@@ -158,7 +159,10 @@ class RootWatcher:
     # -- public interface -------------------------------------------------------------------
 
     def set_roots(
-        self, roots: Mapping[Path, str], markers: Mapping[Path, str] | None = None
+        self,
+        roots: Mapping[Path, str],
+        markers: Mapping[Path, str] | None = None,
+        commit_files: Mapping[Path, Iterable[str]] | None = None,
     ) -> None:
         """Watch exactly these roots (root -> resolved ``inotify``/``polling``); never raises.
 
@@ -176,6 +180,8 @@ class RootWatcher:
                 del self._markers[root]
             names: Mapping[Path, str | None] = dict.fromkeys(roots) if markers is None else markers
             self._markers.update({r: names.get(r, DEFAULT_MARKER) for r in roots})
+            commits = commit_files or {}
+            self._commit = {r: frozenset(commits.get(r, ())) for r in roots}  # replaced whole
             self._wanted = tuple(roots)
             for root, kind in roots.items():
                 try:
@@ -422,7 +428,8 @@ class RootWatcher:
     def _on_event(
         self, root: Path, watched: Path, handle: Watch | Polled, event: ev.FileSystemEvent
     ) -> None:
-        hint = event_hint(root, watched, event, self._markers.get(root))
+        commit = self._commit.get(root, frozenset())
+        hint = event_hint(root, watched, event, self._markers.get(root), commit)
         if hint is Hint.NOW and watched != root:
             self._marked(root, watched)
         elif hint is not Hint.NONE:

@@ -11,7 +11,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 from tests.helpers import Daemon, step_names, wait_until, write_checkpoint
 
 SETTLE = 4.0  # longer than the relisting pass that follows a change (MEMO_TRUST_S)
@@ -86,19 +85,13 @@ def test_abandoned_nemo_rl_save_is_collected_once_stale_without_an_event(
     assert d.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not yet: a file arriving in an in-flight checkpoint is news only when named like the "
-    "policy's marker (watch.py); hf-trainer's trainer_state.json is not, so a checkpoint whose "
-    "passes all saw it without one waits for the periodic pass",
-)
 def test_hf_trainer_checkpoint_written_in_place_is_decided_once_settled(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    """As HF writes: ``checkpoint-N/`` first (passes see it without trainer_state.json: the one
-    its creation triggers and the one that lists the changed root again), then its files,
-    trainer_state.json last. Its arrival is news (the layout's commit signal is a file inside);
-    from then on no event, and the checkpoint counts once settled."""
+    """As HF writes: ``checkpoint-N/`` first (the pass its creation triggers sees it without
+    trainer_state.json, and watches it), then its files, trainer_state.json last. Its arrival is
+    news (the layout's commit file, `ckptkeeper.layouts.commit_files`); from then on no event,
+    and the checkpoint counts once settled."""
     root, staging = tmp_path / "run", tmp_path / "staging"
     root.mkdir()
     d = Daemon([str(root), *HF_FLAGS])
@@ -116,7 +109,7 @@ def test_hf_trainer_checkpoint_written_in_place_is_decided_once_settled(
     path = root / "checkpoint-3"
     passes = len(d.find("pass_done", root=str(root)))
     path.mkdir()
-    d.wait_for("pass_done", root=str(root), count=passes + 2, timeout=SLACK)
+    d.wait_for("pass_done", root=str(root), count=passes + 1, timeout=SLACK)
     (path / "model.safetensors").write_bytes(b"w" * 1024)
     (path / "trainer_state.json").write_text(json.dumps({"log_history": []}))
     last = _last_change(path)

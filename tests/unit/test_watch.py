@@ -206,6 +206,10 @@ def test_in_a_tmp_dir_only_the_marker_arriving_is_a_hint_and_it_is_immediate(
     # the root's own marker name counts, no other
     assert event_hint(root, tmp, FileCreatedEvent(str(tmp / "DONE")), "DONE") is Hint.NOW
     assert event_hint(root, tmp, FileCreatedEvent(str(tmp / ".complete")), "DONE") is Hint.NONE
+    # a layout's commit file arriving in a checkpoint written in place: a pass soon
+    state = FileCreatedEvent(str(tmp / "trainer_state.json"))
+    assert event_hint(root, tmp, state, ".complete", ("trainer_state.json",)) is Hint.SOON
+    assert event_hint(root, tmp, state, ".complete") is Hint.NONE
 
 
 def test_inotify_events_stand_for_the_events_event_hint_reads(tmp_path: Path) -> None:
