@@ -1,5 +1,5 @@
 """What a root's inotify watch saw created in it: the names a marker's partial scan would
-otherwise list the root for (`ckptkeeper.info.Journal`, answered by `RootWatcher`).
+otherwise list the root for (`ckptkeeper.info.Journal`: `Journals`, a `RootWatcher`'s).
 
 A full scan takes a mark just before it lists the root; the marker's pass asks for the names
 created since that mark and looks at those of its step (with the layout's own spellings and
@@ -18,11 +18,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-__all__ = ["MAX_NAMES", "RootJournal"]
+from ckptkeeperd.inotify import (
+    IN_CREATE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MOVE_SELF,
+    IN_MOVED_TO,
+    IN_UNMOUNT,
+)
+
+__all__ = ["JOURNAL_WAIT", "MAX_NAMES", "Journals", "RootJournal"]
 
 #: Names kept per root at most between two full listings (a burst beyond: the oldest half goes
 #: and a mark older than that is answered None).
 MAX_NAMES = 4096
+JOURNAL_WAIT = 0.5  # s for the queued events to be read; longer: the root is listed instead
+_ROOT_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT
 
 
 class RootJournal:
@@ -37,6 +48,13 @@ class RootJournal:
         self._base = 0  # how many names were dropped from the front
         self._marks = (0, 0)  # the last two marks: names before the older are not needed
         self.ended = False
+
+    def saw(self, mask: int, name: str) -> None:
+        """An event of the root's watch (``name`` "" for the root itself)."""
+        if mask & (IN_CREATE | IN_MOVED_TO) and name:
+            self.record(name)
+        elif mask & _ROOT_GONE:
+            self.end()
 
     def record(self, name: str) -> None:
         with self._lock:
@@ -79,3 +97,47 @@ class RootJournal:
             if self.ended or mark < self._base:
                 return None
             return self._names[mark - self._base :]
+
+
+class Journals:
+    """The journal of each root watched by inotify (`RootWatcher.journals`): the cache's
+    `ckptkeeper.info.Journal`. ``start``, ``end``, ``restart_all`` are the watcher's."""
+
+    def __init__(self) -> None:
+        self._by_root: dict[str, RootJournal] = {}  # replaced entries: read without a lock
+
+    def start(self, root: str, journal: RootJournal) -> None:
+        old = self._by_root.get(root)
+        self._by_root[root] = journal
+        if old is not None:
+            old.end()
+
+    def end(self, root: str) -> None:
+        journal = self._by_root.pop(root, None)
+        if journal is not None:
+            journal.end()
+
+    def end_all(self) -> None:
+        for root in list(self._by_root):
+            self.end(root)
+
+    def restart_all(self) -> None:
+        for journal in list(self._by_root.values()):
+            journal.restart()
+
+    def mark(self, root: str, identity: tuple[int, int]) -> object | None:
+        """`ckptkeeper.info.Journal.mark`: before a full listing of ``root``."""
+        journal = self._by_root.get(root)
+        at = None if journal is None else journal.mark(identity)
+        return None if at is None else (journal, at)
+
+    def since(self, root: str, mark: object, identity: tuple[int, int]) -> list[str] | None:
+        """`ckptkeeper.info.Journal.since`: the names created in ``root`` since ``mark``."""
+        if not isinstance(mark, tuple) or len(mark) != 2:
+            return None
+        journal, at = mark
+        if not isinstance(journal, RootJournal) or not isinstance(at, int):
+            return None
+        if self._by_root.get(root) is not journal:
+            return None  # the watch it was taken on ended (or another watcher's mark)
+        return journal.since(at, identity, JOURNAL_WAIT)

@@ -96,7 +96,7 @@ class KeeperCore:
             max_tmp_watches=config.daemon.max_tmp_watches,
             on_marker=self.finalize_now,
         )
-        self.cache.journal = self._watcher  # a marker's pass lists no root it watches
+        self.cache.journal = self._watcher.journals  # a marker's pass lists no root it watches
         self._idle = threading.Condition(self._state_lock)
         self._last_action = "none yet"
         self._checkpoints: dict[Path, int] = {}

@@ -17,9 +17,9 @@ gone or replaced: its watch is dead and the worker re-syncs it; an inode number 
 tell a live watch (ext4 and tmpfs reuse it at once). IN_Q_OVERFLOW (events lost): every root
 gets a pass, and each pass re-syncs its tmp watches (``set_in_flight``).
 
-A root watched by inotify also keeps a journal of the names created in it (`journal`): the
-watcher is the cache's `ckptkeeper.info.Journal` (``mark``, ``since``), so a marker's pass
-names its step's entries without listing the root.
+A root watched by inotify also keeps a journal of the names created in it (`journal`):
+``journals`` is the cache's `ckptkeeper.info.Journal`, so a marker's pass names its step's
+entries without listing the root.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ import errno
 import logging
 import os
 import queue
-import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -49,66 +47,17 @@ from ckptkeeperd.hints import (
     event_hint,
     from_inotify,
 )
-from ckptkeeperd.inotify import (
-    IN_CREATE,
-    IN_DELETE_SELF,
-    IN_IGNORED,
-    IN_MOVE_SELF,
-    IN_MOVED_TO,
-    IN_UNMOUNT,
-    InotifyReader,
-    Watch,
-)
-from ckptkeeperd.journal import RootJournal
+from ckptkeeperd.inotify import InotifyReader, Watch
+from ckptkeeperd.journal import Journals, RootJournal
 from ckptkeeperd.logs import get_logger
 from ckptkeeperd.poller import DirPoller, Polled
+from ckptkeeperd.watched import Watched, WatchedRoot, probe
 
 __all__ = ["DEFAULT_MAX_TMP_WATCHES", "OBSERVER_SETTINGS", "RootWatcher", "resolve_observer"]
 
 DEFAULT_MAX_TMP_WATCHES = 8192  # a watch pins ~1 KiB of kernel memory; a poll costs CPU
-JOURNAL_WAIT = 0.5  # s for the queued events to be read; longer: the root is listed instead
-_ROOT_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 _logger = logging.getLogger(__name__)  # stdlib, only for exceptions raised by callbacks
-
-
-def _probe(path: Path) -> tuple[tuple[int, int] | None, str]:
-    """(st_dev, st_ino) of a real directory (never through a symlink), or None and why not."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None, "missing (not watched until it appears)"
-    except OSError as exc:
-        return None, f"cannot stat: {exc.strerror or exc}"
-    if stat.S_ISDIR(st.st_mode):
-        return (st.st_dev, st.st_ino), ""
-    if stat.S_ISLNK(st.st_mode):
-        return None, "is a symlink (never followed; not watched)"
-    return None, "not a directory (not watched)"
-
-
-@dataclass
-class _Watch:
-    handle: Watch | Polled
-    identity: tuple[int, int]
-    counted: bool = False  # one of the max_tmp_watches inotify watches of tmp dirs
-    journal: RootJournal | None = None  # a root's inotify watch: the names created in it
-
-    @property
-    def kind(self) -> str:
-        return "inotify" if isinstance(self.handle, Watch) else "polling"
-
-    def current(self, identity: tuple[int, int] | None) -> bool:
-        """Still watching the directory that has this identity now (and not a dead watch of a
-        directory deleted and recreated with the same (st_dev, st_ino))?"""
-        return self.handle.alive and identity == self.identity
-
-
-@dataclass
-class _Root:
-    requested: str
-    main: _Watch
-    tmp: dict[Path, _Watch] = field(default_factory=dict)
 
 
 class RootWatcher:
@@ -138,13 +87,13 @@ class RootWatcher:
         self._max_tmp_watches = max_tmp_watches
         self._debouncer = Debouncer(self._fire, delay=debounce, max_delay=max(1.0, debounce))
         self._lock = threading.RLock()
-        self._roots: dict[Path, _Root] = {}
+        self._roots: dict[Path, WatchedRoot] = {}
         self._inotify: InotifyReader | None = None
         self._poller: DirPoller | None = None
         self._tmp_inotify = 0  # tmp dirs watched by inotify now
         self._noticed: set[str] = set()  # process-wide notices already logged
         self._reported: dict[Path, str] = {}  # root -> last reported problem (reported once)
-        self._journals: dict[str, RootJournal] = {}  # root -> its inotify watch's journal
+        self.journals = Journals()  # the cache's `ckptkeeper.info.Journal` (``journal``)
         # Read without our lock by the inotify and poller threads (attribute and dict reads).
         self._markers: dict[Path, str | None] = {}  # root -> its marker's name, None: not told
         self._commit: dict[Path, frozenset[str]] = {}  # root -> its layout's commit files
@@ -204,28 +153,13 @@ class RootWatcher:
             for tmp in [t for t in state.tmp if t not in wanted]:
                 # A save created after the pass listed the root is not in ``tmp_dirs``: its
                 # watch stays while the directory it watches is still there.
-                if not state.tmp[tmp].current(_probe(tmp)[0]):
+                if not state.tmp[tmp].current(probe(tmp)[0]):
                     self._unschedule(state.tmp.pop(tmp))
             for tmp in sorted(wanted):
                 if self._closing:  # stop() waits for this lock: let it have it now
                     break
                 self._sync_tmp(root, state, tmp)
         self._deliver_problems()
-
-    def mark(self, root: str, identity: tuple[int, int]) -> object | None:
-        """`ckptkeeper.info.Journal.mark`: before a full listing of ``root``."""
-        journal = self._journals.get(root)
-        if journal is None:
-            return None
-        at = journal.mark(identity)
-        return None if at is None else (journal, at)
-
-    def since(self, root: str, mark: object, identity: tuple[int, int]) -> list[str] | None:
-        """`ckptkeeper.info.Journal.since`: the names created in ``root`` since ``mark``."""
-        if not isinstance(mark, tuple) or self._journals.get(root) is not mark[0]:
-            return None  # the watch it was taken on ended (or this is another watcher's)
-        journal, at = mark
-        return journal.since(at, identity, JOURNAL_WAIT)  # type: ignore[no-any-return]
 
     def watch_count(self) -> int:
         with self._lock:
@@ -239,9 +173,7 @@ class RootWatcher:
             sources = [s for s in (self._inotify, self._poller) if s is not None]
             self._inotify = self._poller = None
             self._roots.clear()
-            for journal in self._journals.values():
-                journal.end()
-            self._journals.clear()
+            self.journals.end_all()
             self._tmp_inotify = 0
         if already:
             return
@@ -259,7 +191,7 @@ class RootWatcher:
             self._drop_root(root)
             self._report(root, f"unknown observer kind {kind!r}")
             return
-        identity, why_not = _probe(root)
+        identity, why_not = probe(root)
         state = self._roots.get(root)
         if identity is None:
             self._drop_root(root)
@@ -275,14 +207,14 @@ class RootWatcher:
             main = self._schedule(root, root, kind, identity)
         except OSError as exc:
             gone = exc.errno in _GONE  # went between lstat and the watch
-            self._report(root, _probe(root)[1] if gone else f"cannot watch: {exc.strerror}")
+            self._report(root, probe(root)[1] if gone else f"cannot watch: {exc.strerror}")
             return
-        self._roots[root] = _Root(kind, main)
+        self._roots[root] = WatchedRoot(kind, main)
         if replaced:  # events between the old dir going and this watch were lost
             self._debouncer.trigger(root)
 
-    def _sync_tmp(self, root: Path, state: _Root, tmp: Path, *, force: bool = False) -> None:
-        identity, _ = _probe(tmp)
+    def _sync_tmp(self, root: Path, state: WatchedRoot, tmp: Path, *, force: bool = False) -> None:
+        identity, _ = probe(tmp)
         current = state.tmp.get(tmp)
         if not force and current is not None and current.current(identity):
             return
@@ -305,15 +237,13 @@ class RootWatcher:
             self._debouncer.trigger(root)
 
     def _drop_root(self, root: Path) -> None:
-        journal = self._journals.pop(str(root), None)
-        if journal is not None:
-            journal.end()
+        self.journals.end(str(root))
         state = self._roots.pop(root, None)
         if state is not None:
             for watch in [state.main, *state.tmp.values()]:
                 self._unschedule(watch)
 
-    def _schedule(self, root: Path, path: Path, kind: str, identity: tuple[int, int]) -> _Watch:
+    def _schedule(self, root: Path, path: Path, kind: str, identity: tuple[int, int]) -> Watched:
         """An inotify watch if ``kind`` says so and one can be had, else a polled one."""
         tmp = path != root
         if kind == "inotify" and tmp and self._tmp_inotify >= self._max_tmp_watches:
@@ -331,7 +261,7 @@ class RootWatcher:
                     self._notice("enospc", "inotify_watches_exhausted", path=str(path))
         return self._add_polled(root, path, identity)
 
-    def _add_inotify(self, root: Path, path: Path, identity: tuple[int, int]) -> _Watch:
+    def _add_inotify(self, root: Path, path: Path, identity: tuple[int, int]) -> Watched:
         if self._inotify is None:  # OSError: EMFILE (fs.inotify.max_user_instances)
             self._inotify = InotifyReader(self._on_overflow, name="ckptkeeper-inotify")
         tmp = path != root
@@ -340,13 +270,10 @@ class RootWatcher:
         handle = self._inotify.add(os.fspath(path), TMP_MASK if tmp else ROOT_MASK, callback)
         self._tmp_inotify += tmp
         if journal is not None:
-            old = self._journals.pop(str(root), None)
-            if old is not None:
-                old.end()
-            self._journals[str(root)] = journal
-        return _Watch(handle, identity, counted=tmp, journal=journal)
+            self.journals.start(str(root), journal)
+        return Watched(handle, identity, counted=tmp, journal=journal)
 
-    def _add_polled(self, root: Path, path: Path, identity: tuple[int, int]) -> _Watch:
+    def _add_polled(self, root: Path, path: Path, identity: tuple[int, int]) -> Watched:
         if self._poller is None:
             self._poller = DirPoller(self._polling_interval, name="ckptkeeper-poller")
         callback = partial(self._on_polled, root, path)
@@ -355,9 +282,9 @@ class RootWatcher:
         else:  # only the marker, if the root's marker name is known: two lstat per poll
             only = partial(self._markers.get, root)
             handle = self._poller.add(os.fspath(path), callback, only=only)
-        return _Watch(handle, identity)
+        return Watched(handle, identity)
 
-    def _unschedule(self, watch: _Watch) -> None:
+    def _unschedule(self, watch: Watched) -> None:
         if watch.journal is not None:
             watch.journal.end()
         if isinstance(watch.handle, Watch):
@@ -403,10 +330,7 @@ class RootWatcher:
         name: str,
     ) -> None:
         if journal is not None:  # the root's watch: before anything acts on the event
-            if mask & (IN_CREATE | IN_MOVED_TO) and name:
-                journal.record(name)
-            elif mask & _ROOT_GONE:
-                journal.end()
+            journal.saw(mask, name)
         event = from_inotify(watched, mask, name)
         if event is not None:
             self._on_event(root, watched, watch, event)
@@ -419,8 +343,7 @@ class RootWatcher:
 
     def _on_overflow(self) -> None:
         roots = self._wanted
-        for journal in list(self._journals.values()):  # what was created meanwhile is not known
-            journal.restart()
+        self.journals.restart_all()  # what was created meanwhile is not known
         get_logger().warning("inotify_overflow", roots=len(roots), reason="events lost")
         for root in roots:  # a pass of every root
             self._debouncer.trigger(root)

@@ -241,7 +241,7 @@ _SCHEMAS = _Schemas()
 
 
 class Journal(Protocol):
-    """What a watcher saw happen in a root (the daemon's `RootWatcher`): set as
+    """What a watcher saw happen in a root (the daemon's `RootWatcher.journals`): set as
     `InfoCache.journal`, it lets a partial scan name a step's entries with no listing of the
     root, from the last full listing and the names created in the root since it began."""
 

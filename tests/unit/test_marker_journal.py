@@ -80,7 +80,7 @@ def watched(tmp_path: Path) -> Iterator[tuple[Path, InfoCache, RootWatcher]]:
     with watchers() as make:
         w = make(lambda _root: None, on_marker=lambda _root, _tmp: None)
         cache = InfoCache()  # the real clock: the listing is not trusted (the root changed)
-        cache.journal = w
+        cache.journal = w.journals
         w.set_roots({root: "inotify"})
         assert reconcile(root, POLICY, cache=cache, log=Quiet()).status == "ok"
         yield root, cache, w
@@ -153,7 +153,7 @@ def test_names_still_queued_when_the_marker_is_handled_are_read_first(
     with watchers() as make:
         w = make(lambda _root: None, on_marker=on_marker)
         cache = InfoCache()
-        cache.journal = w
+        cache.journal = w.journals
         w.set_roots({root: "inotify"})
         assert reconcile(root, POLICY, cache=cache, log=Quiet()).status == "ok"
         first = save(root, "tmp_step_301", 0.1)
