@@ -92,15 +92,6 @@ def _drop_caches() -> str | None:
 # -- the two passes -------------------------------------------------------------------------
 
 
-def _roots_api() -> tuple[Any, Any]:
-    """(expand_roots, resolve_settings) wherever the daemon keeps them (roots.py or config.py)."""
-    try:
-        from ckptkeeperd import roots as where
-    except ImportError:
-        from ckptkeeperd import config as where  # type: ignore[no-redef]
-    return where.expand_roots, where.resolve_settings
-
-
 class OursPass:
     """The daemon's per-sweep work for a fixed set of roots, with its own InfoCache."""
 
@@ -108,14 +99,12 @@ class OursPass:
         from ckptkeeper import InfoCache
         from ckptkeeperd.config import config_from_flags
         from ckptkeeperd.logs import ProblemLog
+        from ckptkeeperd.resolver import SettingsResolver
+        from ckptkeeperd.roots import expand
 
-        expand_roots, self.resolve_settings = _roots_api()
-        with contextlib.suppress(ImportError):  # the daemon's memo, fresh as a new daemon's
-            from ckptkeeperd.roots import SettingsResolver
-
-            self.resolve_settings = SettingsResolver().resolve
+        self.resolve_settings = SettingsResolver().resolve  # the memo, fresh as a new daemon's
         self.config = config_from_flags([str(r) for r in roots], FLAGS)
-        self.expanded = expand_roots(self.config)
+        self.expanded = expand(self.config)
         self.cache = InfoCache()
         self.problems = ProblemLog()
 
@@ -125,8 +114,9 @@ class OursPass:
         from ckptkeeperd.reconcile import reconcile
 
         seen = 0
-        for root, overrides in self.expanded:
-            resolved = self.resolve_settings(self.config, root, overrides)
+        for where, overrides in self.expanded:
+            root = where.path
+            resolved = self.resolve_settings(self.config, where, overrides)
             report = reconcile(
                 root,
                 resolved.settings.policy,
@@ -281,10 +271,10 @@ def _measure(
     split = {
         "resolve_settings": lambda: [resolve(ours.config, r, o) for r, o in ours.expanded],
         "scan_root(memo=True)": lambda: [
-            scan_root(r, marker=marker, cache=ours.cache, memo=True) for r, _ in ours.expanded
+            scan_root(r.path, marker=marker, cache=ours.cache, memo=True) for r, _ in ours.expanded
         ],
         "scan_root without the memo (as under the lock)": lambda: [
-            scan_root(r, marker=marker, cache=ours.cache) for r, _ in ours.expanded
+            scan_root(r.path, marker=marker, cache=ours.cache) for r, _ in ours.expanded
         ],
     }
     pieces = {k: median([_time(fn)[0] for _ in range(warm_runs)]) for k, fn in split.items()}

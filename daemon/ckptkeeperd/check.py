@@ -35,7 +35,8 @@ from ckptkeeper.stores import root_url
 from .config import DaemonConfig, Settings
 from .metrics import deletions_paused
 from .reconcile import Report, preview
-from .roots import expand, resolve_settings
+from .resolver import resolve_settings
+from .roots import expand
 
 __all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "Finding", "RootHealth", "judge", "run_check"]
 
@@ -178,7 +179,7 @@ def run_check(config: DaemonConfig, now: float | None = None) -> tuple[int, str,
     now = time.time() if now is None else now
     healths: list[RootHealth] = []
     for where, overrides in expand(config):
-        resolved = resolve_settings(config, where.path, overrides)
+        resolved = resolve_settings(config, where, overrides)
         report = preview(where.path, resolved.settings.policy, now=now, storage=where.storage)
         healths.append(judge(report, resolved.settings, resolved.problems, now))
     return summarize(healths)

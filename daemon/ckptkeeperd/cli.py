@@ -30,7 +30,8 @@ from .config import (
 from .lockscope import LockScopeWarner
 from .logs import LEVELS, ProblemLog, configure_logging, get_logger
 from .reconcile import EVENT_FOR, PolicySource, Report, preview, reconcile
-from .roots import SettingsResolver, expand
+from .resolver import SettingsResolver
+from .roots import expand
 
 __all__ = ["main"]
 
@@ -184,7 +185,7 @@ def _passes(
         log = get_logger(root=str(root))
         if (local := where.local_dir) is not None:
             scopes.check(local, log)
-        source = _policy_source(resolver, config, root, overrides, problems, log)
+        source = _policy_source(resolver, config, where, overrides, problems, log)
         first = source()  # its problems are logged before the pass, whatever the pass does
         report = action(where, source, log, problems)
         out.append((report, report.plan.policy if report.plan is not None else first))
@@ -194,13 +195,15 @@ def _passes(
 def _policy_source(
     resolver: SettingsResolver,
     config: DaemonConfig,
-    root: Path,
+    where: Root,
     overrides: Mapping[str, Any],
     problems: ProblemLog,
     log: Any,
 ) -> Callable[[], Policy]:
+    root = where.path
+
     def policy() -> Policy:
-        resolved = resolver.resolve(config, root, overrides)
+        resolved = resolver.resolve(config, where, overrides)
         current = {
             (str(root), p): {"event": "config_problem", "reason": p} for p in resolved.problems
         }

@@ -18,7 +18,7 @@ TOML cannot express "unset", so a table cannot remove a bound set by a lower lev
 step of one root, set ``keep_every_n_steps = 1`` there.
 
 `Settings` and the file's pydantic schema live in `ckptkeeperd.settings` (re-exported here);
-per-root resolution and discovery in `ckptkeeperd.roots`.
+per-root resolution in `ckptkeeperd.resolver`, discovery in `ckptkeeperd.roots`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from .config import config_from_flags, with_metrics_address
 from .logs import configure_logging
 from .reconcile import preview
 from .render import print_reports
-from .roots import resolve_settings
+from .resolver import resolve_settings
 from .service import Keeper
 
 __all__ = ["run_demo"]
@@ -113,7 +113,7 @@ def run_demo(steps: int = 12) -> int:
             keeper.shutdown()
         console.print()
         console.rule("final status")
-        resolved = resolve_settings(config, root, {})
+        resolved = resolve_settings(config, config.roots[0].root, {})
         report = preview(root, resolved.settings.policy)
         print_reports([(report, resolved.settings.policy)], console)
         if not (done.is_set() and ok):

@@ -25,6 +25,7 @@ from ckptkeeper import InfoCache, Plan, Policy
 from ckptkeeper.info import MEMO_TRUST_S
 from ckptkeeper.layouts import commit_files, get_layout
 from ckptkeeper.storage import POSIX, Storage
+from ckptkeeper.stores import Root
 
 from .config import DaemonConfig, Resolved, Settings
 from .fstype import ObserverChooser
@@ -34,7 +35,8 @@ from .logs import ProblemLog, get_logger
 from .metrics import KeeperMetrics, deletions_paused
 from .page import page_for
 from .reconcile import Report, finalize_marked, reconcile
-from .roots import SettingsResolver, expand
+from .resolver import SettingsResolver
+from .roots import expand
 from .sdnotify import Notifier
 from .sidecar import Sidecar
 from .signals import process_inbox
@@ -117,7 +119,7 @@ class KeeperCore:
             # Watching and scheduling need no config.yaml (a walk over every root's newest
             # steps was most of a 1 M-checkpoint keeper's start); each pass resolves in full
             # and reports the root's config problems.
-            resolved = self.settings.resolve_unranked(self.config, root, overrides)
+            resolved = self.settings.resolve_unranked(self.config, where, overrides)
             local = where.local_dir  # None: an object store, no events, its sweeps are its polls
             observer = resolved.settings.observer
             try:
@@ -168,9 +170,10 @@ class KeeperCore:
                 replace_existing=True,
             )
 
-    def _resolve(self, root: Path, overrides: Mapping[str, Any]) -> Resolved:
+    def _resolve(self, where: Root, overrides: Mapping[str, Any]) -> Resolved:
         """The root's settings now (memoized by file identity); problems logged once."""
-        resolved = self.settings.resolve(self.config, root, overrides)
+        root = where.path
+        resolved = self.settings.resolve(self.config, where, overrides)
         current = {
             (str(root), p): {"event": "config_problem", "reason": p} for p in resolved.problems
         }
@@ -222,7 +225,8 @@ class KeeperCore:
             return
         try:
             # Recovery ranks nothing: no config.yaml walk over the root's newest steps.
-            policy = self.settings.recovery_policy(self.config, root, state.overrides)
+            where = Root(root, state.storage)
+            policy = self.settings.recovery_policy(self.config, where, state.overrides)
             report = finalize_marked(
                 tmp,
                 policy,
@@ -339,7 +343,7 @@ class KeeperCore:
         seen: list[Resolved] = []
 
         def policy() -> Policy:  # each plan of the pass resolves afresh: an edit applies at once
-            seen.append(self._resolve(root, state.overrides))
+            seen.append(self._resolve(Root(root, state.storage), state.overrides))
             return seen[-1].settings.policy
 
         report = reconcile(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptkeeper import Action, Decision, Plan, Policy
 from ckptkeeper.sizes import format_percent, format_size
+from ckptkeeper.stores import Root
 
 from .chart import COLOURS, chart_svg, text
 from .reconcile import Report, preview
@@ -225,7 +226,8 @@ def page_for(keeper: KeeperCore) -> bytes:
     roots = dict(keeper.roots)  # replaced whole by refresh_roots: a consistent snapshot
     reports: list[tuple[Report, Policy]] = []
     for root, state in sorted(roots.items()):
-        resolved = keeper.settings.resolve(keeper.config, root, state.overrides)
+        where = Root(root, state.storage)
+        resolved = keeper.settings.resolve(keeper.config, where, state.overrides)
         policy = resolved.settings.policy
         report = preview(root, policy, cache=keeper.cache, log=_Silent())
         report.problems[:0] = resolved.problems

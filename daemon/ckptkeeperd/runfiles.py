@@ -7,6 +7,7 @@ run config, or holding a corrupt or unreadable config.yaml does not hide the met
 steps name. The walk goes from the newest step down and stops at the first such file; at most
 `WALK_LIMIT` steps are looked at, and a file is parsed once per identity (`YamlCache`).
 
+Every function takes the root as parsed (`stores.Root`): its storage says how its files are read.
 A root on a storage that is not a POSIX directory (``s3://``) is read through its
 `storage.RootFiles`: one listing serves the whole resolve (and the pass's look after it), a file's
 identity is its ETag, and a file is fetched only when its ETag changed.
@@ -30,9 +31,16 @@ from ckptkeeper.names import Kind, parse_name
 from ckptkeeper.policy import PolicyError
 from ckptkeeper.scan import MEMO_TRUST_S
 from ckptkeeper.storage import RootFiles
-from ckptkeeper.stores import storage_of
+from ckptkeeper.stores import Root
 
-from .config import DAEMON_KEYS, MAX_RUN_FILE_BYTES, MAX_YAML_BYTES, POLICY_KEYS, Settings
+from .config import (
+    DAEMON_KEYS,
+    MAX_RUN_FILE_BYTES,
+    MAX_YAML_BYTES,
+    POLICY_KEYS,
+    RUN_FILE,
+    Settings,
+)
 
 __all__ = [
     "WALK_LIMIT",
@@ -57,19 +65,18 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 CONFIG_FILE = NEMO_RL.config_file  # the run config NeMo-RL writes into each step
 
 
-def root_files(root: Path) -> RootFiles | None:
+def root_files(root: Root) -> RootFiles | None:
     """The files of ``root`` through its storage; None: a POSIX directory (read directly)."""
-    return storage_of(root).root_files(root)
+    return root.storage.root_files(root.path)
 
 
-def stat_key(path: str | Path, now_ns: int) -> StatKey | None:
-    """What a change to ``path`` (a file right in a root) would change: () when absent; None
+def stat_key(root: Root, name: str, now_ns: int) -> StatKey | None:
+    """What a change to the file ``name`` right in ``root`` would change: () when absent; None
     when it cannot be relied on (changed within MEMO_TRUST_S of ``now_ns``, or not even
     ``lstat``-able)."""
-    path = Path(path)
-    if (files := root_files(path.parent)) is not None:
-        return files.key(path.name)
-    return _stat_key(path, now_ns)
+    if (files := root_files(root)) is not None:
+        return files.key(name)
+    return _stat_key(root.path / name, now_ns)
 
 
 def _stat_key(path: str | Path, now_ns: int) -> StatKey | None:
@@ -147,13 +154,15 @@ def _read_through(files: RootFiles, rel: str, limit: int) -> bytes | _Unusable |
     return _Unusable(got) if isinstance(got, str) else got
 
 
-def read_run_file(path: Path) -> RunFile:
-    files = root_files(path.parent)
+def read_run_file(root: Root) -> RunFile:
+    """``<root>/ckptkeeper.toml``, read through the root's storage."""
+    path = root.path / RUN_FILE
+    files = root_files(root)
     got: tuple[bytes, Any] | bytes | _Unusable | None
     if files is not None:
-        if files.key(path.name) is None:  # the root cannot be listed: its problem is reported
+        if files.key(RUN_FILE) is None:  # the root cannot be listed: its problem is reported
             return RunFile({}, reachable=False)
-        got = _read_through(files, path.name, MAX_RUN_FILE_BYTES)
+        got = _read_through(files, RUN_FILE, MAX_RUN_FILE_BYTES)
     else:
         got = _read_regular(path, MAX_RUN_FILE_BYTES)
     if got is None:
@@ -360,9 +369,9 @@ def _steps_of(names: list[str]) -> list[str]:
     return [name for *_, name in sorted(found, reverse=True)]
 
 
-def walk_config_yaml(root: Path, cache: YamlCache, now_ns: int) -> YamlWalk:
+def walk_config_yaml(where: Root, cache: YamlCache, now_ns: int) -> YamlWalk:
     """The newest step's config.yaml that names a metric, walking down from the newest step."""
-    files = root_files(root)
+    root, files = where.path, root_files(where)
     if files is not None:
         root_key, names = files.names_key(), _steps_of(files.dirs())
     else:
@@ -390,10 +399,10 @@ def walk_config_yaml(root: Path, cache: YamlCache, now_ns: int) -> YamlWalk:
     return YamlWalk(None, None, None, tuple(problems), exhausted, (root_key, Looked(looked)))
 
 
-def walk_unchanged(root: Path, inputs: YamlWalk, now_ns: int) -> bool:
+def walk_unchanged(where: Root, inputs: YamlWalk, now_ns: int) -> bool:
     """True when the files a walk looked at (and the root's listing) are as they were."""
     root_key, looked = inputs.inputs
-    files = root_files(root)
+    root, files = where.path, root_files(where)
     now_root = _stat_key(root, now_ns) if files is None else files.names_key()
     if root_key is None or now_root != root_key:
         return False

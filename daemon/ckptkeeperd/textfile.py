@@ -19,10 +19,13 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ckptkeeper.stores import Root
+
 from .config import DaemonConfig
 from .metrics import PREFIX, Histogram, KeeperMetrics, deletions_paused
 from .reconcile import Report
-from .roots import expand_roots, resolve_settings
+from .resolver import resolve_settings
+from .roots import expand
 
 __all__ = [
     "carry_totals",
@@ -132,9 +135,10 @@ def write_sweep_metrics(
     """Observe the sweep's passes (a root whose ``ckptkeeper.toml`` is invalid shows as paused)
     and write the file; roots this sweep did not visit leave the file (their totals stay in the
     sums without the ``root`` label)."""
-    entries = dict(expand_roots(config))
+    entries = {where.path: overrides for where, overrides in expand(config)}
     for report in reports:
-        resolved = resolve_settings(config, report.root, entries.get(report.root, {}))
+        where = Root(report.root, report.storage)  # the storage the pass used
+        resolved = resolve_settings(config, where, entries.get(report.root, {}))
         metrics.observe_pass(report, paused=deletions_paused(resolved.problems))
     metrics.retain(r.root for r in reports)
     write_textfile(metrics, path)

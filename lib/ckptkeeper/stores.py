@@ -34,7 +34,6 @@ __all__ = [
     "root_path",
     "root_url",
     "split_url",
-    "storage_of",
 ]
 
 #: scheme -> "module:class" of its `Storage` (one instance per process, made on first use).
@@ -87,16 +86,6 @@ def parse_root(text: str, base: Path | None = None) -> Root:
 def root_path(text: str, base: Path | None = None) -> Path:
     """The `Root.path` of `parse_root`."""
     return parse_root(text, base).path
-
-
-def storage_of(path: Path) -> Storage:
-    """The storage of a `Root.path` when only the path travelled (a run file's directory):
-    `parse_root` makes every local path absolute, so a relative path whose first part is a
-    registered ``<scheme>:`` is that store's and nothing else is (a local directory named
-    ``s3:`` is reached by an absolute path)."""
-    head = path.parts[0] if path.parts and not path.is_absolute() else ""
-    scheme = head[:-1] if head.endswith(":") else ""
-    return _storage(scheme) if scheme in SCHEMES else POSIX
 
 
 def _storage(scheme: str) -> Storage:

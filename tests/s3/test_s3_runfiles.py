@@ -11,10 +11,11 @@ from tests.s3server import S3Endpoint
 
 from ckptkeeper import Policy
 from ckptkeeper.info import InfoCache
-from ckptkeeper.stores import parse_root, root_path
+from ckptkeeper.s3 import S3Storage
+from ckptkeeper.stores import Root, parse_root, root_path
 from ckptkeeperd.config import config_from_flags
 from ckptkeeperd.reconcile import reconcile
-from ckptkeeperd.roots import SettingsResolver
+from ckptkeeperd.resolver import SettingsResolver
 
 CONFIG_YAML = b"checkpointing:\n  metric_name: reward\n  higher_is_better: true\n"
 
@@ -45,7 +46,7 @@ def test_run_file_and_config_yaml_from_s3_and_an_unchanged_root_costs_one_listin
     seen: list[Policy] = []
 
     def policy() -> Policy:
-        resolved = resolver.resolve(config, root, {})
+        resolved = resolver.resolve(config, where, {})
         assert not resolved.problems, resolved.problems
         seen.append(resolved.settings.policy)
         return seen[-1]
@@ -74,9 +75,26 @@ def test_an_invalid_run_file_on_s3_pauses_deletions_and_says_where(
 ) -> None:
     _run(s3, bucket)
     _put(s3, bucket, "r/ckptkeeper.toml", b"keep_top_k = [\n")
-    root = root_path(f"s3://{bucket}/r")
-    config = config_from_flags([root], {"keep_latest_n": 1})
-    resolved = SettingsResolver().resolve(config, root, {})
+    where = parse_root(f"s3://{bucket}/r")
+    config = config_from_flags([where.path], {"keep_latest_n": 1})
+    resolved = SettingsResolver().resolve(config, where, {})
     assert resolved.settings.policy.keep_latest_n is None  # paused
     [problem] = resolved.problems
     assert "ckptkeeper.toml: invalid TOML" in problem and "paused" in problem
+
+
+def test_a_roots_files_are_read_through_the_storage_it_was_parsed_with(
+    endpoint: S3Endpoint, bucket: str, s3: Any
+) -> None:
+    """The run's files are read through the root's own storage (`stores.Root.storage`), never
+    through one found again from its path: here a storage with its own client straight to the
+    store, so the process's ``s3://`` storage (through the counting proxy) is never asked."""
+    _run(s3, bucket)
+    where = Root(root_path(f"s3://{bucket}/r"), S3Storage(endpoint.client(direct=True)))
+    config = config_from_flags([where.path], {})
+    resolver = SettingsResolver()
+    policy = resolver.resolve(config, where, {}).settings.policy
+    assert (policy.keep_top_k, policy.metric_name, policy.higher_is_better) == (1, "reward", True)
+    assert resolver.resolve_unranked(config, where, {}).settings.policy.keep_top_k == 1
+    assert resolver.recovery_policy(config, where, {}).keep_top_k == 1
+    assert dict(endpoint.proxy.counts) == {}

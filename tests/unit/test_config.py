@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from ckptkeeper.policy import Policy
+from ckptkeeper.storage import POSIX
+from ckptkeeper.stores import Root
 from ckptkeeperd.config import (
     SETTING_KEYS,
     ConfigError,
@@ -22,7 +24,8 @@ from ckptkeeperd.config import (
     load_config,
     merge_flags,
 )
-from ckptkeeperd.roots import expand_roots, resolve_settings
+from ckptkeeperd.resolver import resolve_settings
+from ckptkeeperd.roots import expand_roots
 
 
 def write(path: Path, text: str) -> Path:
@@ -137,7 +140,7 @@ def test_wrong_toml_type_for_any_key_is_a_config_error(
         load_config(path)
     run = make_steps(tmp_path / "run", "step_1")
     write(run / "ckptkeeper.toml", f"{key} = {value}\n")
-    resolved = resolve_settings(config_from_flags([], {}), run, {})
+    resolved = resolve_settings(config_from_flags([], {}), Root(run, POSIX), {})
     assert resolved.settings == Settings()
     assert [p.split(": ")[1] for p in resolved.problems] == [key]
 
@@ -259,7 +262,7 @@ def test_precedence_run_file_over_entry_over_defaults_over_config_yaml(
         write(root / "ckptkeeper.toml", 'metric_name = "m_run_file"\n')
     if "config_yaml" in present:
         write(root / "step_1" / "config.yaml", config_yaml("m_config_yaml", True))
-    resolved = resolve_settings(config, root, entry)
+    resolved = resolve_settings(config, Root(root, POSIX), entry)
     winner = next((level for level in LEVELS if level in present), None)
     assert resolved.settings.policy.metric_name == (winner and f"m_{winner}")
     assert resolved.problems == []
@@ -273,7 +276,9 @@ def test_each_key_resolves_independently(tmp_path: Path) -> None:
         tmp_path, '[defaults]\nkeep_top_k = 3\nstale_after = "1h"\ntrash_grace = "5m"\n'
     )
     write(root / "ckptkeeper.toml", "keep_top_k = 1\n")
-    resolved = resolve_settings(config, root, {"stale_after": "2h", "observer": "polling"})
+    resolved = resolve_settings(
+        config, Root(root, POSIX), {"stale_after": "2h", "observer": "polling"}
+    )
     policy = resolved.settings.policy
     assert (policy.keep_top_k, policy.stale_after, policy.trash_grace) == (1, 7200.0, 300.0)
     assert resolved.settings.observer == "polling"
@@ -294,7 +299,7 @@ def test_config_yaml_is_read_from_the_newest_step_only(tmp_path: Path) -> None:
     elsewhere = make_steps(tmp_path / "elsewhere", "step_99")
     write(elsewhere / "step_99" / "config.yaml", config_yaml("through_symlink", False))
     (root / "step_99").symlink_to(elsewhere / "step_99")
-    resolved = resolve_settings(config_from_flags([], {}), root, {})
+    resolved = resolve_settings(config_from_flags([], {}), Root(root, POSIX), {})
     assert resolved.settings.policy.metric_name == "newest"
     assert resolved.settings.policy.higher_is_better is True
 
@@ -313,7 +318,7 @@ def test_config_yaml_direction_only_for_the_metric_in_effect(
 ) -> None:
     root = make_steps(tmp_path / "run", "step_5")
     write(root / "step_5" / "config.yaml", config_yaml("val_loss", True))
-    resolved = resolve_settings(config_from_flags([], configured), root, {})
+    resolved = resolve_settings(config_from_flags([], configured), Root(root, POSIX), {})
     assert resolved.settings.policy.higher_is_better is expected
     assert resolved.origins.get("higher_is_better") == origin
 
@@ -333,7 +338,7 @@ CORRUPT_YAML: list[tuple[str, bytes | None]] = [
 
 def test_missing_config_yaml_is_ignored_silently(tmp_path: Path) -> None:
     root = make_steps(tmp_path / "run", "step_1")
-    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), root, {})
+    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), Root(root, POSIX), {})
     assert resolved.settings == Settings().apply({"keep_top_k": 2})  # recency: nothing names one
     assert resolved.problems == []
 
@@ -347,7 +352,7 @@ def test_corrupt_config_yaml_is_reported_and_otherwise_ignored(
     root = make_steps(tmp_path / "run", "step_1")
     path = root / "step_1" / "config.yaml"
     path.write_bytes(content)
-    resolved = resolve_settings(config_from_flags([], {}), root, {})
+    resolved = resolve_settings(config_from_flags([], {}), Root(root, POSIX), {})
     assert resolved.settings == Settings()  # no keep_top_k: nothing ranks by the metric
     [problem] = resolved.problems
     assert problem.startswith(f"{path}: ") and problem.endswith("; ignored")
@@ -357,7 +362,7 @@ def test_config_yaml_symlink_is_not_followed(tmp_path: Path) -> None:
     root = make_steps(tmp_path / "run", "step_1")
     target = write(tmp_path / "real.yaml", config_yaml("val_reward", True))
     (root / "step_1" / "config.yaml").symlink_to(target)
-    resolved = resolve_settings(config_from_flags([], {}), root, {})
+    resolved = resolve_settings(config_from_flags([], {}), Root(root, POSIX), {})
     assert resolved.settings == Settings()
     assert [p.split(": ", 1)[1] for p in resolved.problems] == [
         "a symlink, not a regular file; ignored"
@@ -368,7 +373,7 @@ def test_config_yaml_not_consulted_when_both_keys_are_configured(tmp_path: Path)
     root = make_steps(tmp_path / "run", "step_1")
     write(root / "step_1" / "config.yaml", config_yaml("from_yaml", True))
     config = config_from_flags([], {"metric_name": "m", "higher_is_better": False})
-    policy = resolve_settings(config, root, {}).settings.policy
+    policy = resolve_settings(config, Root(root, POSIX), {}).settings.policy
     assert (policy.metric_name, policy.higher_is_better) == ("m", False)
 
 
@@ -391,7 +396,7 @@ def test_invalid_run_file_is_reported_not_raised(tmp_path: Path, text: str, reas
     root = make_steps(tmp_path / "run", "step_1")
     config = load_text(tmp_path, "[defaults]\nkeep_top_k = 3\n")
     run_file = write(root / "ckptkeeper.toml", "keep_latest_n = 4\n" + text)
-    resolved = resolve_settings(config, root, {"keep_top_k": 5})
+    resolved = resolve_settings(config, Root(root, POSIX), {"keep_top_k": 5})
     # The whole file is ignored and, as its owner meant to change retention, nothing is deleted.
     expected = config.defaults.apply({"keep_top_k": 5})
     assert resolved.settings.policy == replace(expected.policy, keep_top_k=None, keep_latest_n=None)
@@ -411,7 +416,7 @@ def test_run_file_that_is_not_a_regular_file_is_ignored(tmp_path: Path, kind: st
         run_file.mkdir()
     else:
         os.mkfifo(run_file)
-    resolved = resolve_settings(config_from_flags([], {}), root, {})
+    resolved = resolve_settings(config_from_flags([], {}), Root(root, POSIX), {})
     assert resolved.settings == Settings()
     [problem] = resolved.problems
     assert problem.startswith(f"{run_file}: ")
@@ -420,7 +425,7 @@ def test_run_file_that_is_not_a_regular_file_is_ignored(tmp_path: Path, kind: st
 
 def test_resolving_a_missing_root_does_not_raise(tmp_path: Path) -> None:
     config = config_from_flags([], {"keep_top_k": 2})
-    resolved = resolve_settings(config, tmp_path / "gone", {})
+    resolved = resolve_settings(config, Root(tmp_path / "gone", POSIX), {})
     assert resolved.settings.policy.keep_top_k == 2
     assert resolved.problems == []
 
@@ -475,9 +480,9 @@ def test_flags_override_file_defaults_but_not_entries(tmp_path: Path) -> None:
     config = merge_flags(load_text(tmp_path, text), {"keep_top_k": 1, "metric_name": None})
     assert (config.defaults.policy.keep_top_k, config.defaults.policy.metric_name) == (1, "a")
     [(root, overrides)] = expand_roots(config)
-    assert resolve_settings(config, root, overrides).settings.policy.keep_top_k == 5
+    assert resolve_settings(config, Root(root, POSIX), overrides).settings.policy.keep_top_k == 5
     elsewhere = make_steps(tmp_path / "elsewhere", "step_1")
-    assert resolve_settings(config, elsewhere, {}).settings.policy.keep_top_k == 1
+    assert resolve_settings(config, Root(elsewhere, POSIX), {}).settings.policy.keep_top_k == 1
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -605,12 +610,12 @@ def test_invalid_run_file_pauses_deletions_in_that_root(tmp_path: Path) -> None:
     run = make_steps(tmp_path / "run", "step_1")
     write(run / "ckptkeeper.toml", "keep_top_k = 10\nkeep_latst_n = 2\n")  # typo
     config = config_from_flags([str(run)], {"keep_top_k": 1, "keep_latest_n": 1})
-    resolved = resolve_settings(config, run, {})
+    resolved = resolve_settings(config, Root(run, POSIX), {})
     assert resolved.settings.policy.keep_top_k is None
     assert resolved.settings.policy.keep_latest_n is None
     assert not resolved.settings.policy.bounded
     assert any("keep_latst_n" in p and "paused" in p for p in resolved.problems)
     # Fixed file: deletions resume with the owner's settings.
     write(run / "ckptkeeper.toml", "keep_top_k = 10\n")
-    fixed = resolve_settings(config, run, {})
+    fixed = resolve_settings(config, Root(run, POSIX), {})
     assert fixed.settings.policy.keep_top_k == 10 and fixed.problems == []

@@ -302,7 +302,8 @@ def test_a_marked_saves_policy_reads_no_config_yaml(tmp_path: Path) -> None:
     """Recovery ranks nothing: the marker's pass resolves the root's settings without walking
     the newest steps' config.yaml (which lists the root), as a full pass does."""
     from ckptkeeperd.config import config_from_flags
-    from ckptkeeperd.roots import SettingsResolver, expand_roots
+    from ckptkeeperd.resolver import SettingsResolver
+    from ckptkeeperd.roots import expand
 
     root = tmp_path / "run"
     fleet(root, 3)
@@ -310,7 +311,7 @@ def test_a_marked_saves_policy_reads_no_config_yaml(tmp_path: Path) -> None:
         (root / f"step_{n}" / "config.yaml").write_text("checkpointing:\n  metric_name: val_loss\n")
     (root / "ckptkeeper.toml").write_text('complete_marker = ".done"\n')
     config = config_from_flags([str(root)], {"keep_top_k": 2})
-    [(found, overrides)] = expand_roots(config)
+    [(found, overrides)] = expand(config)
     resolver = SettingsResolver()
     policy = resolver.recovery_policy(config, found, overrides)
     assert policy.complete_marker == ".done" and resolver.yaml.parses == 0

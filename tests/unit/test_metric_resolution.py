@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from ckptkeeper import Action, plan, scan_root
+from ckptkeeper.storage import POSIX
+from ckptkeeper.stores import Root
 from ckptkeeperd.config import MAX_YAML_BYTES, config_from_flags
-from ckptkeeperd.roots import WALK_LIMIT, resolve_settings
+from ckptkeeperd.resolver import WALK_LIMIT, resolve_settings
 
 REWARDS = {1: 0.9, 2: 0.8, 3: 0.1, 4: 0.2}
 CONFIG = (
@@ -65,7 +67,7 @@ def test_best_checkpoint_survives_a_newest_step_without_usable_config_yaml(
 ) -> None:
     root = run(tmp_path)
     bad = newest_step(root, kind)
-    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), root, {})
+    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), Root(root, POSIX), {})
     policy = resolved.settings.policy
     assert (policy.metric_name, policy.higher_is_better, policy.keep_top_k) == ("reward", True, 2)
     if bad is None:
@@ -90,7 +92,7 @@ def test_no_usable_config_yaml_left_pauses_deletions_and_says_why(
     for step in REWARDS:  # every config.yaml is now corrupt: the metric (or direction) is unknown
         (root / f"step_{step}" / "config.yaml").write_text("checkpointing: [\n")
     flags = {"keep_top_k": 2, "keep_latest_n": 1, "metric_name": metric_flag}
-    resolved = resolve_settings(config_from_flags([], flags), root, {})
+    resolved = resolve_settings(config_from_flags([], flags), Root(root, POSIX), {})
     assert not resolved.settings.policy.bounded
     assert len(resolved.problems) == len(REWARDS)
     key = "metric_name" if metric_flag is None else "higher_is_better"
@@ -109,7 +111,7 @@ def test_unusable_config_yaml_is_only_reported_when_nothing_ranks_by_the_metric(
     root = run(tmp_path)
     for step in REWARDS:
         (root / f"step_{step}" / "config.yaml").write_text("checkpointing: [\n")
-    resolved = resolve_settings(config_from_flags([], {"keep_latest_n": 2}), root, {})
+    resolved = resolve_settings(config_from_flags([], {"keep_latest_n": 2}), Root(root, POSIX), {})
     assert resolved.settings.policy.keep_latest_n == 2  # recency is what keep_latest_n means
     assert all(p.endswith("; ignored") for p in resolved.problems) and resolved.problems
     assert plan(scan_root(root), resolved.settings.policy, time.time()).deleted_steps == {1, 2}
@@ -119,7 +121,7 @@ def test_config_yaml_without_a_metric_does_not_hide_an_older_one(tmp_path: Path)
     root = run(tmp_path)
     newest_step(root, "run_config=None")
     (root / "step_5" / "config.yaml").write_text("policy:\n  model_name: x\n")  # cut short
-    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), root, {})
+    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), Root(root, POSIX), {})
     assert resolved.settings.policy.metric_name == "reward"
     assert resolved.problems == []
 
@@ -128,7 +130,7 @@ def test_steps_that_never_named_a_metric_rank_by_recency(tmp_path: Path) -> None
     root = run(tmp_path)
     for step in REWARDS:
         (root / f"step_{step}" / "config.yaml").unlink()
-    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), root, {})
+    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), Root(root, POSIX), {})
     assert resolved.settings.policy.metric_name is None and resolved.problems == []
     assert plan(scan_root(root), resolved.settings.policy, time.time()).deleted_steps == {1, 2}
 
@@ -137,12 +139,15 @@ def test_a_walk_cut_short_by_its_limit_pauses_rather_than_guess(tmp_path: Path) 
     root = run(tmp_path)
     for step in range(5, 5 + WALK_LIMIT):  # the newest WALK_LIMIT steps have no config.yaml
         (root / f"step_{step}").mkdir()
-    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), root, {})
+    resolved = resolve_settings(config_from_flags([], {"keep_top_k": 2}), Root(root, POSIX), {})
     assert not resolved.settings.policy.bounded
     [problem] = resolved.problems
     assert problem.startswith(f"{root}: no config.yaml names checkpointing.metric_name in the ")
     assert "deletions in this root paused" in problem
     configured = config_from_flags([], {"keep_top_k": 2, "metric_name": "reward"})
-    assert resolve_settings(configured, root, {}).settings.policy.keep_top_k == 2
+    assert resolve_settings(configured, Root(root, POSIX), {}).settings.policy.keep_top_k == 2
     (root / "step_4" / "config.yaml").rename(root / f"step_{4 + WALK_LIMIT}" / "config.yaml")
-    assert resolve_settings(config_from_flags([], {"keep_top_k": 2}), root, {}).problems == []
+    assert (
+        resolve_settings(config_from_flags([], {"keep_top_k": 2}), Root(root, POSIX), {}).problems
+        == []
+    )

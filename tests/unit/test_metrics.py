@@ -16,10 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import CKPTKEEPER, write_checkpoint
 
 from ckptkeeper import Policy
+from ckptkeeper.storage import POSIX
+from ckptkeeper.stores import Root
 from ckptkeeperd.config import ConfigError, config_from_flags, load_config
 from ckptkeeperd.metrics import ACTIONS, STATES, KeeperMetrics, deletions_paused
 from ckptkeeperd.reconcile import preview, reconcile
-from ckptkeeperd.roots import resolve_settings
+from ckptkeeperd.resolver import resolve_settings
 from ckptkeeperd.textfile import carry_totals, write_textfile
 
 POLICY = Policy(keep_top_k=1, metric_name="r", higher_is_better=True)
@@ -138,9 +140,9 @@ def test_deletions_paused_follows_an_invalid_run_file(tmp_path: Path) -> None:
     root = tmp_path / "run"
     write_checkpoint(root, 1, {"r": 1.0}, final=True)
     config = config_from_flags([str(root)], {"keep_top_k": 1})
-    assert not deletions_paused(resolve_settings(config, root, {}).problems)
+    assert not deletions_paused(resolve_settings(config, Root(root, POSIX), {}).problems)
     (root / "ckptkeeper.toml").write_text("keep_top_k = -1\n")
-    problems = resolve_settings(config, root, {}).problems
+    problems = resolve_settings(config, Root(root, POSIX), {}).problems
     assert deletions_paused(problems), problems
     metrics = KeeperMetrics()
     metrics.observe_pass(preview(root, POLICY), paused=True)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from tests.helpers import CKPTKEEPER
 
+from ckptkeeper.storage import POSIX
+from ckptkeeper.stores import Root
 from ckptkeeperd.config import ConfigError, config_from_flags, load_config
-from ckptkeeperd.roots import resolve_settings
+from ckptkeeperd.resolver import resolve_settings
 
 
 def write(path: Path, text: str) -> Path:
@@ -28,7 +30,7 @@ def test_config_file_takes_min_free_and_min_keep(tmp_path: Path) -> None:
     )
     assert config.defaults.policy.min_free == "15%"
     assert config.defaults.policy.min_keep == 2
-    resolved = resolve_settings(config, config.roots[0].path, config.roots[0].overrides)
+    resolved = resolve_settings(config, config.roots[0].root, config.roots[0].overrides)
     assert resolved.settings.policy.min_free == "500000000000"
 
 
@@ -57,7 +59,7 @@ def test_an_invalid_run_file_pauses_pressure_deletions_too(tmp_path: Path) -> No
     (run / "step_1").mkdir(parents=True)
     write(run / "ckptkeeper.toml", "keep_top_k = 10\nkeep_latst_n = 2\n")  # typo: paused
     config = config_from_flags([str(run)], {"keep_top_k": 1, "min_free": "15%"})
-    resolved = resolve_settings(config, run, {})
+    resolved = resolve_settings(config, Root(run, POSIX), {})
     assert resolved.settings.policy.min_free is None
     assert any("paused" in p for p in resolved.problems)
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from ckptkeeper.scan import MEMO_TRUST_S
+from ckptkeeper.storage import POSIX
+from ckptkeeper.stores import Root
 from ckptkeeperd.config import config_from_flags
-from ckptkeeperd.roots import SettingsResolver
+from ckptkeeperd.resolver import SettingsResolver
 
 
 @pytest.fixture
@@ -43,8 +45,8 @@ FLAGS = {"metric_name": "val", "higher_is_better": True}
 def test_an_unchanged_run_file_is_read_once(tmp_path: Path, later: SettingsResolver) -> None:
     root = run_dir(tmp_path, "keep_top_k = 3\n")
     config = config_from_flags([root], FLAGS)
-    first = later.resolve(config, root, {})
-    again = [later.resolve(config, root, {}) for _ in range(3)]
+    first = later.resolve(config, Root(root, POSIX), {})
+    again = [later.resolve(config, Root(root, POSIX), {}) for _ in range(3)]
     assert reads(later) == ["ckptkeeper.toml"]
     assert all(r == first for r in again)
     assert first.settings.policy.keep_top_k == 3
@@ -55,18 +57,18 @@ def test_an_edited_run_file_is_seen_by_the_next_resolve(
 ) -> None:
     root = run_dir(tmp_path, "keep_top_k = 3\n")
     config = config_from_flags([root], FLAGS)
-    later.resolve(config, root, {})
+    later.resolve(config, Root(root, POSIX), {})
     path = root / "ckptkeeper.toml"
     before = os.stat(path)
     path.write_text("keep_top_k = 4\n")  # same size; its ctime moves whatever its mtime does
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert later.resolve(config, root, {}).settings.policy.keep_top_k == 4
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.keep_top_k == 4
     path.write_text("keep_top_k = [\n")  # now invalid: deletions paused, reported
-    broken = later.resolve(config, root, {})
+    broken = later.resolve(config, Root(root, POSIX), {})
     assert broken.settings.policy.keep_top_k is None and broken.problems
     path.unlink()
-    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
-    assert later.resolve(config, root, {}).problems == []
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.keep_top_k is None
+    assert later.resolve(config, Root(root, POSIX), {}).problems == []
     assert reads(later) == ["ckptkeeper.toml"] * 4
 
 
@@ -75,10 +77,10 @@ def test_a_run_file_that_appears_is_seen_by_the_next_resolve(
 ) -> None:
     root = run_dir(tmp_path)
     config = config_from_flags([root], FLAGS)
-    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
-    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.keep_top_k is None
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.keep_top_k is None
     (root / "ckptkeeper.toml").write_text("keep_top_k = 1\n")
-    assert later.resolve(config, root, {}).settings.policy.keep_top_k == 1
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.keep_top_k == 1
     assert reads(later) == ["ckptkeeper.toml", "ckptkeeper.toml"]  # absent once, then the new file
 
 
@@ -87,7 +89,7 @@ def test_a_run_file_changed_just_now_is_read_every_time(tmp_path: Path) -> None:
     config = config_from_flags([root], FLAGS)
     now = SettingsResolver()  # the real clock: the file was written just now
     for _ in range(3):
-        now.resolve(config, root, {})
+        now.resolve(config, Root(root, POSIX), {})
     assert reads(now) == ["ckptkeeper.toml"] * 3
 
 
@@ -96,11 +98,13 @@ def test_other_defaults_or_entry_overrides_are_resolved_afresh(
 ) -> None:
     root = run_dir(tmp_path)
     config = config_from_flags([root], FLAGS)
-    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
-    assert later.resolve(config, root, {"keep_top_k": 2}).settings.policy.keep_top_k == 2
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.keep_top_k is None
+    assert (
+        later.resolve(config, Root(root, POSIX), {"keep_top_k": 2}).settings.policy.keep_top_k == 2
+    )
     other = config_from_flags([root], {**FLAGS, "keep_top_k": 7})
-    assert later.resolve(other, root, {}).settings.policy.keep_top_k == 7
-    assert later.resolve(config, root, {}).settings.policy.keep_top_k is None
+    assert later.resolve(other, Root(root, POSIX), {}).settings.policy.keep_top_k == 7
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.keep_top_k is None
 
 
 def test_the_config_yaml_fallback_follows_a_new_step_and_an_edited_file(
@@ -109,19 +113,19 @@ def test_the_config_yaml_fallback_follows_a_new_step_and_an_edited_file(
     root = run_dir(tmp_path, None, "step_1")
     (root / "step_1" / "config.yaml").write_text("checkpointing:\n  metric_name: loss\n")
     config = config_from_flags([root], {})
-    assert later.resolve(config, root, {}).settings.policy.metric_name == "loss"
-    assert later.resolve(config, root, {}).settings.policy.metric_name == "loss"
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.metric_name == "loss"
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.metric_name == "loss"
     assert reads(later) == ["ckptkeeper.toml", "config.yaml"]
 
     (root / "step_1" / "config.yaml").write_text("checkpointing:\n  metric_name: acc\n")
-    assert later.resolve(config, root, {}).settings.policy.metric_name == "acc"
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.metric_name == "acc"
 
     (root / "step_2").mkdir()  # a newer step without config.yaml: the older one still counts
-    assert later.resolve(config, root, {}).settings.policy.metric_name == "acc"
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.metric_name == "acc"
     (root / "step_2" / "config.yaml").write_text("checkpointing:\n  metric_name: bleu\n")
-    assert later.resolve(config, root, {}).settings.policy.metric_name == "bleu"
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.metric_name == "bleu"
     (root / "step_2" / "config.yaml").write_text("checkpointing: [\n")  # corrupt: reported
-    resolved = later.resolve(config, root, {})
+    resolved = later.resolve(config, Root(root, POSIX), {})
     assert resolved.settings.policy.metric_name == "acc"
     assert [p.split(": ", 1)[0] for p in resolved.problems] == [str(root / "step_2/config.yaml")]
 
@@ -134,13 +138,14 @@ def test_the_walk_reads_only_down_to_the_newest_usable_config_yaml(
         (root / f"step_{n}" / "config.yaml").write_text("checkpointing:\n  metric_name: m\n")
     config = config_from_flags([root], {"keep_top_k": 2})
     for _ in range(5):
-        assert later.resolve(config, root, {}).settings.policy.metric_name == "m"
+        assert later.resolve(config, Root(root, POSIX), {}).settings.policy.metric_name == "m"
     assert reads(later) == ["ckptkeeper.toml", "config.yaml"]  # step_20's, parsed once
 
     (root / "step_30" / "config.yaml").write_text("checkpointing:\n  metric_name: n\n")
-    assert later.resolve(config, root, {}).settings.policy.metric_name == "n"  # not memo-hidden
+    # not memo-hidden:
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.metric_name == "n"
     later.forget()  # a fresh keeper: the parsed file is still known by its identity
-    assert later.resolve(config, root, {}).settings.policy.metric_name == "n"
+    assert later.resolve(config, Root(root, POSIX), {}).settings.policy.metric_name == "n"
     assert reads(later).count("config.yaml") == 2
 
 
@@ -149,12 +154,12 @@ def test_a_fixed_config_yaml_resumes_deletions(tmp_path: Path, later: SettingsRe
     for n in (1, 2):
         (root / f"step_{n}" / "config.yaml").write_text("checkpointing: [broken\n")
     config = config_from_flags([root], {"keep_top_k": 1})
-    paused = later.resolve(config, root, {})
+    paused = later.resolve(config, Root(root, POSIX), {})
     assert not paused.settings.policy.bounded
     assert len(paused.problems) == 2 and all("paused" in p for p in paused.problems)
-    assert later.resolve(config, root, {}) == paused  # memoized while nothing changes
+    assert later.resolve(config, Root(root, POSIX), {}) == paused  # memoized while nothing changes
     (root / "step_1" / "config.yaml").write_text("checkpointing:\n  metric_name: m\n")
-    resumed = later.resolve(config, root, {})
+    resumed = later.resolve(config, Root(root, POSIX), {})
     assert (resumed.settings.policy.keep_top_k, resumed.settings.policy.metric_name) == (1, "m")
     assert [
         p.endswith("metric 'm' taken from " + str(root / "step_1/config.yaml"))
@@ -165,10 +170,10 @@ def test_a_fixed_config_yaml_resumes_deletions(tmp_path: Path, later: SettingsRe
 def test_the_memo_hands_out_independent_results(tmp_path: Path, later: SettingsResolver) -> None:
     root = run_dir(tmp_path, "keep_top_k = 'x'\n")
     config = config_from_flags([root], FLAGS)
-    first = later.resolve(config, root, {})
+    first = later.resolve(config, Root(root, POSIX), {})
     assert first.problems
     first.problems.clear()
-    assert later.resolve(config, root, {}).problems  # the memo's copy is untouched
+    assert later.resolve(config, Root(root, POSIX), {}).problems  # the memo's copy is untouched
     assert reads(later) == ["ckptkeeper.toml"]
 
 
@@ -185,7 +190,7 @@ def test_roots_configured_alike_share_settings_and_each_problem_names_its_root(
         (root / "ckptkeeper.toml").write_text(f"keep_top_k = {value}\n")
         runs[name] = root
     config = config_from_flags(list(runs.values()), FLAGS)
-    got = {name: later.resolve(config, root, {}) for name, root in runs.items()}
+    got = {name: later.resolve(config, Root(root, POSIX), {}) for name, root in runs.items()}
     assert got["a"].settings == got["b"].settings and got["a"].settings.policy.keep_top_k == 1
     assert not got["a"].problems and not got["b"].problems
     for bad in ("c", "d", "e"):

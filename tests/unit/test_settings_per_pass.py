@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from ckptkeeper import Policy
+from ckptkeeper.storage import POSIX
+from ckptkeeper.stores import Root
 from ckptkeeperd.config import config_from_flags
 from ckptkeeperd.reconcile import reconcile
-from ckptkeeperd.roots import SettingsResolver
+from ckptkeeperd.resolver import SettingsResolver
 
 FLAGS = {"metric_name": "reward", "higher_is_better": True}
 
@@ -42,7 +44,7 @@ def test_a_run_file_edited_after_the_plan_is_what_the_locked_plan_uses(
     seen: list[Policy] = []
 
     def policy() -> Policy:
-        seen.append(resolver.resolve(config, root, {}).settings.policy)
+        seen.append(resolver.resolve(config, Root(root, POSIX), {}).settings.policy)
         if len(seen) == 1:  # the owner saves the file right after the unlocked plan
             (root / "ckptkeeper.toml").write_text(edit)
         return seen[-1]
@@ -64,7 +66,7 @@ def test_a_pass_with_nothing_to_do_resolves_once(tmp_path: Path) -> None:
 
     def policy() -> Policy:
         calls.append(1)
-        return resolver.resolve(config, root, {}).settings.policy
+        return resolver.resolve(config, Root(root, POSIX), {}).settings.policy
 
     report = reconcile(root, policy)
     assert report.status == "ok" and not report.outcomes and len(calls) == 1
