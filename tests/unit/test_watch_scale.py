@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+from tests.helpers import wait_until
 from tests.userns import inotify_limited, userns_unavailable
 from tests.watching import Recorder, inotify_wd_count, watchers
 
@@ -163,6 +164,13 @@ w.stop()
 """
 
 
+def stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (state T in /proc/PID/task/TID/stat)."""
+    tasks = Path(f"/proc/{pid}/task")
+    states = [(t / "stat").read_text().rpartition(")")[2].split()[0] for t in tasks.iterdir()]
+    return all(state == "T" for state in states)
+
+
 def test_a_lost_inotify_queue_makes_a_pass_of_every_root(tmp_path: Path) -> None:
     queue_max = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     if queue_max > 200_000:
@@ -181,6 +189,9 @@ def test_a_lost_inotify_queue_makes_a_pass_of_every_root(tmp_path: Path) -> None
     try:
         assert child.stdout.readline().strip() == "ready"
         child.send_signal(signal.SIGSTOP)  # nobody reads the inotify fd: its queue fills up
+        # Once every thread has stopped: until the thread the signal went to runs (late on a
+        # loaded machine), the reader thread goes on draining the queue and nothing overflows.
+        wait_until(lambda: stopped(child.pid), timeout=TIMEOUT, what="the child to stop")
         for i in range(queue_max + 10):
             os.mknod(busy / f"f{i}")
         child.send_signal(signal.SIGCONT)
