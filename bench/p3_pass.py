@@ -266,7 +266,7 @@ def _measure(
     from ckptkeeper import scan_root
 
     resolve = ours.resolve_settings
-    policy = resolve(ours.config, roots[0], {}).settings.policy
+    policy = resolve(ours.config, ours.expanded[0][0], {}).settings.policy
     marker = policy.complete_marker
     split = {
         "resolve_settings": lambda: [resolve(ours.config, r, o) for r, o in ours.expanded],
