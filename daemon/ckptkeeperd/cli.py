@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from ckptkeeper import Policy
+from ckptkeeper.errors import errno_text
 from ckptkeeper.stores import Root
 
 from .config import (
@@ -239,6 +240,10 @@ def sweep(
     if metrics_file is not None:  # prometheus_client only when asked for (a cold sweep's start)
         from .textfile import sweep_metrics
 
+        if not metrics_file.parent.is_dir():  # before the pass, not a traceback after it
+            why = f"{metrics_file.parent}: not a directory (create it, or choose another file)"
+            raise click.BadParameter(why, param_hint="'--metrics-file'")
+
         metrics = sweep_metrics(config, metrics_file)
 
     def one(where: Root, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
@@ -270,7 +275,11 @@ def sweep(
     if metrics is not None and metrics_file is not None:
         from .textfile import write_sweep_metrics
 
-        write_sweep_metrics(config, metrics, [r for r, _ in results], metrics_file)
+        try:
+            write_sweep_metrics(config, metrics, [r for r, _ in results], metrics_file)
+        except OSError as exc:
+            click.echo(f"ckptkeeper: cannot write {metrics_file}: {errno_text(exc)}", err=True)
+            raise SystemExit(1) from None
     if as_json:
         from .render import report_to_dict
 

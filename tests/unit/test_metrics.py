@@ -305,3 +305,35 @@ def test_fast_render_is_the_same_text_as_prometheus_client(
             "ckptkeeper_freed_bytes_total",
             frozenset({("root", str(odd))}),
         ) in samples(metrics)
+
+
+def test_sweep_metrics_file_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    """The README's cron line on a node without node_exporter's directory: a clear message and
+    exit 2 before the pass (was a FileNotFoundError traceback after it); a file that cannot be
+    written after the pass is named with the reason, exit 1."""
+    root = tmp_path / "run"
+    for step in (1, 2, 3):
+        write_checkpoint(root, step, {"r": float(step)})
+    args = [CKPTKEEPER, "sweep", str(root), "--keep-top-k", "1", "--metric", "r"]
+    out = tmp_path / "textfile" / "ckptkeeper.prom"
+    proc = subprocess.run([*args, "--metrics-file", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"'--metrics-file': {out.parent}: not a directory" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == [f"tmp_step_{n}" for n in (1, 2, 3)]  # no pass
+    if os.geteuid() != 0:
+        return  # the rest mounts a read-only filesystem
+    out.parent.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(out.parent)]
+    subprocess.run(mount, check=True)
+    try:
+        proc = subprocess.run([*args, "--metrics-file", str(out)], capture_output=True, text=True)
+    finally:
+        subprocess.run(["umount", str(out.parent)], check=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"ckptkeeper: cannot write {out}: EROFS (" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == [
+        "step_1",
+        "step_3",
+    ]
