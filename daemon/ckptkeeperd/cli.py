@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import click
 
@@ -35,6 +35,8 @@ from .resolver import SettingsResolver
 from .roots import expand
 
 __all__ = ["main"]
+
+_T = TypeVar("_T")
 
 _MUTATING = set(EVENT_FOR)
 
@@ -173,24 +175,53 @@ def cli() -> None:
 
 
 def _passes(
-    config: DaemonConfig, action: Callable[[Root, PolicySource, Any, ProblemLog], Report]
-) -> list[tuple[Report, Policy]]:
-    """``action`` on every root, given what resolves the root's policy: each call resolves
-    afresh, so a sweep's plan under the lock uses the settings as they are then."""
-    problems = ProblemLog()
-    resolver = SettingsResolver()
-    scopes = LockScopeWarner()
-    out: list[tuple[Report, Policy]] = []
-    for where, overrides in expand(config):
-        root = where.path
-        log = get_logger(root=str(root))
-        if (local := where.local_dir) is not None:
-            scopes.check(local, log)
-        source = _policy_source(resolver, config, where, overrides, problems, log)
-        first = source()  # its problems are logged before the pass, whatever the pass does
-        report = action(where, source, log, problems)
-        out.append((report, report.plan.policy if report.plan is not None else first))
-    return out
+    config: DaemonConfig,
+    action: Callable[[Root, PolicySource, Any, ProblemLog], Report],
+    finish: Callable[[Report, Policy | None], _T],
+    jobs: int = 1,
+) -> list[_T]:
+    """``finish`` of ``action`` on every root, given what resolves the root's policy: each call
+    resolves afresh, so a sweep's plan under the lock uses the settings as they are then.
+    ``jobs`` > 1: local roots on up to that many processes (`fanout`), in the order given."""
+    roots = expand(config)
+
+    def chunk(part: Sequence[tuple[Root, Mapping[str, Any]]]) -> list[_T]:
+        problems = ProblemLog()
+        resolver = SettingsResolver()
+        scopes = LockScopeWarner()
+        out: list[_T] = []
+        for where, overrides in part:
+            root = where.path
+            log = get_logger(root=str(root))
+            if (local := where.local_dir) is not None:
+                scopes.check(local, log)
+            source = _policy_source(resolver, config, where, overrides, problems, log)
+            first = source()  # its problems are logged before the pass, whatever the pass does
+            report = action(where, source, log, problems)
+            out.append(finish(report, report.plan.policy if report.plan is not None else first))
+        return out
+
+    if jobs <= 1 or len(roots) < 2 or not _forkable(roots):
+        return chunk(roots)
+    from .fanout import WorkerFailed, map_chunks
+
+    results = map_chunks(roots, jobs, chunk)
+    for i, result in enumerate(results):
+        if isinstance(result, WorkerFailed):  # its roots' passes did not report: an error each
+            failed = Report(roots[i][0].path, status="error", problems=[str(result)])
+            results[i] = finish(failed, None)
+    return results  # type: ignore[return-value]
+
+
+def _forkable(roots: Sequence[tuple[Root, Mapping[str, Any]]]) -> bool:
+    """Worth and safe to fork for: local roots only (an object store's client is not shared
+    across a fork), and stdout/stderr are the process's own descriptors (the workers' output
+    is copied through them)."""
+    try:
+        real = sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+    return real and all(where.local_dir is not None for where, _ in roots)
 
 
 def _policy_source(
@@ -230,8 +261,19 @@ def _policy_source(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write Prometheus metrics here (atomically) for node_exporter's textfile collector.",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    help="Sweep local roots in this many processes (default: the CPUs available; 1 with "
+    "--metrics-file). Output and exit code are those of one process.",
+)
 def sweep(
-    roots: tuple[str, ...], dry_run: bool, as_json: bool, metrics_file: Path | None, **opts: Any
+    roots: tuple[str, ...],
+    dry_run: bool,
+    as_json: bool,
+    metrics_file: Path | None,
+    jobs: int | None,
+    **opts: Any,
 ) -> None:
     """One pass over every root, then exit (cron, systemd timer)."""
     config = _build_config(roots, opts)
@@ -271,24 +313,47 @@ def sweep(
             on_outcome=None if metrics is None else metrics.finalize_hook(root, marker(policy)),
         )
 
-    results = _passes(config, one)
+    def finish(report: Report, policy: Policy | None) -> _Swept:
+        # What a worker process hands back: small, and no storage or scan to pickle.
+        doc = None
+        if as_json:
+            from .render import report_to_dict
+
+            doc = report_to_dict(report, policy)
+        return _Swept(bool(report.errors), doc, report if metrics is not None else None)
+
+    workers = 1 if metrics is not None else jobs or _default_jobs()
+    results = _passes(config, one, finish, workers)
     if metrics is not None and metrics_file is not None:
         from .textfile import write_sweep_metrics
 
+        reports = [r.report for r in results if r.report is not None]
         try:
-            write_sweep_metrics(config, metrics, [r for r, _ in results], metrics_file)
+            write_sweep_metrics(config, metrics, reports, metrics_file)
         except OSError as exc:
             click.echo(f"ckptkeeper: cannot write {metrics_file}: {errno_text(exc)}", err=True)
             raise SystemExit(1) from None
     if as_json:
-        from .render import report_to_dict
+        doc = {"dry_run": dry_run, "roots": [r.doc for r in results]}
+        click.echo(json.dumps(doc, indent=2))
+    raise SystemExit(1 if any(r.errors for r in results) else 0)
 
-        click.echo(
-            json.dumps(
-                {"dry_run": dry_run, "roots": [report_to_dict(r, p) for r, p in results]}, indent=2
-            )
-        )
-    raise SystemExit(1 if any(r.errors for r, _ in results) else 0)
+
+class _Swept(NamedTuple):
+    errors: bool
+    doc: dict[str, Any] | None
+    report: Report | None  # with --metrics-file only (one process)
+
+
+def _pair(report: Report, policy: Policy | None) -> tuple[Report, Policy]:
+    assert policy is not None  # in one process every pass has its policy
+    return report, policy
+
+
+def _default_jobs() -> int:
+    from .fanout import default_jobs
+
+    return default_jobs()
 
 
 def marker(policy: PolicySource) -> Callable[[], str]:
@@ -319,7 +384,7 @@ def status(roots: tuple[str, ...], as_json: bool, html_path: Path | None, **opts
         now = policy if isinstance(policy, Policy) else policy()
         return preview(where.path, now, log=log, problems=problems, storage=where.storage)
 
-    results = _passes(config, one)
+    results = _passes(config, one, _pair)
     if html_path is not None:
         from .page import write_page
 
