@@ -17,6 +17,7 @@ import click
 
 from ckptkeeper import Policy
 from ckptkeeper.errors import errno_text
+from ckptkeeper.storage import Storage
 from ckptkeeper.stores import Root
 
 from .config import (
@@ -267,17 +268,25 @@ def _policy_source(
     help="Sweep local roots in this many processes (default: the CPUs available; 1 with "
     "--metrics-file). Output and exit code are those of one process.",
 )
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep parsed metrics here across sweeps, for the look that decides whether a root "
+    "needs a pass (README Cron sweeps). Off by default: a sweep writes nothing outside its roots.",
+)
 def sweep(
     roots: tuple[str, ...],
     dry_run: bool,
     as_json: bool,
     metrics_file: Path | None,
     jobs: int | None,
+    cache_dir: Path | None,
     **opts: Any,
 ) -> None:
     """One pass over every root, then exit (cron, systemd timer)."""
     config = _build_config(roots, opts)
     _setup_logs(opts, config, to_stderr=as_json)
+    looks = None if cache_dir is None or dry_run else _cold_looks(cache_dir)
     metrics = None
     if metrics_file is not None:  # prometheus_client only when asked for (a cold sweep's start)
         from .textfile import sweep_metrics
@@ -309,7 +318,7 @@ def sweep(
             problems=problems,
             lock_timeout=30.0,
             delete_workers=config.daemon.delete_workers,
-            storage=where.storage,
+            storage=looks(where.storage) if looks is not None else where.storage,
             on_outcome=None if metrics is None else metrics.finalize_hook(root, marker(policy)),
         )
 
@@ -343,6 +352,27 @@ class _Swept(NamedTuple):
     errors: bool
     doc: dict[str, Any] | None
     report: Report | None  # with --metrics-file only (one process)
+
+
+def _cold_looks(directory: Path) -> Callable[[Storage], Storage] | None:
+    """What gives a local root's storage the metrics cache in ``directory`` for its unlocked
+    look; prunes the cache first (`ckptkeeper.coldcache`). None (logged) when the directory
+    cannot be ours alone: the sweep goes on without it."""
+    from ckptkeeper.coldcache import ColdLookStorage, prune, usable_dir
+    from ckptkeeper.storage import PosixStorage
+
+    directory = directory.absolute()
+    if (why := usable_dir(directory)) is not None:
+        get_logger().warning("cache_unusable", path=str(directory), reason=why)
+        return None
+    prune(directory)
+
+    def looks(storage: Storage) -> Storage:
+        if type(storage) is PosixStorage:
+            return ColdLookStorage(directory, storage.fs)
+        return storage
+
+    return looks
 
 
 def _pair(report: Report, policy: Policy | None) -> tuple[Report, Policy]:

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .classify import classify_entry
 from .dirfd import DIR_FLAGS
@@ -72,6 +72,9 @@ from .probes import (
 )
 from .records import Anomaly, Checkpoint, InFlight, Leftover, RootScan, TrashEntry
 
+if TYPE_CHECKING:
+    from .coldcache import MetricsSeed
+
 __all__ = [
     "CKPTKEEPER_DIR",
     "INFO_FILE",
@@ -102,6 +105,7 @@ def scan_root(
     memo: bool = False,
     layout: Layout = NEMO_RL,
     steps: Collection[int] | None = None,
+    seed: MetricsSeed | None = None,
 ) -> RootScan:
     """Scan ``root`` as ``layout`` names it. ``marker``: the completion marker ("" for the
     layout's). ``stale_before`` (epoch seconds): probe unmarked tmp dirs for staleness.
@@ -117,11 +121,14 @@ def scan_root(
     and their records are those a full scan makes. No trash, and the cache's memo and entries of
     other steps are left as they are.
 
+    ``seed``: metrics files are read through it (`coldcache`: a cron sweep's unlocked look).
+
     Raises OSError only when the root itself cannot be listed.
     """
     root = Path(root)
     scanner = _Scanner(root, layout, marker or layout.default_marker, cache, stale_before, memo)
     scanner.only = None if steps is None else frozenset(steps)
+    scanner.seed = seed
     # Entries are stat'ed relative to a descriptor of the root (a one-component lookup each),
     # which also reaches the trash without following a symlink.
     try:
@@ -173,6 +180,7 @@ class _Scanner:
         self.root_st: os.stat_result | None = None  # the root before the listing (with a cache)
         self.spellings: dict[int, list[str]] = defaultdict(list)  # non-canonical names by step
         self.mark: object | None = None  # the cache's `Journal.mark` before a full listing
+        self.seed: MetricsSeed | None = None  # metrics read through it (`scan_root`)
 
     def read_entries(self, root_fd: int) -> None:
         self.root_fd = root_fd
@@ -450,6 +458,8 @@ class _Scanner:
     def info(self, name: str) -> tuple[tuple[Any, str | None], tuple[int, int, int, int] | None]:
         """The metrics file of ``name`` (read relative to the root's descriptor) and its key."""
         rel, label = name + self.info_below, self.layout.info_file
+        if self.seed is not None:
+            return self.seed.read(self.root_fd, rel, name, label)
         return _read_info_at(self.root_fd, rel, (self.root_str, name), label, self.cache)
 
     def save_or_leftover(self, name: str, step: int, order: int, st: os.stat_result) -> None:
