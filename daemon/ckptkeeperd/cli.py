@@ -181,8 +181,10 @@ def _passes(
     finish: Callable[[Report, Policy | None], _T],
     jobs: int = 1,
 ) -> list[_T]:
-    """``finish`` of ``action`` on every root, given what resolves the root's policy: each call
-    resolves afresh, so a sweep's plan under the lock uses the settings as they are then.
+    """``finish`` of ``action`` on every root, given what resolves the root's policy: the first
+    call has the settings resolved just before the pass (their problems logged first), each
+    later one resolves afresh, so a sweep's plan under the lock uses the settings as they are
+    then.
     ``jobs`` > 1: local roots on up to that many processes (`fanout`), in the order given."""
     roots = expand(config)
 
@@ -198,7 +200,7 @@ def _passes(
                 scopes.check(local, log)
             source = _policy_source(resolver, config, where, overrides, problems, log)
             first = source()  # its problems are logged before the pass, whatever the pass does
-            report = action(where, source, log, problems)
+            report = action(where, _first_then(first, source), log, problems)
             out.append(finish(report, report.plan.policy if report.plan is not None else first))
         return out
 
@@ -212,6 +214,12 @@ def _passes(
             failed = Report(roots[i][0].path, status="error", problems=[str(result)])
             results[i] = finish(failed, None)
     return results  # type: ignore[return-value]
+
+
+def _first_then(first: Policy, source: Callable[[], Policy]) -> Callable[[], Policy]:
+    """``first`` once (the unlocked look: not resolved twice in a row), then ``source``."""
+    pending = [first]
+    return lambda: pending.pop() if pending else source()
 
 
 def _forkable(roots: Sequence[tuple[Root, Mapping[str, Any]]]) -> bool:
