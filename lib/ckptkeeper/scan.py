@@ -244,12 +244,13 @@ class _Scanner:
 
     def look_around(self, names: list[str]) -> None:
         """The root's own entries: ``auto`` picks the layout, a tracker is read (once)."""
-        if isinstance(self.layout, Resolver):
+        if _shape(self.layout)[0]:
+            assert isinstance(self.layout, Resolver)
             self.layout, self.layout_reason = self.layout.resolve(names)
             self.info_below = "/" + self.layout.info_file
             if isinstance(self.layout, Refused):
                 self.anomalies.append(Anomaly(self.root, self.layout.reason))
-        self.classifier = isinstance(self.layout, Classifier)
+        self.classifier = _shape(self.layout)[1]
         if self.classifier:
             cache = self.cache
             self.survey = survey(self.layout, self.root, names, lambda p: _read_info(p, cache)[0])
@@ -309,7 +310,7 @@ class _Scanner:
         root's entries, looks inside them, or keeps checkpoints as files: those list the root
         as a full scan does (keeping only the steps asked for)."""
         layout = self.layout
-        return not (isinstance(layout, Resolver | Classifier) or file_checkpoints(layout))
+        return not (any(_shape(layout)) or file_checkpoints(layout))
 
     def classify(self, name: str) -> tuple[int, int, bool] | None:
         """(step, kind order, not the layout's spelling) of a checkpoint name; None for any
@@ -510,6 +511,21 @@ class _Scanner:
             layout_reason=self.layout_reason,
             pointers=self.survey.pointers,
         )
+
+
+# (is a Resolver, is a Classifier) by layout: a runtime protocol check costs about 7 us, twice
+# per root. Layouts are immutable (`Layout`); each is held here, so its id is not reused.
+_SHAPES: dict[int, tuple[Layout, bool, bool]] = {}
+
+
+def _shape(layout: Layout) -> tuple[bool, bool]:
+    known = _SHAPES.get(id(layout))
+    if known is None or known[0] is not layout:
+        if len(_SHAPES) >= 256:
+            _SHAPES.clear()
+        known = (layout, isinstance(layout, Resolver), isinstance(layout, Classifier))
+        _SHAPES[id(layout)] = known
+    return known[1], known[2]
 
 
 # The order of the kinds of one step in a scan's records (alphabetical, as it always was).
