@@ -280,7 +280,7 @@ def _policy_source(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Keep parsed metrics here across sweeps, for the look that decides whether a root "
-    "needs a pass (README Cron sweeps). Off by default: a sweep writes nothing outside its roots.",
+    "needs a pass (README Command line). Off by default: a sweep writes nothing outside its roots.",
 )
 def sweep(
     roots: tuple[str, ...],
