@@ -76,10 +76,14 @@ def map_chunks(
     sys.stderr.flush()
     children = [_fork(chunk, work) for chunk in chunks[1:]]
     previous = {sig: signal.signal(sig, _forward(children)) for sig in _FORWARDED}
+    results: list[R | WorkerFailed] = []
     try:
-        results: list[R | WorkerFailed] = list(work(chunks[0]))
-        for child, chunk in zip(children, chunks[1:], strict=True):
-            results.extend(_collect(child, len(chunk)))
+        try:
+            results.extend(work(chunks[0]))
+        finally:  # even when this process's chunk failed: the children's output is shown
+            later = [_collect(c, len(ch)) for c, ch in zip(children, chunks[1:], strict=True)]
+        for part in later:
+            results.extend(part)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -94,6 +94,8 @@ def work(chunk):
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "raise" and item == 5:
             raise RuntimeError("worker broke")
+        if mode == "parent" and item == 1:
+            raise RuntimeError("parent broke")
         if mode == "wait" and item >= 2:
             (where / f"child-{os.getpid()}").touch()
             deadline = time.monotonic() + 60
@@ -134,6 +136,14 @@ def test_a_worker_that_dies_fails_its_items_only(tmp_path: Path) -> None:
     broke = _fanout("raise", tmp_path)
     assert broke.stdout.splitlines()[-1] == "results [0, 10, 20, 30, 'failed', 'failed']"
     assert "RuntimeError: worker broke" in broke.stderr
+
+
+def test_when_the_parents_own_chunk_fails_the_workers_output_is_still_shown(
+    tmp_path: Path,
+) -> None:
+    proc = _fanout("parent", tmp_path)
+    assert proc.returncode == 1 and "RuntimeError: parent broke" in proc.stderr
+    assert proc.stdout.splitlines() == [f"line {i}" for i in range(6)]
 
 
 def test_sigterm_to_the_sweep_reaches_its_workers(tmp_path: Path) -> None:
