@@ -3,10 +3,10 @@
 The roots of a sweep are independent (each pass takes its own root's lock), so `map_chunks`
 splits them into ``jobs`` contiguous chunks. Chunks 2..n run in forked children, forked before
 the parent starts any thread; the parent runs chunk 1 itself, writing its output as it goes.
-A child's stdout and stderr go to unlinked temporary files that the parent copies to its own,
+A child's stdout and stderr go to anonymous files (``memfd``) that the parent copies to its own,
 chunk by chunk in order, so the lines come out in the order a serial sweep prints them (only
 later, and a child's stdout and stderr lines are no longer interleaved with each other). Each
-child hands back what ``work`` returned for its chunk as a pickle in a third temporary file.
+child hands back what ``work`` returned for its chunk as a pickle in a third one.
 
 A child that dies (a signal, an exception) is reported, and its chunk counts as failed: the
 caller exits non-zero. While children run, SIGTERM, SIGHUP and SIGINT to the parent are passed
@@ -117,7 +117,10 @@ def _fork(chunk: Sequence[T], work: Callable[[Sequence[T]], list[R]]) -> _Child:
 
 
 def _scratch() -> IO[bytes]:
-    """An unlinked temporary file, closed by `_collect` (it outlives this call)."""
+    """An anonymous file in memory (Linux: no path, so a sweep still opens nothing for writing
+    outside its roots), else an unlinked temporary file; closed by `_collect`."""
+    if hasattr(os, "memfd_create"):
+        return os.fdopen(os.memfd_create("ckptkeeper-sweep", os.MFD_CLOEXEC), "w+b")
     return tempfile.TemporaryFile()
 
 

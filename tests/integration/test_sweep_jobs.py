@@ -4,6 +4,7 @@ output and exit code of one process; `ckptkeeperd.fanout` itself in real forked 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tests.helpers import CKPTKEEPER, wait_until, write_checkpoint
 
 FLAGS = ["--keep-top-k", "1", "--metric", "loss", "--lower-is-better", "--keep-latest-n", "1"]
@@ -67,6 +69,35 @@ def test_sweep_with_jobs_acts_and_prints_as_one_process(tmp_path: Path) -> None:
     assert events.count("finalized") == 9 and "deleted" in events, events
     order = [line["root"] for line in results["3"][0] if "root" in line]
     assert order == sorted(order), "lines are in the order of the roots"
+
+
+def test_a_sweep_with_jobs_opens_nothing_for_writing_outside_its_roots(tmp_path: Path) -> None:
+    """The workers' output and results go through anonymous memory files, not /tmp."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (apt-get install -y strace)")
+    roots = _fleet(tmp_path / "fleet", 4)
+    log = tmp_path / "trace.log"
+    done = subprocess.run(
+        [
+            *(strace, "-f", "-qq", "-y", "-e", "trace=open,openat,creat", "-o", str(log)),
+            *(CKPTKEEPER, "sweep", "--jobs", "2", *FLAGS, *map(str, roots)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0 and "PTRACE" in done.stderr.upper():
+        pytest.skip(f"strace cannot trace here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count('"deleted"') >= 4, "the workers acted"
+    written = [
+        line
+        for line in log.read_text().splitlines()
+        if any(flag in line for flag in ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TMPFILE", "creat("))
+    ]
+    outside = [line for line in written if str(tmp_path / "fleet") not in line]
+    assert written and outside == [], outside
 
 
 def test_sweep_json_with_jobs_matches_one_process(tmp_path: Path) -> None:
