@@ -6,7 +6,9 @@ a pass (`ColdLookStorage`).
 Never trusted over the files it describes:
 
 - An entry is used only while the metrics file's (st_ino, st_mtime_ns, st_size, st_ctime_ns)
-  equal those it was read with (every scan still ``lstat``s each file; a rewrite in place, even
+  equal those it was read with (and a step directory's pin probe, ``KEEP``, only while the
+  directory's (st_dev, st_ino, st_mtime_ns, st_ctime_ns) do: creating or removing an entry in
+  it changes them) (every scan still ``lstat``s each file; a rewrite in place, even
   with its mtime restored through ``utime``, changes its ctime), and the root is the same
   directory (st_dev, st_ino). It is kept only when the file was last changed at least
   `MEMO_TRUST_S` before the read (an equal key then means an unchanged file, whatever the
@@ -54,11 +56,14 @@ __all__ = [
 
 MAX_CACHE_BYTES = 16 << 20
 STALE_DAYS = 30
-_VERSION = 1
+_VERSION = 2
 _DAY_S = 86400
 _TRUST_NS = int(MEMO_TRUST_S * 1e9)
 _InfoKey = tuple[int, int, int, int]
 _InfoResult = tuple[Mapping[str, Any] | None, str | None]
+_DirKey = tuple[int, int, int, int]
+_Entries = dict[str, tuple[_InfoKey, dict[str, Any]]]
+_Dirs = dict[str, tuple[_DirKey, bool]]
 
 
 def _private(st: os.stat_result) -> bool:
@@ -99,6 +104,9 @@ class MetricsSeed:
         self.directory, self.root, self.identity = directory, root, identity
         self.entries: dict[str, tuple[_InfoKey, dict[str, Any]]] = {}
         self.used: dict[str, tuple[_InfoKey, dict[str, Any]]] = {}
+        # A step directory's pin probe, by its (st_dev, st_ino, st_mtime_ns, st_ctime_ns).
+        self.dirs: dict[str, tuple[_DirKey, bool]] = {}
+        self.dirs_used: dict[str, tuple[_DirKey, bool]] = {}
         self.changed = False
         self.started_ns = time.time_ns()
 
@@ -118,7 +126,7 @@ class MetricsSeed:
             return
         finally:
             os.close(fd)
-        self.entries = _parse(raw, self.root, self.identity)
+        self.entries, self.dirs = _parse(raw, self.root, self.identity)
         if self.entries and time.time() - st.st_mtime > _DAY_S:  # in use: not pruned
             with contextlib.suppress(OSError):
                 os.utime(self.path)
@@ -152,15 +160,36 @@ class MetricsSeed:
             self.changed = True
         return result, read_key
 
+    def pinned(self, name: str, st: os.stat_result) -> bool | None:
+        """The pin probe of the step directory ``name`` (``st``: its lstat) while the directory
+        is unchanged (no entry created, removed or renamed in it since); None: probe it."""
+        hit = self.dirs.get(name)
+        if hit is not None and hit[0] == (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns):
+            self.dirs_used[name] = hit
+            return hit[1]
+        return None
+
+    def probed(self, name: str, st: os.stat_result, pinned: bool) -> None:
+        """``pinned``: the probe of ``name`` made after ``st``; kept if the directory was last
+        changed `MEMO_TRUST_S` before this scan began."""
+        if self.started_ns - max(st.st_mtime_ns, st.st_ctime_ns) >= _TRUST_NS:
+            self.dirs_used[name] = ((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns), pinned)
+            self.changed = True
+
     def save(self) -> None:
         """Replace the file with what this scan used, if that differs from what was loaded."""
-        if not self.changed and len(self.used) == len(self.entries):
+        if (
+            not self.changed
+            and len(self.used) == len(self.entries)
+            and len(self.dirs_used) == len(self.dirs)
+        ):
             return
         doc = {
             "v": _VERSION,
             "root": self.root,
             "identity": list(self.identity),
             "entries": {n: [*key, info] for n, (key, info) in self.used.items()},
+            "dirs": {n: [*key, pinned] for n, (key, pinned) in self.dirs_used.items()},
         }
         try:
             data = json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
@@ -171,28 +200,36 @@ class MetricsSeed:
         _replace(self.path, data)
 
 
-def _parse(
-    raw: bytes, root: str, identity: tuple[int, int]
-) -> dict[str, tuple[_InfoKey, dict[str, Any]]]:
-    """The entries of a cache file's bytes; {} for anything not written by `save` for ``root``."""
+def _parse(raw: bytes, root: str, identity: tuple[int, int]) -> tuple[_Entries, _Dirs]:
+    """The entries of a cache file's bytes; none for anything not written by `save` for
+    ``root``."""
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError):
-        return {}
+        return {}, {}
     if not isinstance(doc, dict) or doc.get("v") != _VERSION or doc.get("root") != root:
-        return {}
-    if doc.get("identity") != list(identity) or not isinstance(doc.get("entries"), dict):
-        return {}
-    out: dict[str, tuple[_InfoKey, dict[str, Any]]] = {}
-    for name, entry in doc["entries"].items():
-        if (
-            isinstance(entry, list)
-            and len(entry) == 5
-            and all(type(v) is int for v in entry[:4])
-            and isinstance(entry[4], dict)
-        ):
+        return {}, {}
+    entries, dirs = doc.get("entries"), doc.get("dirs")
+    if doc.get("identity") != list(identity) or not isinstance(entries, dict):
+        return {}, {}
+    out: _Entries = {}
+    for name, entry in entries.items():
+        if _ints(entry, 5, 4) and isinstance(entry[4], dict):
             out[name] = ((entry[0], entry[1], entry[2], entry[3]), entry[4])
-    return out
+    pins: _Dirs = {}
+    for name, entry in dirs.items() if isinstance(dirs, dict) else ():
+        if _ints(entry, 5, 4) and type(entry[4]) is bool:
+            pins[name] = ((entry[0], entry[1], entry[2], entry[3]), entry[4])
+    return out, pins
+
+
+def _ints(entry: object, length: int, ints: int) -> bool:
+    """A list of ``length`` items whose first ``ints`` are integers (not bools)."""
+    return (
+        isinstance(entry, list)
+        and len(entry) == length
+        and all(type(v) is int for v in entry[:ints])
+    )
 
 
 def _replace(path: Path, data: bytes) -> None:

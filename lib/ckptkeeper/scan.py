@@ -420,7 +420,11 @@ class _Scanner:
         (info, why), info_key = self.info(name)
         # No probe for the layout's config_file: nothing acts on its presence (the settings
         # resolver reads the newest step's config.yaml itself), so ``config_yaml`` stays None.
-        pinned = exists(f"{name}/{layout.pin_file}", root_fd)
+        pinned = None if self.seed is None else self.seed.pinned(name, st)
+        if pinned is None:
+            pinned = exists(f"{name}/{layout.pin_file}", root_fd)
+            if self.seed is not None:
+                self.seed.probed(name, st, pinned)
         identity = (st.st_dev, st.st_ino)
         record = Checkpoint(step, self.root / name, info, why, pinned, identity)
         self.remember(name, st, info_key, record)

@@ -49,13 +49,14 @@ def _steps(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("step_*"))
 
 
-def _metric_reads(tmp_path: Path, cache: Path, root: Path, *flags: str) -> int:
-    """How many times a sweep opened a training_info.json (strace -f)."""
+def _traced(tmp_path: Path, cache: Path, root: Path, *flags: str) -> list[str]:
+    """The opens and access probes of a sweep (strace -f), one line each."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (apt-get install -y strace)")
     log = tmp_path / "trace.log"
-    cmd = [strace, "-f", "-qq", "-e", "trace=openat", "-o", str(log), CKPTKEEPER, "sweep"]
+    calls = "trace=openat,access,faccessat,faccessat2"
+    cmd = [strace, "-f", "-qq", "-e", calls, "-o", str(log), CKPTKEEPER, "sweep"]
     done = subprocess.run(
         [*cmd, "--cache-dir", str(cache), *flags, str(root)],
         capture_output=True,
@@ -65,7 +66,12 @@ def _metric_reads(tmp_path: Path, cache: Path, root: Path, *flags: str) -> int:
     if done.returncode != 0 and "PTRACE" in done.stderr.upper():
         pytest.skip(f"strace cannot trace here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr
-    return sum("training_info.json" in line for line in log.read_text().splitlines())
+    return log.read_text().splitlines()
+
+
+def _metric_reads(tmp_path: Path, cache: Path, root: Path, *flags: str) -> int:
+    """How many times a sweep opened a training_info.json."""
+    return sum("training_info.json" in line for line in _traced(tmp_path, cache, root, *flags))
 
 
 def test_an_unchanged_root_is_looked_at_from_the_cache_alone(tmp_path: Path) -> None:
@@ -77,6 +83,24 @@ def test_an_unchanged_root_is_looked_at_from_the_cache_alone(tmp_path: Path) -> 
     assert sorted(p.name for p in root.iterdir()) == names, "nothing written into the root"
     assert os.lstat(cache).st_mode & 0o777 == 0o700
     assert os.lstat(_cache_file(cache)).st_mode & 0o077 == 0
+
+
+def test_an_unchanged_step_directory_is_not_probed_for_its_pin_again(tmp_path: Path) -> None:
+    """The KEEP probe is kept with the directory's times; a KEEP created since changes them,
+    and the look sees it: step 2 is kept by its pin with no locked pass (no file read)."""
+    root, cache = tmp_path / "run", tmp_path / "cache"
+    _run(root, {1: 1.0, 2: 2.0, 3: 3.0})
+    first = _traced(tmp_path, cache, root, *TOP2)
+    assert sum("KEEP" in line for line in first) == 3
+    again = _traced(tmp_path, cache, root, *TOP2)
+    assert [line for line in again if "KEEP" in line or "training_info" in line] == []
+    (root / "step_2" / "KEEP").touch()
+    pinned = _traced(tmp_path, cache, root, *TOP1)  # step 2 is outside the top 1: kept by KEEP
+    assert [line for line in pinned if "training_info" in line] == [], "no locked pass"
+    assert [line for line in pinned if "KEEP" in line] == [
+        line for line in pinned if "step_2/KEEP" in line
+    ]
+    assert _steps(root) == ["step_1", "step_2", "step_3"]
 
 
 def test_a_metric_rewritten_in_place_with_its_mtime_restored_is_seen(tmp_path: Path) -> None:
