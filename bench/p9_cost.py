@@ -174,8 +174,9 @@ def _ops_row(ops: dict[str, object]) -> Row:
             "ckptkeeper.toml, statfs): 1.35 per checkpoint at 20 steps. Listing each step "
             "instead of the KEEP probe would cost open + getdents64 x2 + close.",
             f"With `--cache-dir` (filled by a sweep before): {float(ops['cached']):.2f} calls "  # type: ignore[arg-type]
-            "per checkpoint: the open + read + close of each unchanged training_info.json "
-            "replaced by one cache file per root (stat of the root, open, fstat, read, close).",
+            "per checkpoint: the open + read + close of each unchanged training_info.json and "
+            "the KEEP probe of each unchanged step directory replaced by one cache file per "
+            "root (stat of the root, open, fstat, read, close); the two fstatat stay.",
         ],
     )
 
