@@ -97,24 +97,19 @@ def count_calls(roots: Sequence[Path], extra: Sequence[str] = ()) -> dict[str, o
     }
 
 
-def _best(runs: int, fn: object, cpu: dict[str, float] | None = None, key: str = "") -> float:
-    """The best wall time of ``runs`` calls; with ``cpu``, also the least CPU time of one call
-    (this process's and its waited-for children's, user + system) as ``cpu[key]``: a figure a
-    loaded machine changes less than the wall time."""
+def _best(runs: int, fn: object) -> float:
     assert callable(fn)
-    times, cpus = [], []
+    times = []
     for _ in range(runs):
-        c0 = _cpu()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-        cpus.append(_cpu() - c0)
-    if cpu is not None:
-        cpu[key] = min(cpus)
     return min(times)
 
 
 def _cpu() -> float:
+    """CPU time (user + system) of this process and its waited-for children: a figure a loaded
+    machine changes less than the wall time."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -141,16 +136,33 @@ def time_cold(roots: Sequence[Path], cache: Path) -> dict[str, float]:
     naive_pass(roots)  # warm
     cached = ("--cache-dir", str(cache))
     sweeper(*cached)()  # fills the cache, as a cron sweep's first run does
-    cpu: dict[str, float] = {}
-    return {
-        "sweep": _best(3, sweeper(*cached), cpu, "sweep"),
-        "naive": _best(3, lambda: naive_pass(roots), cpu, "naive"),
-        "uncached": _best(3, sweeper(), cpu, "uncached"),
-        "one_core": _best(3, sweeper("--jobs", "1", *cached), cpu, "one_core"),
-        "one_core_uncached": _best(3, sweeper("--jobs", "1"), cpu, "one_core_uncached"),
-        "import": _best(3, imports) - _best(3, python),
-        **{f"cpu_{k}": v for k, v in cpu.items()},
+    variants: dict[str, Callable[[], object]] = {
+        "sweep": sweeper(*cached),
+        "naive": lambda: naive_pass(roots),
+        "uncached": sweeper(),
+        "one_core": sweeper("--jobs", "1", *cached),
+        "one_core_uncached": sweeper("--jobs", "1"),
     }
+    return {
+        **_interleaved(3, variants),
+        "import": _best(3, imports) - _best(3, python),
+    }
+
+
+def _interleaved(runs: int, variants: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Best wall time (``name``) and least CPU time (``cpu_name``) of each variant, run in turn
+    ``runs`` times (a burst of load then falls on all of them alike, not on one)."""
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(runs):
+        for name, fn in variants.items():
+            c0, t0 = _cpu(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(_cpu() - c0)
+    out = {name: min(times) for name, times in wall.items()}
+    out.update({f"cpu_{name}": min(times) for name, times in cpu.items()})
+    return out
 
 
 def _ops_row(ops: dict[str, object]) -> Row:
@@ -193,7 +205,8 @@ def _cold_row(cold: dict[str, float], roots: int) -> Row:
         goal=">= 1.0x",
         met=speed >= 1.0,
         notes=[
-            f"Same run, best of 3 each (naive / ours): with the cache on {default_jobs()} CPUs "
+            "Same run, the variants in turn, best of 3 each (naive / ours): with the cache on "
+            f"{default_jobs()} CPUs "
             f"{cold['sweep']:.2f} s ({speed:.2f}x); without the cache (the default) "
             f"{cold['uncached']:.2f} s ({naive / cold['uncached']:.2f}x); `--jobs 1` with the "
             f"cache {cold['one_core']:.2f} s ({naive / cold['one_core']:.2f}x), without "
