@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from .info import MAX_INFO_BYTES
 from .layouts import Survey
@@ -38,6 +38,7 @@ __all__ = [
 
 Info = tuple[Any, str | None]
 Text = tuple[str | None, str]
+_Result = TypeVar("_Result", Info, Text)
 MAX_TEXT_BYTES = 4096  # a tracker file (as on POSIX)
 MAX_CACHED_RAW = 64 * 1024  # a run's ckptkeeper.toml is kept; a large config.yaml is not
 
@@ -79,6 +80,13 @@ def parse_info(raw: bytes, file_name: str) -> Info:
     return data, None
 
 
+def _text(raw: bytes, label: str) -> Text:
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return None, f"{label} is not text"
+
+
 class S3Reads:
     """ETag-keyed GETs of the small objects of one root, by their key below the root."""
 
@@ -86,40 +94,36 @@ class S3Reads:
         self.client, self.bucket, self.base, self.cache = client, bucket, base, cache
 
     def json(self, rel: str, found: ObjectInfo | None) -> Info:
-        label = PurePosixPath(rel).name
-        if found is None:
-            return None, f"no {label}"
-        if found.size > MAX_INFO_BYTES:
-            return None, f"{label} too large ({found.size} bytes > {MAX_INFO_BYTES})"
-        key = self.base + rel
-        if (hit := self.cache.get(key, found.etag)) is not None:
-            return hit  # type: ignore[no-any-return]
-        try:
-            raw = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            return None, f"{label} unreadable: {os_error(exc, key).strerror}"
-        result = parse_info(raw, label)
-        self.cache.put(key, found.etag, result)
-        return result
+        return self._get(rel, found, "json", MAX_INFO_BYTES, parse_info)
 
     def text(self, rel: str, found: ObjectInfo | None) -> Text:
+        return self._get(rel, found, "text", MAX_TEXT_BYTES, _text)
+
+    def _get(
+        self,
+        rel: str,
+        found: ObjectInfo | None,
+        kind: str,
+        limit: int,
+        parse: Callable[[bytes, str], _Result],
+    ) -> _Result | tuple[None, str]:
+        """(content, why not) of a small object: a metrics file (``json``) or a tracker
+        (``text``), fetched and parsed once per ETag."""
         label = PurePosixPath(rel).name
         if found is None:
             return None, f"no {label}"
-        if found.size > MAX_TEXT_BYTES:
-            return None, f"{label} too large"
+        if found.size > limit:
+            detail = f" ({found.size} bytes > {limit})" if kind == "json" else ""
+            return None, f"{label} too large{detail}"
         key = self.base + rel
-        if (hit := self.cache.get(key, found.etag, "text")) is not None:
+        if (hit := self.cache.get(key, found.etag, kind)) is not None:
             return hit  # type: ignore[no-any-return]
         try:
             raw = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except Exception as exc:
             return None, f"{label} unreadable: {os_error(exc, key).strerror}"
-        try:
-            result: Text = (raw.decode("utf-8"), "")
-        except UnicodeDecodeError:
-            result = (None, f"{label} is not text")
-        self.cache.put(key, found.etag, result, "text")
+        result = parse(raw, label)
+        self.cache.put(key, found.etag, result, kind)
         return result
 
     def raw(self, rel: str, found: ObjectInfo | None, limit: int) -> bytes | str | None:
