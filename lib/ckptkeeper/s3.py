@@ -7,9 +7,9 @@ No rename and no flock there, so:
 - **Delete** (`S3Storage.trash`, then `S3Storage.remove_trash`): renew the lease, write the
   tombstone ``<root>/.ckptkeeper/tombstones/<name>`` (holding the lease generation), remove the
   marker (from then on no resume loads the checkpoint), then ``DeleteObjects`` in batches of at
-  most 1,000 keys, each key's error checked and throttling retried with backoff, and last the
-  tombstone. A pass purges every tombstone it finds, so a delete interrupted at any point
-  (``kill -9``) is finished by the next pass.
+  most 1,000 keys (`s3purge.Purge`), each key's error checked and throttling retried with backoff,
+  and last the tombstone. A pass purges every tombstone it finds, so a delete interrupted at any
+  point (``kill -9``) is finished by the next pass.
 - **Lock**: the lease of `ckptkeeper.lease`.
 
 Writers (a trainer's own S3 writer) follow the protocol by writing every object of ``step_N/``
@@ -18,7 +18,6 @@ first and the marker last: `commit` does that last step.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -26,7 +25,6 @@ import socket
 import threading
 import time
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,9 @@ from .layouts import NEMO_RL, Classifier, Layout, Look, commit_files
 from .lease import S3Lease, check_conditional_writes
 from .records import RootScan
 from .removal import Removal
-from .s3client import RETRYABLE, make_client, os_error, s3_stat
+from .s3client import make_client, os_error, s3_stat
 from .s3look import S3Reads
+from .s3purge import BATCH, Purge
 from .s3scan import (
     TOMBSTONES,
     EtagCache,
@@ -47,18 +46,11 @@ from .s3scan import (
     records_of,
 )
 from .scan import InfoCache, LockProbe
-from .stores import root_url, split_url
+from .stores import root_base, root_url, split_url
 
 __all__ = ["BATCH", "S3Storage", "commit"]
 
-BATCH = 1000  # DeleteObjects takes at most 1,000 keys
-_KEY_ATTEMPTS = 8
 _PENDING_S = 5.0  # how long the settings' listing of a root may serve the pass's look
-
-
-def _base(root: Path) -> tuple[str, str]:
-    bucket, prefix = split_url(root)
-    return bucket, (prefix + "/" if prefix else "")
 
 
 class S3Storage:
@@ -101,7 +93,7 @@ class S3Storage:
         memo: bool = False,
         steps: Collection[int] | None = None,  # a full listing all the same: callers select
     ) -> RootScan:
-        bucket, base = _base(root)
+        bucket, base = root_base(root)
         marker = marker or layout.default_marker
         listing = self._recent(root) if memo else None  # (an acted-on scan lists afresh)
         if listing is None:
@@ -119,7 +111,7 @@ class S3Storage:
         return scan
 
     def _list(self, root: Path) -> Listing:
-        bucket, base = _base(root)
+        bucket, base = root_base(root)
         listing = list_root(self.client, bucket, base, NEMO_RL, root_url(root))
         with self._guard:
             self.requests += listing.requests
@@ -138,7 +130,7 @@ class S3Storage:
     def root_files(self, root: Path) -> S3RootFiles:
         """The root's own files (``ckptkeeper.toml``, each step's ``config.yaml``) from a
         listing made now, or within `_PENDING_S` (a resolve reads several files)."""
-        bucket, base = _base(root)
+        bucket, base = root_base(root)
         reads = S3Reads(self.client, bucket, base, self.etags)
         listing = self._recent(root)
         if listing is None:
@@ -175,7 +167,7 @@ class S3Storage:
         if not isinstance(layout, Classifier) or (parsed := layout.parse(path.name)) is None:
             return None
         root = path.parent
-        bucket, base = _base(root)
+        bucket, base = root_base(root)
         listing = self._list(root)
         files = listing.groups.get(path.name)
         if not files or path.name in listing.tombstones:
@@ -226,7 +218,7 @@ class S3Storage:
         if self.lstat(path) is None:
             return None  # already gone
         lease.renew()  # still ours, right now: a keeper that lost it stops here
-        bucket, base = _base(root)
+        bucket, base = root_base(root)
         tomb = {"generation": lease.generation, "holder": lease.holder, "time": time.time()}
         try:
             self.client.put_object(
@@ -252,7 +244,7 @@ class S3Storage:
                 removal.leave(root_url(path), "not a tombstone of this root: not removed")
             else:
                 known = self._listed.get(str(root), {}).get(path.name, [])
-                purge = _Purge(self.client, root, path.name, markers, removal, workers, cancel)
+                purge = Purge(self.client, root, path.name, markers, removal, workers, cancel)
                 purge.run(known)
             out.append((path, removal))
         with self._guard:
@@ -260,7 +252,7 @@ class S3Storage:
         return out
 
     def lock(self, root: Path, timeout: float | None) -> _HeldLease:
-        bucket, base = _base(root)
+        bucket, base = root_base(root)
         where = root_url(root)
 
         def verify() -> None:
@@ -298,97 +290,6 @@ class _HeldLease:
     def release(self) -> None:
         self.store._leases.pop(self.root, None)
         self.lease.release()
-
-
-class _Purge:
-    """Finish one tombstoned delete: marker, every object in batches, then the tombstone."""
-
-    def __init__(
-        self,
-        client: Any,
-        root: Path,
-        name: str,
-        markers: tuple[str, ...],
-        removal: Removal,
-        workers: int,
-        cancel: threading.Event | None,
-    ) -> None:
-        self.client, self.name, self.markers, self.removal = client, name, markers, removal
-        self.bucket, self.base = _base(root)
-        self.where, self.workers, self.cancel = root_url(root / name), max(1, workers), cancel
-
-    def run(self, known: list[tuple[str, int]]) -> None:
-        """``known``: the keys the pass's scan listed under the prefix, deleted first; then a
-        listing deletes whatever else is there (written since), so nothing is left behind."""
-        tomb = f"{self.base}{TOMBSTONES}{self.name}"
-        prefix = f"{self.base}{self.name}/"
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=tomb)
-        except Exception as exc:
-            if os_error(exc, tomb).errno == errno.ENOENT:
-                return  # finished by another keeper
-            self.removal.leave(self.where, os_error(exc, tomb).strerror or "")
-            return
-        try:
-            for marker in self.markers:  # first
-                self.client.delete_object(Bucket=self.bucket, Key=prefix + marker)
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            )
-            with ThreadPoolExecutor(self.workers) as pool:
-                done = {prefix + m for m in self.markers}
-                known = [(k, n) for k, n in known if k.startswith(prefix) and k not in done]
-                for i in range(0, len(known), BATCH):
-                    pool.submit(self.batch, known[i : i + BATCH])
-            with ThreadPoolExecutor(self.workers) as pool:
-                for page in pages:
-                    if self.cancel is not None and self.cancel.is_set():
-                        self.removal.leave(self.where, "cancelled: the next pass finishes it")
-                        break
-                    objs = [
-                        (str(o["Key"]), int(o.get("Size", 0))) for o in page.get("Contents", ())
-                    ]
-                    for i in range(0, len(objs), BATCH):
-                        pool.submit(self.batch, objs[i : i + BATCH])
-        except Exception as exc:
-            self.removal.leave(self.where, os_error(exc, self.where).strerror or "")
-        if not self.removal.left:
-            with contextlib.suppress(Exception):
-                self.client.delete_object(Bucket=self.bucket, Key=tomb)
-
-    def batch(self, objs: list[tuple[str, int]]) -> None:
-        sizes = dict(objs)
-        todo, pause = list(sizes), 0.05
-        for attempt in range(_KEY_ATTEMPTS):
-            try:
-                resp = self.client.delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": k} for k in todo], "Quiet": True},
-                )
-            except Exception as exc:  # botocore already retried throttling with backoff
-                for key in todo:
-                    self.removal.leave(
-                        f"s3://{self.bucket}/{key}", os_error(exc, key).strerror or ""
-                    )
-                return
-            errors = resp.get("Errors", [])
-            failed = {str(e.get("Key")) for e in errors}
-            self.removal.add(files=len(todo) - len(failed), size=sum(
-                sizes.get(k, 0) for k in todo if k not in failed
-            ))  # fmt: skip
-            retry = [str(e["Key"]) for e in errors if e.get("Code") in RETRYABLE]
-            for e in errors:
-                if e.get("Code") not in RETRYABLE:
-                    where = f"s3://{self.bucket}/{e.get('Key')}"
-                    self.removal.leave(where, f"{e.get('Code')}: {e.get('Message', '')}")
-            if not retry:
-                return
-            todo = retry
-            if attempt + 1 < _KEY_ATTEMPTS:
-                time.sleep(pause)  # throttled keys: back off, then only those again
-                pause = min(pause * 2, 2.0)
-        for key in todo:
-            self.removal.leave(f"s3://{self.bucket}/{key}", "SlowDown: still throttled, retried")
 
 
 def _markers(layout: Layout, marker: str) -> tuple[str, ...]:

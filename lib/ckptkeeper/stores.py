@@ -31,6 +31,7 @@ __all__ = [
     "Root",
     "is_url",
     "parse_root",
+    "root_base",
     "root_path",
     "root_url",
     "split_url",
@@ -102,6 +103,12 @@ def split_url(root: str | os.PathLike[str]) -> tuple[str, str]:
     if len(parts) < 2 or parts[0] != "s3:" or not parts[1]:
         raise ValueError(f"not an s3://bucket[/prefix] URL: {os.fspath(root)!r}")
     return parts[1], "/".join(parts[2:])
+
+
+def root_base(root: str | os.PathLike[str]) -> tuple[str, str]:
+    """(bucket, key prefix of the objects below the root: ``""`` or ending in ``/``)."""
+    bucket, prefix = split_url(root)
+    return bucket, (prefix + "/" if prefix else "")
 
 
 def root_url(root: str | os.PathLike[str]) -> str:
