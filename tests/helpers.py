@@ -184,8 +184,13 @@ class Daemon:
     def _alive_readers(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 20.0, *, first_pass: bool = True) -> None:
+        """READY (every root watched); with ``first_pass`` also the end of the first pass over
+        every root (``first_pass_done``), which READY does not wait for."""
+        deadline = time.monotonic() + timeout
         self.wait_for("ready", timeout=timeout)
+        if first_pass:
+            self.wait_for("first_pass_done", timeout=max(0.0, deadline - time.monotonic()))
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

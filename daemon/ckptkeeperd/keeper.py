@@ -40,7 +40,7 @@ from .roots import expand
 from .sdnotify import Notifier
 from .sidecar import Sidecar
 from .signals import process_inbox
-from .startup import run_all
+from .startup import in_flight_saves, run_phases
 from .watch import RootWatcher
 
 __all__ = ["START_WORKERS", "KeeperCore"]
@@ -102,6 +102,7 @@ class KeeperCore:
         self._idle = threading.Condition(self._state_lock)
         self._last_action = "none yet"
         self._checkpoints: dict[Path, int] = {}
+        self._first_pass_done = False
         self.pass_errors = 0
         self.metrics = KeeperMetrics(root_labels=config.daemon.root_labels)
         # GET / on the metrics address: the status page of every root, rendered per request.
@@ -248,18 +249,51 @@ class KeeperCore:
                 last = done[-1].decision
                 self._last_action = f"{last.action.value} {last.path.name} in {root}"
 
-    def _first_sweep(self) -> None:
-        """Every root's first pass, ``START_WORKERS`` roots at a time on threads that end with
-        it (a trigger's request for a root meanwhile re-runs it once afterwards, as usual)."""
+    def _first_sweep(self) -> threading.Event:
+        """Every root's saves in flight watched, then its first pass, ``START_WORKERS`` roots at
+        a time on threads that end with it (`startup`; a trigger's request for a root meanwhile
+        re-runs it once afterwards, as usual). The event is set once every root is watched."""
         with self._state_lock:
             roots = [r for r in self.roots if r not in self._running]
             self._running.update(roots)
+        watched, started = threading.Event(), time.monotonic()
+
+        def phase_done(phase: int) -> None:
+            if phase == 0:
+                watched.set()
+                return
+            self._first_pass_done = True
+            took = round(time.monotonic() - started, 3)
+            self.log.info("first_pass_done", roots=len(roots), duration_s=took)
+            self._update_status()
+
         workers = max(START_WORKERS, self.config.daemon.workers)
-        left = run_all(roots, self._run_first_pass, workers, name="ckptkeeper-start", log=self.log)
+        phases = [self._watch_saves, self._run_first_pass]
+        left = run_phases(
+            roots, phases, workers, name="ckptkeeper-start", log=self.log, on_phase=phase_done
+        )
+        for root in left:  # not one thread could be started: the keeper's pool runs them
+            self._watch_saves(root)
         with self._state_lock:
             self._running.difference_update(left)
-        for root in left:  # not one thread could be started: the keeper's pool runs them
+        for root in left:
             self.request(root)
+        if left:
+            watched.set()
+        return watched
+
+    def _watch_saves(self, root: Path) -> None:
+        """Watch the saves in flight in ``root`` (one listing): their markers are seen from now
+        on, not only once the root's first pass has listed it."""
+        with self._state_lock:
+            state = self.roots.get(root)
+        if state is None or state.observer == "sweep" or self._cancel.is_set():
+            return
+        try:
+            saves = in_flight_saves(root, state.settings.policy.layout)
+        except OSError:  # the root's first pass reports it
+            return
+        self._watcher.set_in_flight(root, saves)
 
     def _run_first_pass(self, root: Path) -> None:
         if self._cancel.is_set():  # stopping: a start-up pass not begun yet is dropped

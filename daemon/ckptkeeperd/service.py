@@ -10,6 +10,7 @@ runs passes, never two of one root at once (a request during a pass re-runs it o
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 from .config import ConfigError
@@ -20,7 +21,7 @@ from .sidecar import FinalPass
 
 __all__ = ["FIRST_PASS_WAIT", "STOP_TIMEOUT", "Keeper"]
 
-FIRST_PASS_WAIT = 60.0  # systemd's default TimeoutStartSec is 90 s
+FIRST_PASS_WAIT = 60.0  # READY at the latest (systemd's default TimeoutStartSec is 90 s)
 STOP_TIMEOUT = 8.0  # SIGTERM -> exit within 10 s (systemd's TimeoutStopSec gives us 15)
 
 
@@ -45,15 +46,17 @@ class Keeper(KeeperCore):
                 self.notifier.watchdog, "interval", id="watchdog", seconds=interval
             )
         self._scheduler.start()
-        self._first_sweep()
-        # READY=1 after the first pass; a first pass still removing terabytes after
-        # FIRST_PASS_WAIT must not make systemd's start timeout kill us: ready anyway, it goes on.
-        complete = self._wait_idle_serving(FIRST_PASS_WAIT)
+        watched = self._first_sweep()
+        # READY=1 once every root is watched, its saves in flight too: the keeper serves (a
+        # marker's save is finalized at once) while the first pass over the backlog goes on.
+        # Bounded: a hung filesystem must not make systemd's start timeout kill us.
+        all_watched = self._wait_serving(watched, FIRST_PASS_WAIT)
         self._update_status()
-        self.notifier.ready(f"{len(self.roots)} roots; first pass done")
+        self.notifier.ready(f"{len(self.roots)} roots watched")
         self.log.info(
             "ready",
-            first_pass_complete=complete,
+            saves_watched=all_watched,
+            first_pass_complete=self._first_pass_done,
             roots=len(self.roots),
             observer_kinds=sorted({s.observer for s in self.roots.values()}),
         )
@@ -133,6 +136,15 @@ class Keeper(KeeperCore):
                 self.log.info("signal_forwarded", signal=name, pid=self.sidecar.pid)
             else:
                 self._stopping = True
+
+    def _wait_serving(self, event: threading.Event, timeout: float) -> bool:
+        """Wait for ``event`` in the main thread, taking signals meanwhile; False on a stop."""
+        deadline = time.monotonic() + timeout
+        while not event.wait(0.2):
+            self._take_signals()
+            if self._stopping or time.monotonic() >= deadline:
+                return False
+        return True
 
     def _wait_idle_serving(self, timeout: float | None) -> bool:
         """``wait_idle`` in the main thread, taking signals meanwhile; False on a stop."""

@@ -10,6 +10,8 @@ import pytest
 from tests.fusefs import fuse_available, passthrough_mount
 from tests.helpers import Daemon, steps, wait_until, write_checkpoint
 
+from ckptkeeper import write_marker
+
 _REASON = fuse_available()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"FUSE unavailable: {_REASON}")
 
@@ -37,8 +39,7 @@ def test_first_pass_overlaps_roots_and_skips_none(tmp_path: Path) -> None:
         try:
             daemon.wait_ready(timeout=60.0)
             took = time.monotonic() - started
-            ready = daemon.find("ready")
-            assert ready and ready[-1]["first_pass_complete"] is True
+            assert daemon.find("first_pass_done")
             # Every root's first pass acted: step_1 went, step_2 stayed (none skipped).
             for r in range(ROOTS):
                 assert wait_until(lambda r=r: steps(source / f"run-{r}") == {2}, timeout=10.0)
@@ -47,3 +48,39 @@ def test_first_pass_overlaps_roots_and_skips_none(tmp_path: Path) -> None:
     # One root at a time, the passes alone would wait at least ROOTS * READ_LATENCY_S for
     # the training_info.json reads (two per root, one is enough for the bound).
     assert took < ROOTS * READ_LATENCY_S, f"first pass took {took:.1f} s: roots did not overlap"
+
+
+SLOW_ROOTS = 24  # 2 rounds of START_WORKERS (12) first passes
+SLOW_STEPS = 6  # training_info.json reads per root's first pass
+SLOW_READ_S = 1.0  # a first pass takes at least SLOW_STEPS x 1 s, the whole at least twice that
+
+
+def test_saves_are_finalized_during_a_slow_first_pass(tmp_path: Path) -> None:
+    """READY means serving: once every root is watched, a save in a root whose first pass has
+    not run yet is finalized at once, as is one that was in flight before the keeper started,
+    before any root's first pass is over (let alone the whole, ``first_pass_done``)."""
+    source, mountpoint = tmp_path / "src", tmp_path / "mnt"
+    for r in range(SLOW_ROOTS):
+        for step in range(1, SLOW_STEPS + 1):
+            write_checkpoint(source / f"run-{r:02d}", step, final=True, files=0)
+    mountpoint.mkdir()
+    with passthrough_mount(
+        source, mountpoint, op_latency_s=SLOW_READ_S, latency_ops=("read",)
+    ) as mnt:
+        roots = [mnt / f"run-{r:02d}" for r in range(SLOW_ROOTS)]
+        held = write_checkpoint(roots[-1], 100, files=0, complete=False)  # in flight at start
+        args = [*map(str, roots), "--observer", "inotify", "--sweep-interval", "1h"]
+        daemon = Daemon([*args, "--log-level", "debug"])
+        try:
+            daemon.wait_ready(timeout=60.0, first_pass=False)
+            assert not daemon.find("first_pass_done"), "READY waited for the first pass"
+            write_marker(held, ".complete")
+            write_checkpoint(roots[-2], 100, files=0)  # a new save in a root not passed yet
+            for root in roots[-2:]:
+                daemon.wait_for("finalized", path=str(root / "tmp_step_100"), timeout=60.0)
+            order = [e["event"] for e in daemon.events if e["event"] in ("finalized", "pass_done")]
+            assert order[:2] == ["finalized", "finalized"], order  # before any first pass ended
+            daemon.wait_for("first_pass_done", timeout=120.0)
+            assert all(100 in steps(root) for root in roots[-2:])
+        finally:
+            daemon.stop(timeout=30.0)

@@ -58,7 +58,7 @@ def test_threads_stay_bounded_with_2000_in_flight_saves(
     d = Daemon([str(root), *KEEP_ALL, "--sweep-interval", "1h"])
     daemons.append(d)
     d.wait_ready(timeout=60)
-    assert d.find("ready")[0]["first_pass_complete"] is True
+    assert d.find("first_pass_done")
     assert tasks(d) <= MAX_THREADS
     assert finalize_seconds(d, tmps[-1], 2000) < 10
     assert finalize_seconds(d, tmps[0], 1) < 10
@@ -110,7 +110,7 @@ def test_passes_keep_working_under_a_task_limit(shared_base: Path, daemons: list
     d = Daemon(args, prefix=[*limit, "--clear-groups"])
     daemons.append(d)
     d.wait_ready(timeout=60)
-    assert d.find("ready")[0]["first_pass_complete"] is True
+    assert d.find("first_pass_done")
     passes = len(d.find("pass_done"))
     d.wait_for("pass_done", count=passes + 3, timeout=15)  # the periodic sweep goes on
     marker = tmps[-1] / ".complete"

@@ -136,6 +136,7 @@ def test_page_for_a_keeper_previews_every_root_without_acting(tmp_path: Path) ->
     keeper = Keeper(config)
     try:
         keeper.start()  # the first pass acts: a keeps 1 (best) and 4 (latest), b keeps 1, 2, 4
+        assert keeper.wait_idle(30.0)  # READY does not wait for the first pass
         (roots[1] / "ckptkeeper.toml").write_text("keep_top_k = 1\n")  # edited since
         before = sorted(str(p) for r in roots for p in r.rglob("*"))
         page = page_for(keeper).decode("utf-8")

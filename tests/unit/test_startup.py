@@ -1,4 +1,4 @@
-"""`startup.run_all`: the keeper's first passes on threads of their own; a thread that cannot be
+"""`startup.run_all`/`run_phases`: the keeper's start on threads of its own; a thread that cannot be
 started (RLIMIT_NPROC) means fewer in flight, and when none starts the caller gets every item."""
 
 from __future__ import annotations
@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import resource
 import threading
+from collections.abc import Callable
 
 import structlog
 from tests.helpers import wait_until
 
-from ckptkeeperd.startup import run_all
+from ckptkeeperd.startup import run_all, run_phases
 
 UID = 61234  # no process of this uid exists but the forked child
 
@@ -72,3 +73,34 @@ def test_items_overlap_on_several_threads() -> None:
     assert run_all(range(4), work, 4, name="overlap", log=structlog.get_logger()) == []
     assert wait_until(lambda: len(seen) == 4, timeout=10)
     assert len(set(seen)) == 4 and all(n.startswith("overlap-") for n in seen)
+
+
+def test_each_phase_is_reported_once_its_every_item_is_done() -> None:
+    lock = threading.Lock()
+    done: dict[int, set[int]] = {0: set(), 1: set()}
+    seen: list[tuple[int, set[int]]] = []  # (phase, that phase's items done when reported)
+
+    def phase(k: int) -> Callable[[int], None]:
+        def work(item: int) -> None:
+            with lock:
+                done[k].add(item)
+
+        return work
+
+    def on_phase(k: int) -> None:
+        with lock:
+            seen.append((k, set(done[k])))
+
+    log = structlog.get_logger()
+    assert (
+        run_phases(range(30), [phase(0), phase(1)], 4, name="p", log=log, on_phase=on_phase) == []
+    )
+    assert wait_until(lambda: len(seen) == 2, timeout=10)
+    assert sorted(seen) == [(0, set(range(30))), (1, set(range(30)))]
+
+
+def test_no_items_reports_every_phase_at_once() -> None:
+    seen: list[int] = []
+    log = structlog.get_logger()
+    assert run_phases([], [print, print], 4, name="p", log=log, on_phase=seen.append) == []
+    assert seen == [0, 1]
