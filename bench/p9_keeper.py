@@ -81,16 +81,19 @@ def _system_seconds(pid: int) -> float:
     return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
-def _save(root: Path, step: int, *, marker: bool = True) -> Path:
-    """A trainer's save of ``step`` in ``root`` (its training_info.json, then the marker)."""
+def _save(root: Path, step: int, *, marker: bool = True) -> float:
+    """A trainer's save of ``step`` in ``root`` (its training_info.json, then the marker): the
+    ``perf_counter`` just before the marker is written (its rename, then its directory's fsync,
+    during which the keeper may finalize the save already)."""
     from ckptkeeper import write_marker
 
     tmp = root / f"tmp_step_{step}"
     tmp.mkdir(exist_ok=True)
     (tmp / "training_info.json").write_text(f'{{"step": {step}, "val_reward": 1}}')
+    made = time.perf_counter()
     if marker:
         write_marker(tmp, ".complete")
-    return tmp
+    return made
 
 
 def _saves_during(daemon: Any, roots: Sequence[Path], step: int, gap: float) -> list[float]:
@@ -102,8 +105,7 @@ def _saves_during(daemon: Any, roots: Sequence[Path], step: int, gap: float) -> 
         if daemon.find("first_pass_done"):
             latencies.append(-1.0)
             continue
-        _save(root, step)
-        made = time.perf_counter()
+        made = _save(root, step)
         final = root / f"step_{step}"
         while not final.exists() and time.perf_counter() - made < 1800.0:
             time.sleep(0.005)
