@@ -83,6 +83,9 @@ class KeeperCore:
         self._state_lock = threading.Lock()
         self._running: set[Path] = set()
         self._pending: set[Path] = set()
+        # Roots whose first pass waits behind the start's backlog: a trigger's request (a save's
+        # marker the lock kept from finalizing, a root's events) runs it at once instead.
+        self._unstarted: set[Path] = set()
         self._cancel = threading.Event()
         self._stopping = False
         self._reload_requested = False
@@ -197,9 +200,10 @@ class KeeperCore:
                 return
             if root not in self.roots:
                 return
-            if root in self._running:
+            if root in self._running and root not in self._unstarted:
                 self._pending.add(root)
                 return
+            self._unstarted.discard(root)  # its first pass not begun: this one is it, now
             self._running.add(root)
         try:
             self._pool.submit(self._run_pass, root)
@@ -251,14 +255,16 @@ class KeeperCore:
 
     def _first_sweep(self) -> threading.Event:
         """Every root's saves in flight watched, then its first pass, ``START_WORKERS`` roots at
-        a time on threads that end with it (`startup`; a trigger's request for a root meanwhile
-        re-runs it once afterwards, as usual). The event is set once every root is watched."""
+        a time on threads that end with it (`startup`). A trigger's request for a root whose
+        first pass has not begun runs it at once on the pool; for one being passed, once more
+        afterwards, as usual. The event is set once every root is watched."""
         with self._state_lock:
             roots = [r for r in self.roots if r not in self._running]
             self._running.update(roots)
+            self._unstarted.update(roots)
         watched, started = threading.Event(), time.monotonic()
 
-        def phase_done(phase: int) -> None:
+        def phase_done(phase: int) -> None:  # phase 1: every root passed or being passed
             if phase == 0:
                 watched.set()
                 return
@@ -276,6 +282,7 @@ class KeeperCore:
             self._watch_saves(root)
         with self._state_lock:
             self._running.difference_update(left)
+            self._unstarted.difference_update(left)
         for root in left:
             self.request(root)
         if left:
@@ -296,6 +303,11 @@ class KeeperCore:
         self._watcher.set_in_flight(root, saves)
 
     def _run_first_pass(self, root: Path) -> None:
+        with self._state_lock:
+            taken = root not in self._unstarted  # a trigger's request ran it on the pool
+            self._unstarted.discard(root)
+        if taken:
+            return
         if self._cancel.is_set():  # stopping: a start-up pass not begun yet is dropped
             with self._state_lock:
                 self._running.discard(root)
