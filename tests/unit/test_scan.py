@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptkeeper import info as info_mod
+from ckptkeeper import inforead as info_mod  # the reading half of info (MAX_INFO_BYTES)
 from ckptkeeper import scan as scan_mod
 from ckptkeeper.effects import writer_lock
 from ckptkeeper.scan import (
