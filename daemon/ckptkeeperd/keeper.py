@@ -21,7 +21,8 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ckptkeeper import InfoCache, Plan, Policy
+from ckptkeeper import InfoCache, Policy
+from ckptkeeper.decisions import Timing
 from ckptkeeper.info import MEMO_TRUST_S
 from ckptkeeper.layouts import commit_files, get_layout
 from ckptkeeper.storage import POSIX, Storage
@@ -368,7 +369,7 @@ class KeeperCore:
             return
         self._pass_at(root, "relist", time.time() + MEMO_TRUST_S + 0.1)
 
-    def _revisit_later(self, root: Path, plan: Plan, sweep_interval: float) -> None:
+    def _revisit_later(self, root: Path, plan: Timing, sweep_interval: float) -> None:
         """One pass of ``root`` when a decision of ``plan`` changes with no new event (a save
         settles or turns stale: `Plan.revisit_at`), replacing the root's earlier revisit; none
         when the periodic pass comes first."""
@@ -410,9 +411,9 @@ class KeeperCore:
         self.metrics.observe_pass(report, paused=deletions_paused(problems))
         self.pass_errors += report.errors
         done = [o for o in report.outcomes if o.status == "done"]
-        if report.scan is not None:
+        if (count := report.checkpoint_count) is not None:
             with self._state_lock:
-                self._checkpoints[root] = len(report.scan.steps)
+                self._checkpoints[root] = count
         if done:
             last = done[-1].decision
             self._last_action = f"{last.action.value} {last.path.name} in {root}"
@@ -420,8 +421,8 @@ class KeeperCore:
         if report.status == "ok":
             self._watcher.set_in_flight(root, report.in_flight)
             self._relist_later(root)
-            if report.plan is not None:
-                self._revisit_later(root, report.plan, state.settings.sweep_interval)
+            if (timing := report.timing) is not None:
+                self._revisit_later(root, timing, state.settings.sweep_interval)
         log.debug(
             "pass_done",
             status=report.status,

@@ -171,7 +171,10 @@ class KeeperMetrics:
             r.paused = paused
             if fs is not None:
                 r.fs = fs
-            if report.status == "ok" and report.plan is not None:
+            if report.status == "ok" and report.settled is not None and r.last_pass is not None:
+                r.in_flight_since, r.first_seen = None, {}  # none in flight (`ckptkeeper.settled`)
+                r.last_pass = now  # the states: as the look that made the verdict counted them
+            elif report.status == "ok" and report.plan is not None:
                 r.checkpoints = _states(report)
                 r.in_flight_since = _in_flight_since(report, r, now)
                 r.last_pass = now
@@ -332,7 +335,7 @@ def _counts(report: Report) -> tuple[dict[str, float], dict[str, float], float]:
         elif o.status == "failed":
             failures[name] = failures.get(name, 0) + 1
     purges = set()
-    if report.plan is not None:
+    if report.removed and report.plan is not None:
         purges = {d.path for d in report.plan.by_action(Action.PURGE)}
     freed = 0.0
     for path, removal in report.removed:

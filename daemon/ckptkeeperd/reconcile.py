@@ -9,7 +9,10 @@ scan found in unchanged step directories (``scan_root(memo=True)``); the scan un
 reads every step in full. `preview` is the read-only half for ``status`` and ``--dry-run``.
 
 A pass with nothing to do costs no lock, and with a cache no JSON and no look inside an unchanged
-step directory; its plan is made again (pure and cheap next to the scan's calls).
+step directory. A look at a root found as the last look left it (`ckptkeeper.settled`: the same
+policy, every step and metrics file unchanged, nothing whose decision waits on time) makes no
+records and no plan: its report is `Report.settled`, and its scan and plan are made only if asked
+for; its problems are those the last look reported.
 
 The policy may be given as a callable (the daemon and ``sweep`` resolve the root's settings with
 it): it is called for the unlocked plan and again once the lock is held, so the plan acted on
@@ -18,10 +21,10 @@ uses the settings as they are then. Each plan uses one policy for its scan and i
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,8 @@ from ckptkeeper import (
     Fs,
     InfoCache,
     Outcome,
-    Plan,
     Policy,
     Removal,
-    RootScan,
     plan,
 )
 from ckptkeeper.errors import errno_name, errno_text, strerror
@@ -42,10 +43,12 @@ from ckptkeeper.layouts import get_layout
 from ckptkeeper.names import Kind
 from ckptkeeper.passes import RECOVERY, locked_pass, one_save, store_facts
 from ckptkeeper.plan import Decision
+from ckptkeeper.settled import settled, verdict_of
 from ckptkeeper.storage import POSIX, PosixStorage, Storage
 
 from .logs import ProblemLog, emit, get_logger
 from .problems import problems_of
+from .report import Report, SettledReport
 
 __all__ = ["EVENT_FOR", "PolicySource", "Report", "finalize_marked", "preview", "reconcile"]
 
@@ -61,32 +64,6 @@ EVENT_FOR = {
     Action.DELETE: "deleted",
     Action.PURGE: "purged",
 }
-
-
-@dataclass
-class Report:
-    root: Path
-    status: str = "ok"  # ok | busy (another actor holds the lock) | error (root unusable)
-    plan: Plan | None = None
-    scan: RootScan | None = None
-    outcomes: list[Outcome] = field(default_factory=list)
-    removed: list[tuple[Path, Removal]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    duration_ms: float = 0.0
-    storage: Storage = POSIX  # the root's: asked for its local directory (metrics' statvfs)
-
-    @property
-    def errors(self) -> int:
-        failed = sum(1 for o in self.outcomes if not o.ok)
-        leftovers = sum(1 for _, r in self.removed if r.left)
-        return failed + leftovers + (1 if self.status == "error" else 0)
-
-    @property
-    def in_flight(self) -> list[Path]:
-        return [t.path for t in self.scan.in_flight] if self.scan is not None else []
-
-    def count(self, action: Action) -> int:
-        return sum(1 for o in self.outcomes if o.decision.action is action and o.status == "done")
 
 
 def _scan_and_plan(
@@ -129,6 +106,8 @@ def _report_problems(report: Report, log: Any, problems: ProblemLog | None) -> N
     every pass is logged once, and again only after it went away and came back."""
     if report.status == "busy":
         return  # nothing was looked at: what was wrong before still is, as far as we know
+    if report.settled is not None and problems is not None and problems is report.settled.who:
+        return  # the root as the look that reported to ``problems`` left it: the same problems
     current = problems_of(report)
     if problems is None:
         for fields in current.values():
@@ -189,7 +168,7 @@ def reconcile(
     report = Report(root, storage=storage)
     started = time.perf_counter()
     try:
-        _reconcile(
+        report = _reconcile(
             root,
             storage,
             policy,
@@ -202,6 +181,7 @@ def reconcile(
             report,
             cancel,
             on_outcome,
+            problems,
         )
     except OSError as exc:  # e.g. the root vanished or turned read-only mid-pass
         report.status = "error"
@@ -225,18 +205,28 @@ def _reconcile(
     report: Report,
     cancel: threading.Event | None,
     observe: Callable[[Outcome], None] | None = None,
-) -> None:
+    problems: ProblemLog | None = None,
+) -> Report:
+    """The pass into ``report``; a `Report.settled` in its place when the root is as the last
+    look left it."""
     if (why := storage.check_root(root)) is not None:
         report.status = "error"
         report.problems.append(why)
-        return
+        return report
     # Without the lock: is there anything to do at all? (Most passes: no.)
     policy = source if isinstance(source, Policy) else source()
-    if not _scan_and_plan(root, storage, policy, cache, clock(), report, memo=True):
-        return
-    assert report.plan is not None
+    now = clock()
+    posix = cache is not None and type(storage) is PosixStorage
+    if posix and cache is not None and (verdict := settled(cache, str(root), policy, now)):
+        make = functools.partial(_scan_and_plan, root, storage, policy, cache, now=now, memo=True)
+        return SettledReport(root, storage, verdict, make)
+    if not _scan_and_plan(root, storage, policy, cache, now, report, memo=True):
+        return report
+    assert report.plan is not None and report.scan is not None
     if not report.plan.mutates:  # no action and no trash to purge: the lock is not needed
-        return
+        if posix and cache is not None:
+            cache.keep_verdict(str(root), verdict_of(report.scan, report.plan, cache, problems))
+        return report
     report.scan = report.plan = None  # decided on: nothing is acted on from an unlocked scan
     # Trashed steps are logged once removed (with their bytes) when there is no grace period.
     # The settings are resolved again under the lock (a ckptkeeper.toml edited since counts).
@@ -277,9 +267,10 @@ def _reconcile(
     if result.status == "busy":
         report.status = "busy"
         log.info("skipped", reason="root locked by another actor")
-        return
+        return report
     report.scan, report.plan = result.scan, result.plan
     report.outcomes, report.removed = result.outcomes, result.removed
+    return report
 
 
 def finalize_marked(

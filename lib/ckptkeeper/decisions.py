@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["APPLIED", "MIN_REVISIT_DELAY", "RECOVERY", "Action", "Decision", "first"]
+__all__ = ["APPLIED", "MIN_REVISIT_DELAY", "RECOVERY", "Action", "Decision", "Timing", "first"]
 
 
 class Action(enum.StrEnum):
@@ -70,3 +70,22 @@ class Decision:
 def first(*times: float | None) -> float | None:
     """The earliest of ``times`` that is set (None: none is)."""
     return min((t for t in times if t is not None), default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """When a plan made at ``now`` changes with no new event (``revisit_at``, `first` of its
+    decisions' `Decision.until`; None: only a change on disk changes it)."""
+
+    now: float
+    revisit_at: float | None
+
+    def next_visit(self, before: float) -> float | None:
+        """When a keeper should pass the root again for ``revisit_at``: no sooner than
+        `MIN_REVISIT_DELAY` after ``now`` (an mtime ahead of our clock cannot make it loop);
+        None without a revisit, or when ``before`` (the next periodic pass) is sooner."""
+        at = self.revisit_at
+        if at is None:
+            return None
+        at = max(at, self.now + MIN_REVISIT_DELAY)
+        return at if at < before else None

@@ -115,10 +115,13 @@ class InfoCache:
         self._steps: dict[str, dict[str, _StepMemo]] = {}
         self._sizes: dict[str, dict[tuple[int, int, int], int]] = {}
         self._listings: dict[str, Listing] = {}
+        # A root's last look that needed no lock, for the next one (`settled.Verdict`).
+        self._verdicts: dict[str, object] = {}
         self.parses = 0  # how many files were actually parsed (for tests and benchmarks)
         self.memo_hits = 0  # step directories a memoized scan did not look inside (for tests)
         self.listing_hits = 0  # partial scans that did not list the root (for tests, benchmarks)
         self.journal: Journal | None = None  # the root's events, where a watcher has them
+        self.settled_hits = 0  # looks that found a root as the last look left it (`settled`)
 
     def get(self, path: Path, key: _InfoKey) -> _InfoResult | None:
         return self.lookup(str(path.parent.parent), path.parent.name, key)
@@ -154,6 +157,7 @@ class InfoCache:
             self._steps.pop(str(root), None)
             self._sizes.pop(str(root), None)
             self._listings.pop(str(root), None)
+            self._verdicts.pop(str(root), None)
 
     def tree_sizes(self, root: Path) -> dict[tuple[int, int, int], int]:
         """Bytes of the checkpoint trees measured in ``root``, by (st_dev, st_ino, st_ctime_ns)."""
@@ -173,6 +177,22 @@ class InfoCache:
         with self._lock:
             self._listings[root] = listing
 
+    def verdict(self, root: str) -> object | None:
+        """The root's `settled.Verdict` (None: none); `settled.settled` judges whether it holds."""
+        with self._lock:
+            return self._verdicts.get(root)
+
+    def keep_verdict(self, root: str, verdict: object | None) -> None:
+        with self._lock:
+            if verdict is None:
+                self._verdicts.pop(root, None)
+            else:
+                self._verdicts[root] = verdict
+
+    def used_verdict(self) -> None:
+        with self._lock:
+            self.settled_hits += 1
+
     def used_listing(self) -> None:
         with self._lock:
             self.listing_hits += 1
@@ -184,6 +204,7 @@ class InfoCache:
     def set_step_memo(self, root: str, memo: dict[str, _StepMemo], hits: int) -> None:
         with self._lock:
             self._steps[root] = memo  # replaced whole: a concurrent scan of the root reads either
+            self._verdicts.pop(root, None)  # it stood on the memo replaced (and would keep it)
             self.memo_hits += hits
             parsed = self._roots.get(root)
             if parsed:  # what the memo holds as the file is not kept twice

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .decisions import APPLIED, MIN_REVISIT_DELAY, RECOVERY, Action, Decision, first
+from .decisions import APPLIED, RECOVERY, Action, Decision, Timing, first
 from .layouts import NEMO_RL, Layout
 from .names import Kind
 from .policy import Policy, metric_value, rules_for
@@ -56,15 +56,13 @@ class Plan:
         on disk changes the plan. A keeper passes the root again then (`next_visit`)."""
         return first(*(d.until for d in self.decisions))
 
+    @property
+    def timing(self) -> Timing:
+        return Timing(self.now, self.revisit_at)
+
     def next_visit(self, before: float) -> float | None:
-        """When a keeper should pass the root again for `revisit_at`: no sooner than
-        `MIN_REVISIT_DELAY` after the plan's ``now`` (an mtime ahead of our clock cannot make
-        it loop); None without a revisit, or when ``before`` (the next periodic pass) is sooner."""
-        at = self.revisit_at
-        if at is None:
-            return None
-        at = max(at, self.now + MIN_REVISIT_DELAY)
-        return at if at < before else None
+        """When a keeper should pass the root again for `revisit_at` (`Timing.next_visit`)."""
+        return self.timing.next_visit(before)
 
     @property
     def mutates(self) -> bool:

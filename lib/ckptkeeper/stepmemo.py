@@ -146,6 +146,25 @@ class _StepMemo:
             and dev == st.st_dev
         )
 
+    def unchanged(self, st: os.stat_result, info: os.stat_result) -> bool:
+        """`matches` ``st`` (the directory now), and ``info`` (its metrics file now, a regular
+        file) has the key this entry keeps: one unpack of the head."""
+        dev, ino, mtime, ctime, i_ino, i_mtime, i_size, i_ctime, _, flags, _ = _HEAD.unpack_from(
+            self._stamp
+        )
+        return bool(
+            flags & _TRUSTED
+            and flags & _HAS_KEY
+            and mtime == st.st_mtime_ns
+            and ctime == st.st_ctime_ns
+            and ino == st.st_ino
+            and dev == st.st_dev
+            and i_mtime == info.st_mtime_ns
+            and i_ctime == info.st_ctime_ns
+            and i_ino == info.st_ino
+            and i_size == info.st_size
+        )
+
     def info_result(self) -> InfoResult:
         """The metrics file's (info, why) as the scan that made this entry read it."""
         flags, shape = _HEAD.unpack_from(self._stamp)[9:]
