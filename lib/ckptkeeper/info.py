@@ -104,8 +104,10 @@ class InfoCache:
     It also holds, per root, the step-directory memo of ``scan_root(..., memo=True)`` (judged by
     ``clock_ns``, the wall clock in ns). A step directory's metrics are kept once: in its memo
     entry (`_StepMemo`) once a full scan made one, else (a save in flight, a partial scan's
-    step) as parsed. No plan is kept: planning an unchanged root again costs less than keeping
-    every decision of a million checkpoints would (bench P9K).
+    step) as parsed. No plan is kept (every decision of a million checkpoints would be most of
+    a keeper's memory, bench P9K): per root only the last look's verdict (`settled.Verdict`, a
+    few dozen bytes standing on the memo and listing), which lets a look at a root found as that
+    look left it make no records and no plan (bench P3).
     """
 
     def __init__(self, clock_ns: Callable[[], int] = time.time_ns) -> None:
