@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import click
 
@@ -20,153 +20,14 @@ from ckptkeeper.errors import errno_text
 from ckptkeeper.storage import Storage
 from ckptkeeper.stores import Root
 
-from .config import (
-    ConfigError,
-    DaemonConfig,
-    config_from_flags,
-    load_config,
-    merge_flags,
-    with_metrics_address,
-    with_shard,
-)
-from .lockscope import LockScopeWarner
-from .logs import LEVELS, ProblemLog, configure_logging, get_logger
+from .cliopts import build_config, policy_options, reloader, setup_logs
+from .everyroot import every_root
+from .logs import ProblemLog, configure_logging, get_logger
 from .reconcile import EVENT_FOR, PolicySource, Report, preview, reconcile
-from .resolver import SettingsResolver
-from .roots import expand
 
 __all__ = ["main"]
 
-_T = TypeVar("_T")
-
 _MUTATING = set(EVENT_FOR)
-
-
-def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--config",
-            "config_path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="TOML config file (see systemd/ckptkeeper.toml).",
-        ),
-        click.option(
-            "--keep-top-k", type=click.IntRange(min=0), help="Keep the k best steps by --metric."
-        ),
-        click.option("--metric", "metric_name", help="Key in training_info.json to rank by."),
-        click.option(
-            "--higher-is-better/--lower-is-better",
-            "higher_is_better",
-            default=None,
-            help="Metric direction (default: from config.yaml, else lower).",
-        ),
-        click.option(
-            "--keep-latest-n", type=click.IntRange(min=0), help="Keep the n most recent steps."
-        ),
-        click.option(
-            "--keep-every-n-steps",
-            type=click.IntRange(min=1),
-            help="Keep steps with step % n == 0 forever.",
-        ),
-        click.option(
-            "--min-free",
-            help="Under this free space (15% or 500G), delete beyond the other rules.",
-        ),
-        click.option(
-            "--min-keep",
-            type=click.IntRange(min=1),
-            help="Under disk pressure, keep at least this many checkpoints (default 1).",
-        ),
-        click.option(
-            "--save-period",
-            type=click.IntRange(min=1),
-            help="Only steps with step % p == 0 are top-k candidates.",
-        ),
-        click.option(
-            "--keep-latest/--no-keep-latest",
-            "keep_latest",
-            default=None,
-            help="Always keep the highest step (default: on).",
-        ),
-        click.option(
-            "--stale-after", help="Collect unmarked tmp_step_N untouched this long (e.g. 6h)."
-        ),
-        click.option("--trash-grace", help="Keep deleted steps in trash this long before removal."),
-        click.option("--complete-marker", help="Completion marker file name (default .complete)."),
-        click.option(
-            "--layout",
-            help="How the trainer names its checkpoints: nemo-rl (default), auto, hf-trainer, "
-            "torchtitan, megatron, deepspeed, orbax, lightning (README Layouts).",
-        ),
-        click.option(
-            "--metrics-from",
-            "metrics_from",  # policy key metrics_file (sweep's --metrics-file: the textfile)
-            help="JSON file inside each checkpoint to read metrics from (policy key metrics_file).",
-        ),
-        click.option(
-            "--settle-after",
-            help="A layout without commit signal (hf-trainer): untouched this long counts (2m).",
-        ),
-        click.option("--sweep-interval", help="Full pass of every root this often (e.g. 60s)."),
-        click.option(
-            "--observer", type=click.Choice(["auto", "inotify", "polling"]), help="Event source."
-        ),
-        click.option(
-            "--log-level", type=click.Choice(LEVELS), default=None, help="Log level (default info)."
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-_FLAG_KEYS = (
-    "keep_top_k",
-    "metric_name",
-    "higher_is_better",
-    "keep_latest_n",
-    "keep_every_n_steps",
-    "min_free",
-    "min_keep",
-    "save_period",
-    "keep_latest",
-    "stale_after",
-    "trash_grace",
-    "complete_marker",
-    "layout",
-    "settle_after",
-    "sweep_interval",
-    "observer",
-)
-
-
-def _build_config(roots: Sequence[str], opts: dict[str, Any]) -> DaemonConfig:
-    flags = {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None}
-    if opts.get("metrics_from") is not None:
-        flags["metrics_file"] = opts["metrics_from"]
-    path: Path | None = opts.get("config_path")
-    try:
-        if path is not None:
-            config = merge_flags(load_config(path), flags, extra_roots=list(roots))
-        else:
-            config = config_from_flags(list(roots), flags)
-        config = with_metrics_address(config, opts.get("metrics_address"))
-        config = with_shard(config, opts.get("shard"))
-    except ConfigError as exc:
-        click.echo(f"ckptkeeper: {exc}", err=True)
-        raise SystemExit(2) from None
-    if not config.roots and not config.discovers:
-        click.echo(
-            "ckptkeeper: no roots: pass ROOT arguments or --config with [[root]] or [[discover]]",
-            err=True,
-        )
-        raise SystemExit(2)
-    return config
-
-
-def _setup_logs(opts: dict[str, Any], config: DaemonConfig | None, to_stderr: bool = False) -> None:
-    level = opts.get("log_level") or (config.daemon.log_level if config is not None else "info")
-    configure_logging(level, stream=sys.stderr if to_stderr else sys.stdout)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -175,88 +36,9 @@ def cli() -> None:
     """ckptkeeper: trainers only write; the keeper finalizes, collects and prunes checkpoints."""
 
 
-def _passes(
-    config: DaemonConfig,
-    action: Callable[[Root, PolicySource, Any, ProblemLog], Report],
-    finish: Callable[[Report, Policy | None], _T],
-    jobs: int = 1,
-) -> list[_T]:
-    """``finish`` of ``action`` on every root, given what resolves the root's policy: the first
-    call has the settings resolved just before the pass (their problems logged first), each
-    later one resolves afresh, so a sweep's plan under the lock uses the settings as they are
-    then.
-    ``jobs`` > 1: local roots on up to that many processes (`fanout`), in the order given."""
-    roots = expand(config)
-
-    def chunk(part: Sequence[tuple[Root, Mapping[str, Any]]]) -> list[_T]:
-        problems = ProblemLog()
-        resolver = SettingsResolver()
-        scopes = LockScopeWarner()
-        out: list[_T] = []
-        for where, overrides in part:
-            root = where.path
-            log = get_logger(root=str(root))
-            if (local := where.local_dir) is not None:
-                scopes.check(local, log)
-            source = _policy_source(resolver, config, where, overrides, problems, log)
-            first = source()  # its problems are logged before the pass, whatever the pass does
-            report = action(where, _first_then(first, source), log, problems)
-            out.append(finish(report, report.plan.policy if report.plan is not None else first))
-        return out
-
-    if jobs <= 1 or len(roots) < 2 or not _forkable(roots):
-        return chunk(roots)
-    from .fanout import WorkerFailed, map_chunks
-
-    results = map_chunks(roots, jobs, chunk)
-    for i, result in enumerate(results):
-        if isinstance(result, WorkerFailed):  # its roots' passes did not report: an error each
-            failed = Report(roots[i][0].path, status="error", problems=[str(result)])
-            results[i] = finish(failed, None)
-    return results  # type: ignore[return-value]
-
-
-def _first_then(first: Policy, source: Callable[[], Policy]) -> Callable[[], Policy]:
-    """``first`` once (the unlocked look: not resolved twice in a row), then ``source``."""
-    pending = [first]
-    return lambda: pending.pop() if pending else source()
-
-
-def _forkable(roots: Sequence[tuple[Root, Mapping[str, Any]]]) -> bool:
-    """Worth and safe to fork for: local roots only (an object store's client is not shared
-    across a fork), and stdout/stderr are the process's own descriptors (the workers' output
-    is copied through them)."""
-    try:
-        real = sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):
-        return False
-    return real and all(where.local_dir is not None for where, _ in roots)
-
-
-def _policy_source(
-    resolver: SettingsResolver,
-    config: DaemonConfig,
-    where: Root,
-    overrides: Mapping[str, Any],
-    problems: ProblemLog,
-    log: Any,
-) -> Callable[[], Policy]:
-    root = where.path
-
-    def policy() -> Policy:
-        resolved = resolver.resolve(config, where, overrides)
-        current = {
-            (str(root), p): {"event": "config_problem", "reason": p} for p in resolved.problems
-        }
-        problems.report(f"config:{root}", current, log)
-        return resolved.settings.policy
-
-    return policy
-
-
 @cli.command()
 @click.argument("roots", nargs=-1)
-@_policy_options
+@policy_options
 @click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON document of every root's result."
@@ -292,8 +74,8 @@ def sweep(
     **opts: Any,
 ) -> None:
     """One pass over every root, then exit (cron, systemd timer)."""
-    config = _build_config(roots, opts)
-    _setup_logs(opts, config, to_stderr=as_json)
+    config = build_config(roots, opts)
+    setup_logs(opts, config, to_stderr=as_json)
     looks = None if cache_dir is None or dry_run else _cold_looks(cache_dir)
     metrics = None
     if metrics_file is not None:  # prometheus_client only when asked for (a cold sweep's start)
@@ -340,7 +122,7 @@ def sweep(
         return _Swept(bool(report.errors), doc, report if metrics is not None else None)
 
     workers = 1 if metrics is not None else jobs or _default_jobs()
-    results = _passes(config, one, finish, workers)
+    results = every_root(config, one, finish, workers)
     if metrics is not None and metrics_file is not None:
         from .textfile import write_sweep_metrics
 
@@ -401,7 +183,7 @@ def marker(policy: PolicySource) -> Callable[[], str]:
 
 @cli.command()
 @click.argument("roots", nargs=-1)
-@_policy_options
+@policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option(
     "--html",
@@ -415,14 +197,14 @@ def status(roots: tuple[str, ...], as_json: bool, html_path: Path | None, **opts
 
     from .render import print_reports, report_to_dict
 
-    config = _build_config(roots, opts)
-    _setup_logs(opts, config, to_stderr=True)
+    config = build_config(roots, opts)
+    setup_logs(opts, config, to_stderr=True)
 
     def one(where: Root, policy: PolicySource, log: Any, problems: ProblemLog) -> Report:
         now = policy if isinstance(policy, Policy) else policy()
         return preview(where.path, now, log=log, problems=problems, storage=where.storage)
 
-    results = _passes(config, one, _pair)
+    results = every_root(config, one, _pair)
     if html_path is not None:
         from .page import write_page
 
@@ -455,7 +237,7 @@ class _ProbeCommand(click.Command):
 
 @cli.command(cls=_ProbeCommand)
 @click.argument("roots", nargs=-1)
-@_policy_options
+@policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead.")
 def check(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     """Monitoring probe (Nagios/Icinga): judge every root from what is on disk; no keeper needed.
@@ -464,7 +246,7 @@ def check(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     from .check import run_check
 
     try:
-        config = _build_config(roots, opts)
+        config = build_config(roots, opts)
     except SystemExit:  # the reason is on stderr
         click.echo("CKPTKEEPER UNKNOWN - bad usage or configuration (see stderr)")
         raise SystemExit(3) from None
@@ -476,7 +258,7 @@ def check(roots: tuple[str, ...], as_json: bool, **opts: Any) -> None:
 
 @cli.command(context_settings={"allow_interspersed_args": True})
 @click.argument("roots", nargs=-1)
-@_policy_options
+@policy_options
 @click.option(
     "--watch-pid",
     type=click.IntRange(min=1),
@@ -506,8 +288,8 @@ def run(ctx: click.Context, /, roots: tuple[str, ...], watch_pid: int | None, **
     if trainer_cmd and watch_pid is not None:
         click.echo("ckptkeeper: --watch-pid and a trainer command exclude each other", err=True)
         raise SystemExit(2)
-    config = _build_config(roots, opts)
-    _setup_logs(opts, config)
+    config = build_config(roots, opts)
+    setup_logs(opts, config)
     try:
         sidecar = (
             Sidecar.spawn(trainer_cmd)
@@ -517,25 +299,8 @@ def run(ctx: click.Context, /, roots: tuple[str, ...], watch_pid: int | None, **
     except SidecarError as exc:
         click.echo(f"ckptkeeper: {exc}", err=True)
         raise SystemExit(exc.code) from None
-    keeper = Keeper(config, reload=_reloader(roots, opts), sidecar=sidecar)
+    keeper = Keeper(config, reload=reloader(roots, opts), sidecar=sidecar)
     raise SystemExit(keeper.run())
-
-
-def _reloader(roots: Sequence[str], opts: dict[str, Any]) -> Callable[[], DaemonConfig] | None:
-    """What SIGHUP re-reads: the config file with the same flags and roots on top, if any."""
-    path: Path | None = opts.get("config_path")
-    if path is None:
-        return None
-    flags = {k: opts[k] for k in _FLAG_KEYS if opts.get(k) is not None}
-    if opts.get("metrics_from") is not None:
-        flags["metrics_file"] = opts["metrics_from"]
-    address, shard = opts.get("metrics_address"), opts.get("shard")
-    return lambda: with_shard(
-        with_metrics_address(
-            merge_flags(load_config(path), flags, extra_roots=list(roots)), address
-        ),
-        shard,
-    )
 
 
 @cli.command()
