@@ -72,6 +72,16 @@ def write_checkpoint(
     return path
 
 
+def write_named_save(root: Path, name: str, metric: float, *, marked: bool = False) -> Path:
+    """A save named ``name`` with ``val_loss`` = ``metric``; ``marked`` writes its marker."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "training_info.json").write_text(json.dumps({"val_loss": metric}))
+    if marked:
+        write_marker(d, ".complete")
+    return d
+
+
 def write_metric_run(root: Path, steps: Iterable[int] = (1, 2, 3)) -> None:
     """``step_N`` directories with training_info.json ``{"loss": N}`` and a NeMo-RL config.yaml
     naming ``loss`` as the metric (the run's own settings, found by the config.yaml walk)."""

@@ -8,7 +8,6 @@ pass listed the root keeps its watch (it used to wait for the debounced pass).
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import wait_until
+from tests.helpers import write_named_save as save
 from tests.watching import watchers
 
 from ckptkeeper import InfoCache, Policy, RootScan, scan_root, write_marker
@@ -26,15 +26,6 @@ from ckptkeeperd.watch import RootWatcher
 
 TIMEOUT = 10.0
 SLOW = 30.0  # a debounce no test waits for
-
-
-def save(root: Path, name: str, metric: float, *, marked: bool = False) -> Path:
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "training_info.json").write_text(json.dumps({"val_loss": metric}))
-    if marked:
-        write_marker(d, ".complete")
-    return d
 
 
 def fleet(root: Path, steps: int) -> None:

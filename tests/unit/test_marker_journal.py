@@ -9,7 +9,6 @@ events): nothing is patched.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from tests.helpers import wait_until
+from tests.helpers import write_named_save as save
 from tests.watching import watchers
 
 from ckptkeeper import InfoCache, Policy, scan_root, write_marker
@@ -58,15 +58,6 @@ class Quiet:
 
     def __getattr__(self, _: str) -> Callable[..., None]:
         return lambda *a, **k: None
-
-
-def save(root: Path, name: str, metric: float, *, marked: bool = False) -> Path:
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "training_info.json").write_text(json.dumps({"val_loss": metric}))
-    if marked:
-        write_marker(d, ".complete")
-    return d
 
 
 @pytest.fixture
